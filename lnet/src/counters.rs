@@ -1,0 +1,177 @@
+//! Counters: per node, per NI and per peer NI.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::wire::MsgType;
+
+/// Message and byte counters by message type (`struct lnet_counters_common`
+/// and more).
+#[derive(Default, Debug)]
+pub struct MsgCounters {
+    send_count: [AtomicU64; 5],
+    recv_count: [AtomicU64; 5],
+    drop_count: [AtomicU64; 5],
+    send_length: AtomicU64,
+    recv_length: AtomicU64,
+    drop_length: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A snapshot of [`MsgCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// Messages sent, by [`MsgType`] index.
+    pub send_count: [u64; 5],
+    /// Messages received, by type.
+    pub recv_count: [u64; 5],
+    /// Messages dropped, by type.
+    pub drop_count: [u64; 5],
+    /// Payload bytes sent.
+    pub send_length: u64,
+    /// Payload bytes received.
+    pub recv_length: u64,
+    /// Payload bytes dropped.
+    pub drop_length: u64,
+    /// Send or receive errors.
+    pub errors: u64,
+}
+
+impl CounterSnapshot {
+    /// All messages sent.
+    pub fn sent(&self) -> u64 {
+        self.send_count.iter().sum()
+    }
+    /// All messages received.
+    pub fn received(&self) -> u64 {
+        self.recv_count.iter().sum()
+    }
+    /// All messages dropped.
+    pub fn dropped(&self) -> u64 {
+        self.drop_count.iter().sum()
+    }
+}
+
+impl MsgCounters {
+    pub(crate) fn sent(&self, t: MsgType, bytes: u32) {
+        self.send_count[t.index()].fetch_add(1, Relaxed);
+        self.send_length.fetch_add(bytes.into(), Relaxed);
+    }
+    pub(crate) fn received(&self, t: MsgType, bytes: u32) {
+        self.recv_count[t.index()].fetch_add(1, Relaxed);
+        self.recv_length.fetch_add(bytes.into(), Relaxed);
+    }
+    pub(crate) fn dropped(&self, t: MsgType, bytes: u32) {
+        self.drop_count[t.index()].fetch_add(1, Relaxed);
+        self.drop_length.fetch_add(bytes.into(), Relaxed);
+    }
+    pub(crate) fn error(&self) {
+        self.errors.fetch_add(1, Relaxed);
+    }
+    /// Read every counter.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let rd = |a: &[AtomicU64; 5]| std::array::from_fn(|i| a[i].load(Relaxed));
+        CounterSnapshot {
+            send_count: rd(&self.send_count),
+            recv_count: rd(&self.recv_count),
+            drop_count: rd(&self.drop_count),
+            send_length: self.send_length.load(Relaxed),
+            recv_length: self.recv_length.load(Relaxed),
+            drop_length: self.drop_length.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+        }
+    }
+}
+
+/// Why the core dropped an incoming message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// No ME/MD matched (and the portal is not lazy).
+    NoMatch,
+    /// A matching MD was too small and does not truncate.
+    TooLarge,
+    /// Addressed to a NID or pid that is not ours.
+    NotForUs,
+    /// Portal index out of range.
+    BadPortal,
+    /// ACK/REPLY naming an MD that no longer waits for it.
+    StaleHandle,
+    /// A lazy portal's queue of waiting messages was full.
+    LazyOverflow,
+    /// A lazy portal was turned off, or the node shut down, with messages waiting.
+    LazyFlushed,
+    /// Message type not expected here (HELLO).
+    BadType,
+    /// The NI is not up (or the node is shutting down).
+    NiDown,
+}
+
+impl DropReason {
+    /// All reasons.
+    pub const ALL: [DropReason; 9] = [
+        DropReason::NoMatch,
+        DropReason::TooLarge,
+        DropReason::NotForUs,
+        DropReason::BadPortal,
+        DropReason::StaleHandle,
+        DropReason::LazyOverflow,
+        DropReason::LazyFlushed,
+        DropReason::BadType,
+        DropReason::NiDown,
+    ];
+}
+
+/// Node-wide counters beyond messages.
+#[derive(Default, Debug)]
+pub struct NodeCounters {
+    /// Messages by type.
+    pub msgs: MsgCounters,
+    drops: [AtomicU64; 9],
+    lazy_delayed: AtomicU64,
+    response_timeouts: AtomicU64,
+}
+
+/// A snapshot of [`NodeCounters`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounterSnapshot {
+    /// Messages and bytes.
+    pub msgs: CounterSnapshot,
+    /// Drops by reason, in [`DropReason::ALL`] order.
+    pub drops: Vec<(DropReason, u64)>,
+    /// PUTs that waited on a lazy portal.
+    pub lazy_delayed: u64,
+    /// ACK/REPLY deadlines that expired.
+    pub response_timeouts: u64,
+}
+
+impl NodeCounterSnapshot {
+    /// Drops for one reason.
+    pub fn drops_for(&self, r: DropReason) -> u64 {
+        self.drops.iter().find(|(x, _)| *x == r).map_or(0, |x| x.1)
+    }
+}
+
+impl NodeCounters {
+    pub(crate) fn drop_reason(&self, r: DropReason) {
+        let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        self.drops[i].fetch_add(1, Relaxed);
+    }
+    pub(crate) fn lazy_delayed(&self) {
+        self.lazy_delayed.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn response_timeout(&self) {
+        self.response_timeouts.fetch_add(1, Relaxed);
+    }
+    /// Read every counter.
+    pub fn snapshot(&self) -> NodeCounterSnapshot {
+        NodeCounterSnapshot {
+            msgs: self.msgs.snapshot(),
+            drops: DropReason::ALL
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (*r, self.drops[i].load(Relaxed)))
+                .collect(),
+            lazy_delayed: self.lazy_delayed.load(Relaxed),
+            response_timeouts: self.response_timeouts.load(Relaxed),
+        }
+    }
+}

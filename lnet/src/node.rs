@@ -1,0 +1,1806 @@
+//! The LNet instance: NIs, the portal table, MDs, the message lifecycle,
+//! credits, lazy portals, response deadlines and shutdown.
+//!
+//! Locking: resources live in *containers*, one per portal (its MEs, the
+//! MDs attached to them, its lazy queue) and a few for bound MDs (with the
+//! response deadlines of the operations they initiated). An MD never moves
+//! between containers and its cookie names its container, so an ACK or a
+//! REPLY finds its MD with one hash lookup under one container lock. NI
+//! credits, peer credits (sharded) and containers are separate locks and
+//! never held together, nor across a call into an LND or an event handler.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use crate::counters::{
+    CounterSnapshot, DropReason, MsgCounters, NodeCounterSnapshot, NodeCounters,
+};
+use crate::credits::{CreditSnapshot, Credits};
+use crate::error::{Error, Result};
+use crate::lnd::{
+    Deferred, DeferredSender, Delivery, Lnd, LndInfo, NiContext, PeerEvent, SharedMem, Sink, TxMsg,
+};
+use crate::nid::{LNET_PID_LUSTRE, Nid, Pid, ProcessId};
+use crate::portals::event::{Event, EventHandler, EventKind};
+use crate::portals::matching::{Decision, InsPos, MatchCriteria, MatchTable};
+use crate::portals::md::{MdBuffer, MdMatch, MdOptions, MdView, Op, Threshold};
+use crate::portals::{AckReq, Md, MdHandle, MeHandle, Unlink};
+use crate::sync::Slot;
+use crate::wire::{Header, MsgBody, MsgType, WireHandle};
+use crate::{LNET_MTU, MAX_PORTALS};
+
+const BOUND_SHARDS: usize = 16;
+const PEER_SHARDS: usize = 16;
+/// Container index bits in a cookie.
+const CONTAINER_BITS: u32 = 7;
+
+/// Configuration of an [`Lnet`] instance.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Our pid.
+    pub pid: Pid,
+    /// How long an operation waits for its ACK or REPLY.
+    pub response_timeout: Duration,
+    /// Messages a lazy portal holds at most (beyond: dropped, counted).
+    pub lazy_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            pid: LNET_PID_LUSTRE,
+            response_timeout: Duration::from_secs(50),
+            lazy_max: 1024,
+        }
+    }
+}
+
+/// Builds an [`Lnet`]: `0@lo` always (its LND is a required argument),
+/// then one NI per network.
+///
+/// ```no_run
+/// # fn lo() -> std::sync::Arc<dyn lnet::Lnd> { unimplemented!() }
+/// let lnet = lnet::LnetBuilder::new(lo())
+///     .pid(lnet::LNET_PID_LUSTRE)
+///     .response_timeout(std::time::Duration::from_secs(10))
+///     .build()
+///     .unwrap();
+/// ```
+pub struct LnetBuilder {
+    cfg: Config,
+    lnds: Vec<Arc<dyn Lnd>>,
+}
+
+impl LnetBuilder {
+    /// Start with the `lo` LND (which must serve [`crate::NetType::LOLND`]).
+    pub fn new(lo: Arc<dyn Lnd>) -> Self {
+        LnetBuilder {
+            cfg: Config::default(),
+            lnds: vec![lo],
+        }
+    }
+    /// Add an NI served by `lnd`.
+    pub fn ni(mut self, lnd: Arc<dyn Lnd>) -> Self {
+        self.lnds.push(lnd);
+        self
+    }
+    /// Set our pid.
+    pub fn pid(mut self, pid: Pid) -> Self {
+        self.cfg.pid = pid;
+        self
+    }
+    /// Set the ACK/REPLY deadline.
+    pub fn response_timeout(mut self, d: Duration) -> Self {
+        self.cfg.response_timeout = d;
+        self
+    }
+    /// Set how many messages a lazy portal holds.
+    pub fn lazy_max(mut self, n: usize) -> Self {
+        self.cfg.lazy_max = n;
+        self
+    }
+    /// Start every NI.
+    pub fn build(self) -> Result<Lnet> {
+        if self.lnds[0].net_type() != crate::NetType::LOLND {
+            return Err(Error::Invalid("the first LND must be lo"));
+        }
+        let epoch = random_u64() | 1;
+        let inner = Arc::new(Inner {
+            cfg: self.cfg,
+            epoch,
+            nis: self
+                .lnds
+                .into_iter()
+                .map(|lnd| NiState {
+                    lnd,
+                    info: OnceLock::new(),
+                    tx: Mutex::new(NiTx {
+                        credits: Credits::new(1),
+                        queue: VecDeque::new(),
+                    }),
+                    counters: MsgCounters::default(),
+                })
+                .collect(),
+            containers: (0..MAX_PORTALS + BOUND_SHARDS)
+                .map(|_| Mutex::new(Container::default()))
+                .collect(),
+            next_seq: AtomicU64::new(1),
+            peers: (0..PEER_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            counters: NodeCounters::default(),
+            shutting_down: AtomicBool::new(false),
+            monitor: Monitor::default(),
+        });
+        let lnet = Lnet {
+            inner: inner.clone(),
+            monitor: Mutex::new(None),
+        };
+        for (i, ni) in inner.nis.iter().enumerate() {
+            let ctx = NiContext {
+                inner: Arc::downgrade(&inner),
+                ni: i,
+            };
+            let info = ni.lnd.startup(ctx)?;
+            if info.nid.net().net_type() != ni.lnd.net_type() || (i == 0 && info.nid != Nid::LO) {
+                return Err(Error::Invalid("LND returned a NID of another network"));
+            }
+            if inner.nis[..i]
+                .iter()
+                .any(|o| o.info.get().is_some_and(|x| x.nid.net() == info.nid.net()))
+            {
+                return Err(Error::Invalid("two NIs on one network"));
+            }
+            let mut limits = info.limits;
+            limits.max_payload = limits.max_payload.min(LNET_MTU);
+            limits.credits = limits.credits.max(1);
+            limits.peer_credits = limits.peer_credits.max(1);
+            lock(&ni.tx).credits = Credits::new(limits.credits);
+            let _ = ni.info.set(LndInfo {
+                nid: info.nid,
+                limits,
+            });
+            debug!(target: "net", nid = %info.nid, "NI up");
+        }
+        let weak = Arc::downgrade(&inner);
+        let tick = (inner.cfg.response_timeout / 8)
+            .clamp(Duration::from_millis(5), Duration::from_millis(500));
+        *lock(&lnet.monitor) = Some(
+            std::thread::Builder::new()
+                .name("lnet-monitor".into())
+                .spawn(move || monitor_loop(weak, tick))
+                .map_err(|e| Error::Network(format!("spawning monitor: {e}")))?,
+        );
+        Ok(lnet)
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    std::process::id().hash(&mut h);
+    Instant::now().hash(&mut h);
+    h.finish()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An LNet node. Dropping it shuts it down.
+pub struct Lnet {
+    inner: Arc<Inner>,
+    monitor: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Default)]
+struct Monitor {
+    stop: Mutex<bool>,
+    cv: Condvar,
+}
+
+fn monitor_loop(inner: Weak<Inner>, tick: Duration) {
+    loop {
+        let Some(i) = inner.upgrade() else { return };
+        {
+            let stop = lock(&i.monitor.stop);
+            if *stop {
+                return;
+            }
+            let (stop, _) = i
+                .monitor
+                .cv
+                .wait_timeout(stop, tick)
+                .unwrap_or_else(|e| e.into_inner());
+            if *stop {
+                return;
+            }
+        }
+        i.expire_responses(Instant::now());
+    }
+}
+
+struct NiState {
+    lnd: Arc<dyn Lnd>,
+    info: OnceLock<LndInfo>,
+    tx: Mutex<NiTx>,
+    counters: MsgCounters,
+}
+
+struct NiTx {
+    credits: Credits,
+    queue: VecDeque<TxMsg>,
+}
+
+struct PeerNi {
+    credits: Credits,
+    queue: VecDeque<TxMsg>,
+    counters: MsgCounters,
+    up: bool,
+}
+
+/// Event information saved until the event is due.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EvInfo {
+    target: ProcessId,
+    initiator: ProcessId,
+    sender: Nid,
+    pt_index: u32,
+    match_bits: u64,
+    rlength: u32,
+    mlength: u32,
+    offset: u32,
+    hdr_data: u64,
+    msg_type: MsgType,
+}
+
+/// What a completing TxMsg was for.
+pub(crate) enum TxToken {
+    /// Our PUT or GET, from bound MD `md`.
+    Initiator { md: u64, ev: EvInfo },
+    /// Our REPLY to a GET on attached MD `md`.
+    Reply { md: u64, ev: EvInfo },
+    /// Our ACK.
+    Ack,
+}
+
+/// What a completing Sink was for.
+pub(crate) enum RxToken {
+    /// A PUT into attached MD `md`.
+    Put {
+        md: u64,
+        ev: EvInfo,
+        ack: Option<(WireHandle, usize, Nid)>,
+    },
+    /// The REPLY to our GET, into bound MD `md`.
+    Reply { md: u64, ev: EvInfo },
+}
+
+struct Awaiting {
+    kind: MsgType,
+    deadline: Instant,
+    peer: Nid,
+}
+
+/// Per-MD event delivery: events are queued in order and delivered by one
+/// thread at a time, outside every core lock.
+struct EventPipe {
+    handler: EventHandler,
+    q: Mutex<(VecDeque<Event>, bool)>,
+}
+
+impl EventPipe {
+    fn drain(&self) {
+        {
+            let mut g = lock(&self.q);
+            if g.1 {
+                return;
+            }
+            g.1 = true;
+        }
+        loop {
+            let ev = {
+                let mut g = lock(&self.q);
+                match g.0.pop_front() {
+                    Some(e) => e,
+                    None => {
+                        g.1 = false;
+                        return;
+                    }
+                }
+            };
+            self.handler.deliver(ev);
+        }
+    }
+}
+
+struct MdState {
+    view: MdView,
+    mem: Option<SharedMem>,
+    loan_only: bool,
+    pipe: Arc<EventPipe>,
+    user_ptr: u64,
+    me: Option<u64>,
+    pending: u32,
+    unlinking: bool,
+    awaiting: Option<Awaiting>,
+    abort: Option<Error>,
+}
+
+struct MeState {
+    md: Option<u64>,
+    unlink: bool,
+}
+
+struct Delayed {
+    hdr: Header,
+    from: Nid,
+    ni: usize,
+    tx: DeferredSender,
+}
+
+#[derive(Default)]
+struct Container {
+    table: MatchTable<MeState>,
+    mds: HashMap<u64, MdState>,
+    lazy: bool,
+    delayed: VecDeque<Delayed>,
+    timers: BTreeMap<(Instant, u64), ()>,
+}
+
+/// Things to do once the container lock is released.
+#[derive(Default)]
+struct After {
+    pipes: Vec<Arc<EventPipe>>,
+    sends: Vec<TxMsg>,
+    fires: Vec<(DeferredSender, Delivery)>,
+}
+
+impl After {
+    fn run(self, inner: &Arc<Inner>) {
+        for p in self.pipes {
+            p.drain();
+        }
+        for (tx, d) in self.fires {
+            tx.fire(d);
+        }
+        for t in self.sends {
+            inner.send(t);
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    cfg: Config,
+    epoch: u64,
+    nis: Vec<NiState>,
+    containers: Box<[Mutex<Container>]>,
+    next_seq: AtomicU64,
+    peers: Box<[Mutex<HashMap<(usize, Nid), PeerNi>>]>,
+    counters: NodeCounters,
+    shutting_down: AtomicBool,
+    monitor: Monitor,
+}
+
+thread_local! {
+    /// Sends issued while an LND send is on this thread's stack wait here
+    /// (so an LND that completes inside `send`, like `lo`, never recurses).
+    static LAUNCH: RefCell<Option<VecDeque<TxMsg>>> = const { RefCell::new(None) };
+}
+
+fn container_of(cookie: u64) -> usize {
+    (cookie & ((1 << CONTAINER_BITS) - 1)) as usize
+}
+
+impl Inner {
+    pub(crate) fn pid(&self) -> Pid {
+        self.cfg.pid
+    }
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    fn new_cookie(&self, container: usize) -> u64 {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        (seq << CONTAINER_BITS) | container as u64
+    }
+
+    fn ni_info(&self, ni: usize) -> Option<&LndInfo> {
+        self.nis.get(ni).and_then(|n| n.info.get())
+    }
+
+    fn is_local(&self, nid: &Nid) -> bool {
+        *nid == Nid::LO
+            || self
+                .nis
+                .iter()
+                .any(|n| n.info.get().is_some_and(|i| i.nid == *nid))
+    }
+
+    /// The NI that reaches `dst`, and the source NID to use.
+    fn route(&self, dst: &Nid) -> Option<(usize, Nid)> {
+        if self.is_local(dst) {
+            return Some((0, *dst));
+        }
+        self.nis.iter().enumerate().skip(1).find_map(|(i, n)| {
+            n.info
+                .get()
+                .filter(|x| x.nid.net() == dst.net())
+                .map(|x| (i, x.nid))
+        })
+    }
+
+    fn peer_shard(&self, ni: usize, nid: &Nid) -> &Mutex<HashMap<(usize, Nid), PeerNi>> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (ni, nid).hash(&mut h);
+        &self.peers[(h.finish() as usize) % PEER_SHARDS]
+    }
+
+    fn with_peer<R>(&self, ni: usize, nid: Nid, f: impl FnOnce(&mut PeerNi) -> R) -> R {
+        let pc = self.ni_info(ni).map_or(8, |i| i.limits.peer_credits);
+        let mut g = lock(self.peer_shard(ni, &nid));
+        let p = g.entry((ni, nid)).or_insert_with(|| PeerNi {
+            credits: Credits::new(pc),
+            queue: VecDeque::new(),
+            counters: MsgCounters::default(),
+            up: true,
+        });
+        f(p)
+    }
+
+    // ---------------------------------------------------------------- send
+
+    /// Send through credits: peer credit first, then NI credit; queue when
+    /// either runs out.
+    pub(crate) fn send(self: &Arc<Self>, tx: TxMsg) {
+        if self.is_shutting_down() {
+            tx.complete(Err(Error::Shutdown));
+            return;
+        }
+        let max = self.ni_info(tx.ni).map_or(0, |i| i.limits.max_payload) as usize;
+        if tx.len > max {
+            tx.complete(Err(Error::TooLarge));
+            return;
+        }
+        let (ni, peer) = (tx.ni, tx.peer);
+        let granted = self.with_peer(ni, peer, move |p| {
+            if p.credits.take() {
+                Some(tx)
+            } else {
+                p.queue.push_back(tx);
+                None
+            }
+        });
+        if let Some(tx) = granted {
+            self.send_ni(tx);
+        }
+    }
+
+    fn send_ni(self: &Arc<Self>, mut tx: TxMsg) {
+        let ni = &self.nis[tx.ni];
+        {
+            let mut g = lock(&ni.tx);
+            if !g.credits.take() {
+                tx.credits_held = true; // the peer credit
+                g.queue.push_back(tx);
+                return;
+            }
+        }
+        tx.credits_held = true;
+        self.lnd_send(tx);
+    }
+
+    fn lnd_send(self: &Arc<Self>, tx: TxMsg) {
+        let first = LAUNCH.with(|l| {
+            let mut l = l.borrow_mut();
+            match l.as_mut() {
+                Some(q) => {
+                    q.push_back(tx);
+                    None
+                }
+                None => {
+                    *l = Some(VecDeque::new());
+                    Some(tx)
+                }
+            }
+        });
+        let Some(mut next) = first else { return };
+        loop {
+            let lnd = self.nis[next.ni].lnd.clone();
+            lnd.send(next);
+            let more = LAUNCH.with(|l| {
+                let mut l = l.borrow_mut();
+                let q = l.as_mut().expect("launch queue");
+                let n = q.pop_front();
+                if n.is_none() {
+                    *l = None;
+                }
+                n
+            });
+            match more {
+                Some(t) => next = t,
+                None => return,
+            }
+        }
+    }
+
+    /// A TxMsg completed.
+    pub(crate) fn tx_done(
+        self: &Arc<Self>,
+        ni: usize,
+        peer: Nid,
+        hdr: &Header,
+        credits_held: bool,
+        tok: TxToken,
+        status: Result<(), Error>,
+    ) {
+        let mtype = hdr.msg_type();
+        let ok = status.is_ok();
+        if let Some(n) = self.nis.get(ni) {
+            if ok {
+                n.counters.sent(mtype, hdr.payload_length);
+                self.counters.msgs.sent(mtype, hdr.payload_length);
+            } else {
+                n.counters.error();
+                self.counters.msgs.error();
+                debug!(target: "neterror", %peer, ?mtype, ?status, "send failed");
+            }
+        }
+        // Credits back first: whatever they release goes out after us.
+        let mut release = Vec::new();
+        if credits_held {
+            {
+                let mut g = lock(&self.nis[ni].tx);
+                if g.credits.give_back() {
+                    if let Some(t) = g.queue.pop_front() {
+                        release.push((t, true));
+                    }
+                }
+            }
+            self.with_peer(ni, peer, |p| {
+                if ok {
+                    p.counters.sent(mtype, hdr.payload_length);
+                } else {
+                    p.counters.error();
+                }
+                if p.credits.give_back() {
+                    if let Some(t) = p.queue.pop_front() {
+                        release.push((t, false));
+                    }
+                }
+            });
+        }
+        let mut after = After::default();
+        match tok {
+            TxToken::Initiator { md, ev } => {
+                let mut c = lock(&self.containers[container_of(md)]);
+                if let Some(m) = c.mds.get_mut(&md) {
+                    m.pending -= 1;
+                    if !ok {
+                        // The response can no longer come: consume its
+                        // share of the threshold as if it had.
+                        if let Some(a) = m.awaiting.take() {
+                            m.view.threshold.dec();
+                            c.timers.remove(&(a.deadline, md));
+                        }
+                    }
+                }
+                emit(&mut c, md, EventKind::Send, &ev, status, None, &mut after);
+            }
+            TxToken::Reply { md, ev } => {
+                let mut c = lock(&self.containers[container_of(md)]);
+                if let Some(m) = c.mds.get_mut(&md) {
+                    m.pending -= 1;
+                }
+                emit(&mut c, md, EventKind::Get, &ev, status, None, &mut after);
+            }
+            TxToken::Ack => {}
+        }
+        after.run(self);
+        for (t, ni_ready) in release {
+            if ni_ready {
+                self.lnd_send(t);
+            } else {
+                self.send_ni(t);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------- receive
+
+    fn drop_msg(&self, ni: usize, hdr: &Header, r: DropReason) -> Delivery {
+        self.counters.drop_reason(r);
+        self.counters
+            .msgs
+            .dropped(hdr.msg_type(), hdr.payload_length);
+        if let Some(n) = self.nis.get(ni) {
+            n.counters.dropped(hdr.msg_type(), hdr.payload_length);
+        }
+        debug!(target: "net", reason = ?r, src = %hdr.src_nid, ty = ?hdr.msg_type(), "dropping message");
+        Delivery::Discard(hdr.payload_length)
+    }
+
+    pub(crate) fn parse(self: &Arc<Self>, ni: usize, hdr: &Header, from: Nid) -> Delivery {
+        let Some(info) = self.ni_info(ni).copied() else {
+            return self.drop_msg(ni, hdr, DropReason::NiDown);
+        };
+        if self.is_shutting_down() {
+            return self.drop_msg(ni, hdr, DropReason::NiDown);
+        }
+        if hdr.payload_length > info.limits.max_payload {
+            return self.drop_msg(ni, hdr, DropReason::TooLarge);
+        }
+        if !self.is_local(&hdr.dest_nid) || hdr.dest_pid != self.cfg.pid {
+            return self.drop_msg(ni, hdr, DropReason::NotForUs);
+        }
+        let mtype = hdr.msg_type();
+        self.nis[ni].counters.received(mtype, hdr.payload_length);
+        self.counters.msgs.received(mtype, hdr.payload_length);
+        self.with_peer(ni, from, |p| p.counters.received(mtype, hdr.payload_length));
+        match hdr.body {
+            MsgBody::Put { .. } => self.parse_put(ni, hdr, from),
+            MsgBody::Get { .. } => self.parse_get(ni, hdr, from, info.limits.reply_inline),
+            MsgBody::Ack { .. } => self.parse_ack(ni, hdr),
+            MsgBody::Reply { .. } => self.parse_reply(ni, hdr, from),
+            MsgBody::Hello { .. } => self.drop_msg(ni, hdr, DropReason::BadType),
+        }
+    }
+
+    fn target_ev(&self, hdr: &Header, from: Nid) -> EvInfo {
+        let (pt_index, match_bits, hdr_data) = match hdr.body {
+            MsgBody::Put {
+                ptl_index,
+                match_bits,
+                hdr_data,
+                ..
+            } => (ptl_index, match_bits, hdr_data),
+            MsgBody::Get {
+                ptl_index,
+                match_bits,
+                ..
+            } => (ptl_index, match_bits, 0),
+            _ => (0, 0, 0),
+        };
+        EvInfo {
+            target: ProcessId::new(hdr.dest_nid, hdr.dest_pid),
+            initiator: ProcessId::new(hdr.src_nid, hdr.src_pid),
+            sender: from,
+            pt_index,
+            match_bits,
+            rlength: 0,
+            mlength: 0,
+            offset: 0,
+            hdr_data,
+            msg_type: hdr.msg_type(),
+        }
+    }
+
+    /// Find an MD for a PUT/GET in portal container `c`, walking every ME
+    /// (or only `only_me`).
+    fn match_in(
+        c: &mut Container,
+        op: Op,
+        src: &ProcessId,
+        bits: u64,
+        rlen: u32,
+        roff: u32,
+    ) -> Option<(u64, MdMatch)> {
+        let Container { table, mds, .. } = c;
+        table
+            .find(src, bits, |_, me| {
+                let Some(mdc) = me.md else {
+                    return Decision::Skip;
+                };
+                let Some(md) = mds.get(&mdc) else {
+                    return Decision::Skip;
+                };
+                if md.unlinking {
+                    return Decision::Skip;
+                }
+                match md.view.try_match(op, rlen, roff) {
+                    MdMatch::None => Decision::Skip,
+                    r => Decision::Stop((mdc, r)),
+                }
+            })
+            .map(|(_, r)| r)
+    }
+
+    /// Commit a match on `md` and, when it is exhausted, detach it.
+    fn commit(c: &mut Container, md: u64, offset: u32, mlength: u32) {
+        let Some(m) = c.mds.get_mut(&md) else { return };
+        m.view.commit(offset, mlength);
+        m.pending += 1;
+        if m.view.exhausted() {
+            detach(c, md);
+        }
+    }
+
+    fn parse_put(self: &Arc<Self>, ni: usize, hdr: &Header, from: Nid) -> Delivery {
+        let MsgBody::Put {
+            ptl_index,
+            match_bits,
+            offset,
+            ..
+        } = hdr.body
+        else {
+            unreachable!()
+        };
+        if ptl_index as usize >= MAX_PORTALS {
+            return self.drop_msg(ni, hdr, DropReason::BadPortal);
+        }
+        let src = ProcessId::new(hdr.src_nid, hdr.src_pid);
+        let mut c = lock(&self.containers[ptl_index as usize]);
+        match Self::match_in(
+            &mut c,
+            Op::Put,
+            &src,
+            match_bits,
+            hdr.payload_length,
+            offset,
+        ) {
+            Some((md, MdMatch::Ok { offset, mlength })) => {
+                Self::commit(&mut c, md, offset, mlength);
+                let sink = self.put_sink(&c, md, ni, hdr, from, offset, mlength);
+                Delivery::Receive(sink)
+            }
+            Some((_, _)) => {
+                drop(c);
+                self.drop_msg(ni, hdr, DropReason::TooLarge)
+            }
+            None if c.lazy => {
+                if c.delayed.len() >= self.cfg.lazy_max {
+                    drop(c);
+                    return self.drop_msg(ni, hdr, DropReason::LazyOverflow);
+                }
+                let slot = Slot::new();
+                c.delayed.push_back(Delayed {
+                    hdr: *hdr,
+                    from,
+                    ni,
+                    tx: DeferredSender {
+                        slot: slot.clone(),
+                        len: hdr.payload_length,
+                        fired: false,
+                    },
+                });
+                self.counters.lazy_delayed();
+                Delivery::Deferred(Deferred { slot })
+            }
+            None => {
+                drop(c);
+                self.drop_msg(ni, hdr, DropReason::NoMatch)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn put_sink(
+        self: &Arc<Self>,
+        c: &Container,
+        md: u64,
+        ni: usize,
+        hdr: &Header,
+        from: Nid,
+        offset: u32,
+        mlength: u32,
+    ) -> Sink {
+        let m = &c.mds[&md];
+        let MsgBody::Put { ack_wmd, .. } = hdr.body else {
+            unreachable!()
+        };
+        let mut ev = self.target_ev(hdr, from);
+        ev.rlength = hdr.payload_length;
+        ev.mlength = mlength;
+        ev.offset = offset;
+        let ack = (!ack_wmd.is_none() && !m.view.options.contains(MdOptions::ACK_DISABLE))
+            .then_some((ack_wmd, ni, from));
+        Sink {
+            inner: self.clone(),
+            mem: if m.loan_only { None } else { m.mem.clone() },
+            offset: offset as usize,
+            mlength: mlength as usize,
+            rlength: hdr.payload_length as usize,
+            loan_ok: m.loan_only || m.view.options.contains(MdOptions::LOAN),
+            loan: None,
+            alloc: None,
+            token: Some(RxToken::Put { md, ev, ack }),
+        }
+    }
+
+    fn parse_get(self: &Arc<Self>, ni: usize, hdr: &Header, from: Nid, inline: bool) -> Delivery {
+        let MsgBody::Get {
+            return_wmd,
+            match_bits,
+            ptl_index,
+            src_offset,
+            sink_length,
+        } = hdr.body
+        else {
+            unreachable!()
+        };
+        if ptl_index as usize >= MAX_PORTALS {
+            return self.drop_msg(ni, hdr, DropReason::BadPortal);
+        }
+        let src = ProcessId::new(hdr.src_nid, hdr.src_pid);
+        let mut c = lock(&self.containers[ptl_index as usize]);
+        let (md, offset, mlength) =
+            match Self::match_in(&mut c, Op::Get, &src, match_bits, sink_length, src_offset) {
+                Some((md, MdMatch::Ok { offset, mlength })) => (md, offset, mlength),
+                Some(_) => {
+                    drop(c);
+                    return self.drop_msg(ni, hdr, DropReason::TooLarge);
+                }
+                None => {
+                    drop(c);
+                    return self.drop_msg(ni, hdr, DropReason::NoMatch);
+                }
+            };
+        Self::commit(&mut c, md, offset, mlength);
+        let mut ev = self.target_ev(hdr, from);
+        ev.rlength = sink_length;
+        ev.mlength = mlength;
+        ev.offset = offset;
+        let mem = c.mds[&md].mem.clone();
+        drop(c);
+        let reply = TxMsg {
+            inner: self.clone(),
+            hdr: Header {
+                dest_nid: hdr.src_nid,
+                src_nid: hdr.dest_nid,
+                dest_pid: hdr.src_pid,
+                src_pid: self.cfg.pid,
+                payload_length: mlength,
+                body: MsgBody::Reply {
+                    dst_wmd: return_wmd,
+                },
+            },
+            peer: from,
+            ni,
+            mem,
+            offset: offset as usize,
+            len: mlength as usize,
+            credits_held: false,
+            token: Some(TxToken::Reply { md, ev }),
+        };
+        if inline {
+            Delivery::Reply(reply)
+        } else {
+            self.send(reply);
+            Delivery::Done
+        }
+    }
+
+    /// The bound MD an ACK or REPLY names, if it is ours and still waiting
+    /// for that kind of response.
+    fn response_md(
+        &self,
+        wmd: &WireHandle,
+        kind: MsgType,
+    ) -> Option<(u64, MutexGuard<'_, Container>)> {
+        if wmd.interface_cookie != self.epoch {
+            return None;
+        }
+        let md = wmd.object_cookie;
+        let ci = container_of(md);
+        if ci < MAX_PORTALS || ci >= self.containers.len() {
+            return None;
+        }
+        let mut c = lock(&self.containers[ci]);
+        let m = c.mds.get_mut(&md)?;
+        if m.awaiting.as_ref().is_none_or(|a| a.kind != kind) {
+            return None;
+        }
+        let a = m.awaiting.take().expect("checked");
+        m.view.threshold.dec();
+        c.timers.remove(&(a.deadline, md));
+        Some((md, c))
+    }
+
+    fn parse_ack(self: &Arc<Self>, ni: usize, hdr: &Header) -> Delivery {
+        let MsgBody::Ack {
+            dst_wmd,
+            match_bits,
+            mlength,
+        } = hdr.body
+        else {
+            unreachable!()
+        };
+        let Some((md, mut c)) = self.response_md(&dst_wmd, MsgType::Ack) else {
+            return self.drop_msg(ni, hdr, DropReason::StaleHandle);
+        };
+        let ev = EvInfo {
+            target: ProcessId::new(hdr.src_nid, hdr.src_pid),
+            initiator: ProcessId::new(hdr.dest_nid, hdr.dest_pid),
+            sender: hdr.src_nid,
+            pt_index: 0,
+            match_bits,
+            rlength: mlength,
+            mlength,
+            offset: 0,
+            hdr_data: 0,
+            msg_type: MsgType::Ack,
+        };
+        let mut after = After::default();
+        emit(&mut c, md, EventKind::Ack, &ev, Ok(()), None, &mut after);
+        drop(c);
+        after.run(self);
+        Delivery::Done
+    }
+
+    fn parse_reply(self: &Arc<Self>, ni: usize, hdr: &Header, from: Nid) -> Delivery {
+        let MsgBody::Reply { dst_wmd } = hdr.body else {
+            unreachable!()
+        };
+        let Some((md, mut c)) = self.response_md(&dst_wmd, MsgType::Reply) else {
+            return self.drop_msg(ni, hdr, DropReason::StaleHandle);
+        };
+        let m = c.mds.get_mut(&md).expect("response md");
+        let rlength = hdr.payload_length;
+        let mlength = rlength.min(m.view.length);
+        let mut ev = EvInfo {
+            target: ProcessId::new(hdr.src_nid, hdr.src_pid),
+            initiator: ProcessId::new(hdr.dest_nid, hdr.dest_pid),
+            sender: from,
+            pt_index: 0,
+            match_bits: 0,
+            rlength,
+            mlength,
+            offset: 0,
+            hdr_data: 0,
+            msg_type: MsgType::Reply,
+        };
+        if mlength < rlength && !m.view.options.contains(MdOptions::TRUNCATE) {
+            ev.mlength = 0;
+            let mut after = After::default();
+            emit(
+                &mut c,
+                md,
+                EventKind::Reply,
+                &ev,
+                Err(Error::TooLarge),
+                None,
+                &mut after,
+            );
+            drop(c);
+            after.run(self);
+            return self.drop_msg(ni, hdr, DropReason::TooLarge);
+        }
+        m.pending += 1;
+        let sink = Sink {
+            inner: self.clone(),
+            mem: if m.loan_only { None } else { m.mem.clone() },
+            offset: 0,
+            mlength: mlength as usize,
+            rlength: rlength as usize,
+            loan_ok: m.loan_only || m.view.options.contains(MdOptions::LOAN),
+            loan: None,
+            alloc: None,
+            token: Some(RxToken::Reply { md, ev }),
+        };
+        Delivery::Receive(sink)
+    }
+
+    /// A Sink completed.
+    pub(crate) fn rx_done(
+        self: &Arc<Self>,
+        tok: RxToken,
+        status: Result<(), Error>,
+        loan: Option<Bytes>,
+    ) {
+        let mut after = After::default();
+        match tok {
+            RxToken::Put { md, ev, ack } => {
+                let mut c = lock(&self.containers[container_of(md)]);
+                if let Some(m) = c.mds.get_mut(&md) {
+                    m.pending -= 1;
+                }
+                let ok = status.is_ok();
+                emit(&mut c, md, EventKind::Put, &ev, status, loan, &mut after);
+                drop(c);
+                if let (true, Some((wmd, ni, peer))) = (ok, ack) {
+                    after.sends.push(TxMsg {
+                        inner: self.clone(),
+                        hdr: Header {
+                            dest_nid: ev.initiator.nid,
+                            src_nid: ev.target.nid,
+                            dest_pid: ev.initiator.pid,
+                            src_pid: self.cfg.pid,
+                            payload_length: 0,
+                            body: MsgBody::Ack {
+                                dst_wmd: wmd,
+                                match_bits: ev.match_bits,
+                                mlength: ev.mlength,
+                            },
+                        },
+                        peer,
+                        ni,
+                        mem: None,
+                        offset: 0,
+                        len: 0,
+                        credits_held: false,
+                        token: Some(TxToken::Ack),
+                    });
+                }
+            }
+            RxToken::Reply { md, ev } => {
+                let mut c = lock(&self.containers[container_of(md)]);
+                if let Some(m) = c.mds.get_mut(&md) {
+                    m.pending -= 1;
+                }
+                emit(&mut c, md, EventKind::Reply, &ev, status, loan, &mut after);
+            }
+        }
+        after.run(self);
+    }
+
+    // -------------------------------------------------- timeouts and peers
+
+    fn expire_responses(self: &Arc<Self>, now: Instant) {
+        for ci in MAX_PORTALS..self.containers.len() {
+            let mut after = After::default();
+            {
+                let mut c = lock(&self.containers[ci]);
+                while let Some((&(deadline, md), _)) = c.timers.iter().next() {
+                    if deadline > now {
+                        break;
+                    }
+                    c.timers.remove(&(deadline, md));
+                    self.counters.response_timeout();
+                    warn!(target: "neterror", md, "response timed out");
+                    abort_md(&mut c, md, Error::Timeout, &mut after);
+                }
+            }
+            after.run(self);
+        }
+    }
+
+    pub(crate) fn peer_event(self: &Arc<Self>, ni: usize, peer: Nid, ev: PeerEvent) {
+        self.with_peer(ni, peer, |p| p.up = !matches!(ev, PeerEvent::Down));
+        if ev != PeerEvent::Restarted {
+            return;
+        }
+        // Its state is gone: nothing it owed us will come.
+        for ci in MAX_PORTALS..self.containers.len() {
+            let mut after = After::default();
+            {
+                let mut c = lock(&self.containers[ci]);
+                let victims: Vec<u64> = c
+                    .mds
+                    .iter()
+                    .filter(|(_, m)| m.awaiting.as_ref().is_some_and(|a| a.peer == peer))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for md in victims {
+                    let err = Error::PeerDown(peer.to_string());
+                    abort_md(&mut c, md, err, &mut after);
+                }
+            }
+            after.run(self);
+        }
+    }
+
+    // ------------------------------------------------------------ shutdown
+
+    fn shutdown(self: &Arc<Self>) {
+        if self.shutting_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        debug!(target: "net", "shutting down");
+        // Messages waiting for credits never left.
+        let mut waiting = Vec::new();
+        for ni in &self.nis {
+            waiting.extend(lock(&ni.tx).queue.drain(..));
+        }
+        for s in self.peers.iter() {
+            for p in lock(s).values_mut() {
+                waiting.extend(p.queue.drain(..));
+            }
+        }
+        for mut t in waiting {
+            // Credit counters are not used after shutdown.
+            t.credits_held = false;
+            t.complete(Err(Error::Shutdown));
+        }
+        for ni in self.nis.iter().rev() {
+            ni.lnd.shutdown();
+        }
+        for ci in 0..self.containers.len() {
+            let mut after = After::default();
+            {
+                let mut c = lock(&self.containers[ci]);
+                for d in c.delayed.drain(..) {
+                    self.counters.drop_reason(DropReason::LazyFlushed);
+                    let len = d.hdr.payload_length;
+                    after.fires.push((d.tx, Delivery::Discard(len)));
+                }
+                let mds: Vec<u64> = c.mds.keys().copied().collect();
+                for md in mds {
+                    abort_md(&mut c, md, Error::Shutdown, &mut after);
+                }
+            }
+            after.run(self);
+        }
+        *lock(&self.monitor.stop) = true;
+        self.monitor.cv.notify_all();
+    }
+}
+
+/// Remove MD `md` from its ME (and the ME from its portal if it unlinks
+/// on use).
+fn detach(c: &mut Container, md: u64) {
+    let Some(m) = c.mds.get_mut(&md) else { return };
+    let Some(me) = m.me.take() else { return };
+    let unlink = c.table.get(me).is_none_or(|s| s.unlink);
+    if unlink {
+        c.table.remove(me);
+    } else if let Some(s) = c.table.get_mut(me) {
+        s.md = None;
+    }
+}
+
+/// End whatever MD `md` waits for with `err` and unlink it.
+fn abort_md(c: &mut Container, md: u64, err: Error, after: &mut After) {
+    let Some(m) = c.mds.get_mut(&md) else { return };
+    let had_wait = m.awaiting.take();
+    m.unlinking = true;
+    if let Some(a) = &had_wait {
+        c.timers.remove(&(a.deadline, md));
+    }
+    let m = c.mds.get_mut(&md).expect("md");
+    if had_wait.is_some() || err == Error::Shutdown {
+        m.abort = Some(err);
+    }
+    detach(c, md);
+    finish_if_done(c, md, None, after);
+}
+
+/// Queue an event of `kind` for MD `md`; when the MD is done, the event
+/// carries `unlinked` and the buffer (or, after an abort, a separate
+/// UNLINK event carrying the abort's status does).
+fn emit(
+    c: &mut Container,
+    md: u64,
+    kind: EventKind,
+    ev: &EvInfo,
+    status: Result<(), Error>,
+    loan: Option<Bytes>,
+    after: &mut After,
+) {
+    let Some(m) = c.mds.get(&md) else { return };
+    let event = Event {
+        kind,
+        target: ev.target,
+        initiator: ev.initiator,
+        sender: ev.sender,
+        pt_index: ev.pt_index,
+        match_bits: ev.match_bits,
+        rlength: ev.rlength,
+        mlength: ev.mlength,
+        offset: ev.offset,
+        md: MdHandle(md),
+        user_ptr: m.user_ptr,
+        hdr_data: ev.hdr_data,
+        msg_type: ev.msg_type,
+        status,
+        unlinked: false,
+        buffer: None,
+        loan,
+    };
+    finish_if_done(c, md, Some(event), after);
+}
+
+fn finish_if_done(c: &mut Container, md: u64, event: Option<Event>, after: &mut After) {
+    let Some(m) = c.mds.get(&md) else { return };
+    let done = (m.unlinking || m.view.exhausted()) && m.pending == 0 && m.awaiting.is_none();
+    let pipe = m.pipe.clone();
+    if !done {
+        if let Some(e) = event {
+            lock(&pipe.q).0.push_back(e);
+            after.pipes.push(pipe);
+        }
+        return;
+    }
+    detach(c, md);
+    let m = c.mds.remove(&md).expect("md");
+    let buffer = m.mem.map(|a| match Arc::try_unwrap(a) {
+        Ok(mx) => mx.into_inner().unwrap_or_else(|e| e.into_inner()),
+        Err(_) => {
+            warn!(target: "neterror", md, "MD memory still referenced at unlink");
+            MdBuffer::default()
+        }
+    });
+    let mut q = lock(&pipe.q);
+    let last = match (event, m.abort) {
+        (Some(mut e), None) => {
+            e.unlinked = true;
+            e.buffer = buffer;
+            e
+        }
+        (e, abort) => {
+            if let Some(e) = e {
+                q.0.push_back(e);
+            }
+            Event {
+                kind: EventKind::Unlink,
+                target: ProcessId::ANY,
+                initiator: ProcessId::ANY,
+                sender: Nid::ANY,
+                pt_index: 0,
+                match_bits: 0,
+                rlength: 0,
+                mlength: 0,
+                offset: 0,
+                md: MdHandle(md),
+                user_ptr: m.user_ptr,
+                hdr_data: 0,
+                msg_type: MsgType::Put,
+                status: abort.map_or(Ok(()), Err),
+                unlinked: true,
+                buffer,
+                loan: None,
+            }
+        }
+    };
+    q.0.push_back(last);
+    drop(q);
+    after.pipes.push(pipe);
+}
+
+// ------------------------------------------------------------- public API
+
+impl Lnet {
+    /// Start building a node; `lo` is the loopback LND.
+    pub fn builder(lo: Arc<dyn Lnd>) -> LnetBuilder {
+        LnetBuilder::new(lo)
+    }
+
+    /// Our pid.
+    pub fn pid(&self) -> Pid {
+        self.inner.cfg.pid
+    }
+
+    /// Our NIDs, `0@lo` first.
+    pub fn nids(&self) -> Vec<Nid> {
+        self.inner
+            .nis
+            .iter()
+            .filter_map(|n| n.info.get().map(|i| i.nid))
+            .collect()
+    }
+
+    /// Our first NID on `net`'s type-and-number, or the first non-`lo` one.
+    pub fn primary_nid(&self) -> Nid {
+        self.nids().get(1).copied().unwrap_or(Nid::LO)
+    }
+
+    /// This node's process id on its primary NID.
+    pub fn id(&self) -> ProcessId {
+        ProcessId::new(self.primary_nid(), self.pid())
+    }
+
+    fn check_md(md: &Md) -> Result<()> {
+        if md.threshold == Threshold::Finite(0) {
+            return Err(Error::Invalid("threshold 0"));
+        }
+        if md.buffer.len() > u32::MAX as usize {
+            return Err(Error::Invalid("MD longer than 4 GiB"));
+        }
+        if md.options.contains(MdOptions::MAX_SIZE) && md.max_size as usize > md.buffer.len() {
+            return Err(Error::Invalid("max_size larger than the MD"));
+        }
+        Ok(())
+    }
+
+    fn md_state(md: Md, me: Option<u64>) -> MdState {
+        let loan_only = md.buffer.is_loan_only();
+        MdState {
+            view: MdView {
+                options: md.options,
+                length: md.buffer.len() as u32,
+                offset: 0,
+                threshold: md.threshold,
+                max_size: md.max_size,
+            },
+            mem: Some(Arc::new(Mutex::new(md.buffer))),
+            loan_only,
+            pipe: Arc::new(EventPipe {
+                handler: md.handler,
+                q: Mutex::new((VecDeque::new(), false)),
+            }),
+            user_ptr: md.user_ptr,
+            me,
+            pending: 0,
+            unlinking: false,
+            awaiting: None,
+            abort: None,
+        }
+    }
+
+    /// Attach a match entry to `portal` (`LNetMEAttach`).
+    pub fn me_attach(
+        &self,
+        portal: u32,
+        match_id: ProcessId,
+        match_bits: u64,
+        ignore_bits: u64,
+        unlink: Unlink,
+        pos: InsPos,
+    ) -> Result<MeHandle> {
+        let p = portal as usize;
+        if p >= MAX_PORTALS {
+            return Err(Error::Invalid("portal index out of range"));
+        }
+        if self.inner.is_shutting_down() {
+            return Err(Error::Shutdown);
+        }
+        let key = self.inner.new_cookie(p);
+        let crit = MatchCriteria {
+            match_id,
+            match_bits,
+            ignore_bits,
+        };
+        lock(&self.inner.containers[p]).table.insert(
+            key,
+            crit,
+            pos,
+            MeState {
+                md: None,
+                unlink: unlink == Unlink::Unlink,
+            },
+        );
+        Ok(MeHandle(key))
+    }
+
+    /// Attach an MD to an ME that has none (`LNetMDAttach`). Messages held
+    /// by a lazy portal are offered to it at once.
+    pub fn md_attach(&self, me: MeHandle, md: Md) -> Result<MdHandle> {
+        Self::check_md(&md)?;
+        if !md.buffer.is_writable() && md.options.contains(MdOptions::OP_PUT) {
+            return Err(Error::Invalid("PUT target with read-only memory"));
+        }
+        let p = container_of(me.0);
+        if p >= MAX_PORTALS {
+            return Err(Error::NoEntry);
+        }
+        let inner = &self.inner;
+        let mut after = After::default();
+        let cookie = inner.new_cookie(p);
+        {
+            let mut c = lock(&inner.containers[p]);
+            if inner.is_shutting_down() {
+                return Err(Error::Shutdown);
+            }
+            let me_state = c.table.get_mut(me.0).ok_or(Error::NoEntry)?;
+            if me_state.md.is_some() {
+                return Err(Error::Invalid("ME already has an MD"));
+            }
+            me_state.md = Some(cookie);
+            c.mds.insert(cookie, Self::md_state(md, Some(me.0)));
+            // Offer waiting messages to the new MD, in arrival order.
+            let crit = *c.table.criteria(me.0).expect("me");
+            let mut i = 0;
+            while i < c.delayed.len() {
+                if !c.mds.contains_key(&cookie) || c.mds[&cookie].me.is_none() {
+                    break;
+                }
+                let d = &c.delayed[i];
+                let MsgBody::Put {
+                    match_bits, offset, ..
+                } = d.hdr.body
+                else {
+                    unreachable!()
+                };
+                let src = ProcessId::new(d.hdr.src_nid, d.hdr.src_pid);
+                if !crit.accepts(&src, match_bits) {
+                    i += 1;
+                    continue;
+                }
+                match c.mds[&cookie]
+                    .view
+                    .try_match(Op::Put, d.hdr.payload_length, offset)
+                {
+                    MdMatch::None => break,
+                    MdMatch::Drop => {
+                        let d = c.delayed.remove(i).expect("delayed");
+                        inner.counters.drop_reason(DropReason::TooLarge);
+                        inner
+                            .counters
+                            .msgs
+                            .dropped(MsgType::Put, d.hdr.payload_length);
+                        let len = d.hdr.payload_length;
+                        after.fires.push((d.tx, Delivery::Discard(len)));
+                    }
+                    MdMatch::Ok { offset, mlength } => {
+                        let d = c.delayed.remove(i).expect("delayed");
+                        Inner::commit(&mut c, cookie, offset, mlength);
+                        let sink =
+                            inner.put_sink(&c, cookie, d.ni, &d.hdr, d.from, offset, mlength);
+                        after.fires.push((d.tx, Delivery::Receive(sink)));
+                    }
+                }
+            }
+        }
+        after.run(inner);
+        Ok(MdHandle(cookie))
+    }
+
+    /// Attach an ME and its MD in one step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attach(
+        &self,
+        portal: u32,
+        match_id: ProcessId,
+        match_bits: u64,
+        ignore_bits: u64,
+        unlink: Unlink,
+        pos: InsPos,
+        md: Md,
+    ) -> Result<(MeHandle, MdHandle)> {
+        let me = self.me_attach(portal, match_id, match_bits, ignore_bits, unlink, pos)?;
+        match self.md_attach(me, md) {
+            Ok(h) => Ok((me, h)),
+            Err(e) => {
+                let _ = self.me_unlink(me);
+                Err(e)
+            }
+        }
+    }
+
+    /// Create a free-floating MD for initiating operations (`LNetMDBind`).
+    pub fn md_bind(&self, md: Md) -> Result<MdHandle> {
+        Self::check_md(&md)?;
+        if self.inner.is_shutting_down() {
+            return Err(Error::Shutdown);
+        }
+        let shard =
+            MAX_PORTALS + (self.inner.next_seq.load(Ordering::Relaxed) as usize % BOUND_SHARDS);
+        let cookie = self.inner.new_cookie(shard);
+        lock(&self.inner.containers[shard])
+            .mds
+            .insert(cookie, Self::md_state(md, None));
+        Ok(MdHandle(cookie))
+    }
+
+    /// Unlink an MD (`LNetMDUnlink`). If nothing is in flight, its UNLINK
+    /// event (with the buffer) is delivered now; otherwise the last
+    /// operation's event carries `unlinked`. A response it still waited for
+    /// ends with [`Error::Aborted`].
+    pub fn md_unlink(&self, md: MdHandle) -> Result<()> {
+        let ci = container_of(md.0);
+        if ci >= self.inner.containers.len() {
+            return Err(Error::NoEntry);
+        }
+        let mut after = After::default();
+        {
+            let mut c = lock(&self.inner.containers[ci]);
+            if !c.mds.contains_key(&md.0) {
+                return Err(Error::NoEntry);
+            }
+            abort_md(&mut c, md.0, Error::Aborted, &mut after);
+        }
+        after.run(&self.inner);
+        Ok(())
+    }
+
+    /// Unlink an ME and its MD (`LNetMEUnlink`).
+    pub fn me_unlink(&self, me: MeHandle) -> Result<()> {
+        let p = container_of(me.0);
+        if p >= MAX_PORTALS {
+            return Err(Error::NoEntry);
+        }
+        let mut after = After::default();
+        {
+            let mut c = lock(&self.inner.containers[p]);
+            let (_, st) = c.table.remove(me.0).ok_or(Error::NoEntry)?;
+            if let Some(md) = st.md {
+                if let Some(m) = c.mds.get_mut(&md) {
+                    m.me = None;
+                }
+                abort_md(&mut c, md, Error::Aborted, &mut after);
+            }
+        }
+        after.run(&self.inner);
+        Ok(())
+    }
+
+    /// Make `portal` lazy (unmatched PUTs wait for an MD) or not (they are
+    /// dropped; turning laziness off drops those waiting).
+    pub fn set_lazy(&self, portal: u32, lazy: bool) -> Result<()> {
+        let p = portal as usize;
+        if p >= MAX_PORTALS {
+            return Err(Error::Invalid("portal index out of range"));
+        }
+        let mut after = After::default();
+        {
+            let mut c = lock(&self.inner.containers[p]);
+            c.lazy = lazy;
+            if !lazy {
+                for d in c.delayed.drain(..) {
+                    self.inner.counters.drop_reason(DropReason::LazyFlushed);
+                    let len = d.hdr.payload_length;
+                    after.fires.push((d.tx, Delivery::Discard(len)));
+                }
+            }
+        }
+        after.run(&self.inner);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn initiate(
+        &self,
+        mdh: MdHandle,
+        op: Op,
+        ack: AckReq,
+        target: ProcessId,
+        portal: u32,
+        match_bits: u64,
+        offset: u32,
+        hdr_data: u64,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        if inner.is_shutting_down() {
+            return Err(Error::Shutdown);
+        }
+        if portal as usize >= MAX_PORTALS {
+            return Err(Error::Invalid("portal index out of range"));
+        }
+        let ci = container_of(mdh.0);
+        if ci < MAX_PORTALS || ci >= inner.containers.len() {
+            return Err(Error::Invalid("not a bound MD"));
+        }
+        let route = inner.route(&target.nid);
+        let src_nid = route.map_or(Nid::ANY, |r| r.1);
+        let wants_response = op == Op::Get || ack == AckReq::Ack;
+        let mut c = lock(&inner.containers[ci]);
+        let m = c.mds.get_mut(&mdh.0).ok_or(Error::NoEntry)?;
+        if m.unlinking || m.view.exhausted() {
+            return Err(Error::NoEntry);
+        }
+        if m.awaiting.is_some() || (wants_response && m.pending > 0) {
+            return Err(Error::Invalid("MD already has an operation in flight"));
+        }
+        if wants_response && m.view.threshold == Threshold::Finite(1) {
+            return Err(Error::Invalid("threshold must allow the ACK/REPLY (2)"));
+        }
+        let len = m.view.length;
+        if op == Op::Put && (len > LNET_MTU || m.loan_only) {
+            return Err(Error::Invalid(
+                "PUT source larger than LNET_MTU or without memory",
+            ));
+        }
+        if op == Op::Get
+            && !m.loan_only
+            && !m
+                .mem
+                .as_ref()
+                .is_some_and(|x| crate::lnd::lock_mem(x).is_writable())
+        {
+            return Err(Error::Invalid("GET sink with read-only memory"));
+        }
+        m.view.threshold.dec();
+        m.pending += 1;
+        let wmd = WireHandle {
+            interface_cookie: inner.epoch,
+            object_cookie: mdh.0,
+        };
+        let body = match op {
+            Op::Put => MsgBody::Put {
+                ack_wmd: if ack == AckReq::Ack {
+                    wmd
+                } else {
+                    WireHandle::NONE
+                },
+                match_bits,
+                hdr_data,
+                ptl_index: portal,
+                offset,
+            },
+            Op::Get => MsgBody::Get {
+                return_wmd: wmd,
+                match_bits,
+                ptl_index: portal,
+                src_offset: offset,
+                sink_length: len.min(LNET_MTU),
+            },
+        };
+        if wants_response {
+            let deadline = Instant::now() + inner.cfg.response_timeout;
+            m.awaiting = Some(Awaiting {
+                kind: if op == Op::Get {
+                    MsgType::Reply
+                } else {
+                    MsgType::Ack
+                },
+                deadline,
+                peer: target.nid,
+            });
+            c.timers.insert((deadline, mdh.0), ());
+        }
+        let m = &c.mds[&mdh.0];
+        let plen = if op == Op::Put { len } else { 0 };
+        let ev = EvInfo {
+            target,
+            initiator: ProcessId::new(src_nid, inner.cfg.pid),
+            sender: src_nid,
+            pt_index: portal,
+            match_bits,
+            rlength: len,
+            mlength: len,
+            offset,
+            hdr_data,
+            msg_type: if op == Op::Put {
+                MsgType::Put
+            } else {
+                MsgType::Get
+            },
+        };
+        let tx = TxMsg {
+            inner: inner.clone(),
+            hdr: Header {
+                dest_nid: target.nid,
+                src_nid,
+                dest_pid: target.pid,
+                src_pid: inner.cfg.pid,
+                payload_length: plen,
+                body,
+            },
+            peer: target.nid,
+            ni: route.map_or(0, |r| r.0),
+            mem: if op == Op::Put { m.mem.clone() } else { None },
+            offset: 0,
+            len: plen as usize,
+            credits_held: false,
+            token: Some(TxToken::Initiator { md: mdh.0, ev }),
+        };
+        drop(c);
+        match route {
+            Some(_) => inner.send(tx),
+            None => tx.complete(Err(Error::NoRoute(target.nid.to_string()))),
+        }
+        Ok(())
+    }
+
+    /// PUT the whole of bound MD `md` to `target` (`LNetPut`). Events: SEND
+    /// when it left, then ACK (if asked for, and the target allows) or a
+    /// timeout.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put(
+        &self,
+        md: MdHandle,
+        ack: AckReq,
+        target: ProcessId,
+        portal: u32,
+        match_bits: u64,
+        offset: u32,
+        hdr_data: u64,
+    ) -> Result<()> {
+        self.initiate(
+            md,
+            Op::Put,
+            ack,
+            target,
+            portal,
+            match_bits,
+            offset,
+            hdr_data,
+        )
+    }
+
+    /// GET up to the length of bound MD `md` from `target` (`LNetGet`).
+    /// Events: SEND, then REPLY (or a timeout).
+    pub fn get(
+        &self,
+        md: MdHandle,
+        target: ProcessId,
+        portal: u32,
+        match_bits: u64,
+        offset: u32,
+    ) -> Result<()> {
+        self.initiate(
+            md,
+            Op::Get,
+            AckReq::NoAck,
+            target,
+            portal,
+            match_bits,
+            offset,
+            0,
+        )
+    }
+
+    /// Node counters.
+    pub fn counters(&self) -> NodeCounterSnapshot {
+        self.inner.counters.snapshot()
+    }
+
+    /// Counters of the NI with NID `nid`.
+    pub fn ni_counters(&self, nid: Nid) -> Option<CounterSnapshot> {
+        self.inner
+            .nis
+            .iter()
+            .find(|n| n.info.get().is_some_and(|i| i.nid == nid))
+            .map(|n| n.counters.snapshot())
+    }
+
+    /// Credits of the NI with NID `nid`.
+    pub fn ni_credits(&self, nid: Nid) -> Option<CreditSnapshot> {
+        self.inner
+            .nis
+            .iter()
+            .find(|n| n.info.get().is_some_and(|i| i.nid == nid))
+            .map(|n| {
+                let g = lock(&n.tx);
+                CreditSnapshot {
+                    max: g.credits.max(),
+                    available: g.credits.available(),
+                    min: g.credits.min(),
+                    queued: g.queue.len(),
+                }
+            })
+    }
+
+    fn peer_ni_index(&self, peer: &Nid) -> usize {
+        self.inner.route(peer).map_or(0, |r| r.0)
+    }
+
+    /// Counters of peer NI `peer` (on the NI that reaches it).
+    pub fn peer_counters(&self, peer: Nid) -> Option<CounterSnapshot> {
+        let ni = self.peer_ni_index(&peer);
+        lock(self.inner.peer_shard(ni, &peer))
+            .get(&(ni, peer))
+            .map(|p| p.counters.snapshot())
+    }
+
+    /// Credits of peer NI `peer`.
+    pub fn peer_credits(&self, peer: Nid) -> Option<CreditSnapshot> {
+        let ni = self.peer_ni_index(&peer);
+        lock(self.inner.peer_shard(ni, &peer))
+            .get(&(ni, peer))
+            .map(|p| CreditSnapshot {
+                max: p.credits.max(),
+                available: p.credits.available(),
+                min: p.credits.min(),
+                queued: p.queue.len(),
+            })
+    }
+
+    /// True unless an LND reported `peer` down.
+    pub fn peer_is_up(&self, peer: Nid) -> bool {
+        let ni = self.peer_ni_index(&peer);
+        lock(self.inner.peer_shard(ni, &peer))
+            .get(&(ni, peer))
+            .is_none_or(|p| p.up)
+    }
+
+    /// Stop: every pending operation ends with an error event, every MD is
+    /// unlinked (its buffer handed back), every NI stopped.
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
+        if let Some(h) = lock(&self.monitor).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Lnet {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl std::fmt::Debug for Lnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lnet")
+            .field("nids", &self.nids())
+            .field("pid", &self.pid())
+            .finish()
+    }
+}

@@ -1,0 +1,526 @@
+//! Memory descriptors: their memory, options, and the rules that decide how
+//! much of an incoming message an MD accepts.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::ops::{BitOr, BitOrAssign};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::error::{Error, Result};
+use crate::{LNET_MAX_IOV, LNET_MTU};
+
+/// MD options (`enum lnet_md_options`; values as in LNet, plus
+/// [`MdOptions::LOAN`] of this library).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MdOptions(pub u32);
+
+impl MdOptions {
+    /// No option.
+    pub const NONE: MdOptions = MdOptions(0);
+    /// Remote PUTs may land here.
+    pub const OP_PUT: MdOptions = MdOptions(0x0001);
+    /// Remote GETs may read from here.
+    pub const OP_GET: MdOptions = MdOptions(0x0002);
+    /// The initiator chooses the offset (else the MD's local offset, which
+    /// advances with each operation, is used).
+    pub const MANAGE_REMOTE: MdOptions = MdOptions(0x0004);
+    /// Accept the part that fits of an oversize message (else drop it).
+    pub const TRUNCATE: MdOptions = MdOptions(0x0010);
+    /// Never send an ACK for a PUT into this MD.
+    pub const ACK_DISABLE: MdOptions = MdOptions(0x0020);
+    /// Each operation may use at most `max_size` bytes; the MD is exhausted
+    /// once less than that remains.
+    pub const MAX_SIZE: MdOptions = MdOptions(0x0080);
+    /// (Extension.) Take the payload as a loaned [`Bytes`] in the event
+    /// rather than copying it into this MD's memory, when the LND can.
+    pub const LOAN: MdOptions = MdOptions(0x0001_0000);
+
+    /// True when every bit of `o` is set.
+    pub fn contains(self, o: MdOptions) -> bool {
+        self.0 & o.0 == o.0
+    }
+}
+
+impl BitOr for MdOptions {
+    type Output = MdOptions;
+    fn bitor(self, o: MdOptions) -> MdOptions {
+        MdOptions(self.0 | o.0)
+    }
+}
+impl BitOrAssign for MdOptions {
+    fn bitor_assign(&mut self, o: MdOptions) {
+        self.0 |= o.0;
+    }
+}
+
+/// How many operations an MD serves before it unlinks itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threshold {
+    /// This many more.
+    Finite(u32),
+    /// Without limit (`LNET_MD_THRESH_INF`).
+    Infinite,
+}
+
+impl Threshold {
+    pub(crate) fn is_zero(self) -> bool {
+        self == Threshold::Finite(0)
+    }
+    pub(crate) fn dec(&mut self) {
+        if let Threshold::Finite(n) = self {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// One piece of MD memory.
+#[derive(Debug)]
+pub enum Segment {
+    /// An owned vector.
+    Vec(Vec<u8>),
+    /// A mutable `bytes` buffer.
+    BytesMut(BytesMut),
+    /// Shared, read-only bytes (a source only; also what loans are made of).
+    Bytes(Bytes),
+}
+
+impl Segment {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Segment::Vec(v) => v,
+            Segment::BytesMut(b) => b,
+            Segment::Bytes(b) => b,
+        }
+    }
+    /// The bytes, mutably (`None` for read-only [`Segment::Bytes`]).
+    pub fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
+        match self {
+            Segment::Vec(v) => Some(v),
+            Segment::BytesMut(b) => Some(b),
+            Segment::Bytes(_) => None,
+        }
+    }
+}
+
+/// The memory an MD owns: one segment or a vector of up to
+/// [`LNET_MAX_IOV`] fragments. Given back in the MD's final event.
+///
+/// ```
+/// use lnet::MdBuffer;
+/// let b = MdBuffer::from_frags(vec![vec![0u8; 4096].into(), vec![1u8; 100].into()]).unwrap();
+/// assert_eq!(b.len(), 4196);
+/// let mut out = vec![0u8; 8];
+/// b.copy_out(4094, &mut out);
+/// assert_eq!(out, [0, 0, 1, 1, 1, 1, 1, 1]);
+/// ```
+#[derive(Debug, Default)]
+pub struct MdBuffer {
+    segs: Vec<Segment>,
+    len: usize,
+    /// For loan-only MDs: how much they accept (they own no memory).
+    loan_capacity: usize,
+}
+
+impl From<Vec<u8>> for Segment {
+    fn from(v: Vec<u8>) -> Self {
+        Segment::Vec(v)
+    }
+}
+impl From<Bytes> for Segment {
+    fn from(v: Bytes) -> Self {
+        Segment::Bytes(v)
+    }
+}
+impl From<BytesMut> for Segment {
+    fn from(v: BytesMut) -> Self {
+        Segment::BytesMut(v)
+    }
+}
+impl From<Vec<u8>> for MdBuffer {
+    fn from(v: Vec<u8>) -> Self {
+        MdBuffer::single(Segment::Vec(v))
+    }
+}
+impl From<Bytes> for MdBuffer {
+    fn from(v: Bytes) -> Self {
+        MdBuffer::single(Segment::Bytes(v))
+    }
+}
+impl From<BytesMut> for MdBuffer {
+    fn from(v: BytesMut) -> Self {
+        MdBuffer::single(Segment::BytesMut(v))
+    }
+}
+
+impl MdBuffer {
+    fn single(s: Segment) -> Self {
+        let len = s.len();
+        MdBuffer {
+            segs: vec![s],
+            len,
+            loan_capacity: 0,
+        }
+    }
+
+    /// A fragment vector (at most [`LNET_MAX_IOV`] fragments).
+    pub fn from_frags(frags: Vec<Segment>) -> Result<Self> {
+        if frags.len() > LNET_MAX_IOV {
+            return Err(Error::Invalid("more than LNET_MAX_IOV fragments"));
+        }
+        let len = frags.iter().map(Segment::len).sum();
+        Ok(MdBuffer {
+            segs: frags,
+            len,
+            loan_capacity: 0,
+        })
+    }
+
+    /// No memory: an MD that only takes loans of up to `capacity` bytes
+    /// (use with [`MdOptions::LOAN`]). Where the LND cannot lend, the core
+    /// allocates the buffer it receives into and hands that over instead.
+    pub fn loan_only(capacity: usize) -> Self {
+        MdBuffer {
+            segs: Vec::new(),
+            len: 0,
+            loan_capacity: capacity.min(LNET_MTU as usize),
+        }
+    }
+
+    /// Bytes of memory (or loan capacity).
+    pub fn len(&self) -> usize {
+        self.len.max(self.loan_capacity)
+    }
+    /// True when it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// True when this MD owns no memory and only takes loans.
+    pub fn is_loan_only(&self) -> bool {
+        self.segs.is_empty() && self.loan_capacity > 0
+    }
+    /// True when every segment can be written.
+    pub fn is_writable(&self) -> bool {
+        self.segs.iter().all(|s| !matches!(s, Segment::Bytes(_)))
+    }
+    /// The segments.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segs
+    }
+    /// Take the segments back.
+    pub fn into_segments(self) -> Vec<Segment> {
+        self.segs
+    }
+    /// The memory as one `Vec` (copies when it is not a single `Vec`).
+    pub fn into_vec(self) -> Vec<u8> {
+        if self.segs.len() == 1 && matches!(self.segs[0], Segment::Vec(_)) {
+            if let Some(Segment::Vec(v)) = self.segs.into_iter().next() {
+                return v;
+            }
+            unreachable!()
+        }
+        let mut out = Vec::with_capacity(self.len);
+        for s in &self.segs {
+            out.extend_from_slice(s.as_slice());
+        }
+        out
+    }
+
+    /// When `[off, off+len)` lies in one shared `Bytes` segment, a
+    /// zero-copy view of it.
+    pub fn bytes_view(&self, off: usize, len: usize) -> Option<Bytes> {
+        let mut base = 0;
+        for s in &self.segs {
+            let l = s.len();
+            if off >= base && off + len <= base + l {
+                return match s {
+                    Segment::Bytes(b) => Some(b.slice(off - base..off - base + len)),
+                    _ => None,
+                };
+            }
+            base += l;
+            if base > off {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// The slices covering `[off, off+len)` (clamped to the memory).
+    pub fn slices(&self, off: usize, len: usize) -> Vec<IoSlice<'_>> {
+        let mut out = Vec::new();
+        let (mut off, mut left) = (off, len);
+        for s in &self.segs {
+            if left == 0 {
+                break;
+            }
+            let b = s.as_slice();
+            if off >= b.len() {
+                off -= b.len();
+                continue;
+            }
+            let n = (b.len() - off).min(left);
+            out.push(IoSlice::new(&b[off..off + n]));
+            left -= n;
+            off = 0;
+        }
+        out
+    }
+
+    /// The writable slices covering `[off, off+len)` (clamped; read-only
+    /// segments are skipped, which the core prevents by refusing to attach
+    /// them as sinks).
+    pub fn slices_mut(&mut self, off: usize, len: usize) -> Vec<IoSliceMut<'_>> {
+        let mut out = Vec::new();
+        let (mut off, mut left) = (off, len);
+        for s in &mut self.segs {
+            if left == 0 {
+                break;
+            }
+            let l = s.len();
+            if off >= l {
+                off -= l;
+                continue;
+            }
+            let n = (l - off).min(left);
+            if let Some(b) = s.as_mut_slice() {
+                out.push(IoSliceMut::new(&mut b[off..off + n]));
+            }
+            left -= n;
+            off = 0;
+        }
+        out
+    }
+
+    /// Copy `[off, off+dst.len())` out into `dst`; returns bytes copied.
+    pub fn copy_out(&self, off: usize, dst: &mut [u8]) -> usize {
+        let mut done = 0;
+        for s in self.slices(off, dst.len()) {
+            dst[done..done + s.len()].copy_from_slice(&s);
+            done += s.len();
+        }
+        done
+    }
+
+    /// Copy `src` in at `off`; returns bytes copied.
+    pub fn copy_in(&mut self, off: usize, src: &[u8]) -> usize {
+        let mut done = 0;
+        for mut s in self.slices_mut(off, src.len()) {
+            let n = s.len();
+            s.copy_from_slice(&src[done..done + n]);
+            done += n;
+        }
+        done
+    }
+}
+
+/// The operation a message asks of an MD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// A PUT writes into it.
+    Put,
+    /// A GET reads from it.
+    Get,
+}
+
+/// The part of an MD's state the match rules look at.
+#[derive(Clone, Copy, Debug)]
+pub struct MdView {
+    /// Options.
+    pub options: MdOptions,
+    /// Total length.
+    pub length: u32,
+    /// Local offset (advances when the MD does not manage remote offsets).
+    pub offset: u32,
+    /// Operations left.
+    pub threshold: Threshold,
+    /// Per-operation maximum with [`MdOptions::MAX_SIZE`].
+    pub max_size: u32,
+}
+
+/// Outcome of offering a message to an MD (`LNET_MATCHMD_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MdMatch {
+    /// The MD does not take this message: try the next ME.
+    None,
+    /// The MD takes it, so matching stops, but it is too large: drop it.
+    Drop,
+    /// Accepted: `mlength` bytes at `offset`.
+    Ok {
+        /// Where in the MD.
+        offset: u32,
+        /// How many bytes.
+        mlength: u32,
+    },
+}
+
+impl MdView {
+    /// True when the MD can take no more operations
+    /// (`lnet_md_exhausted`).
+    pub fn exhausted(&self) -> bool {
+        self.threshold.is_zero()
+            || (self.options.contains(MdOptions::MAX_SIZE)
+                && u64::from(self.offset) + u64::from(self.max_size) > u64::from(self.length))
+    }
+
+    /// Offer a message of `rlength` bytes at remote offset `roffset`.
+    pub fn try_match(&self, op: Op, rlength: u32, roffset: u32) -> MdMatch {
+        let needed = match op {
+            Op::Put => MdOptions::OP_PUT,
+            Op::Get => MdOptions::OP_GET,
+        };
+        if !self.options.contains(needed) || self.exhausted() {
+            return MdMatch::None;
+        }
+        let offset = if self.options.contains(MdOptions::MANAGE_REMOTE) {
+            roffset
+        } else {
+            self.offset
+        };
+        let room = if self.options.contains(MdOptions::MAX_SIZE) {
+            self.max_size.min(self.length.saturating_sub(offset))
+        } else {
+            self.length.saturating_sub(offset)
+        };
+        if rlength <= room {
+            MdMatch::Ok {
+                offset,
+                mlength: rlength,
+            }
+        } else if self.options.contains(MdOptions::TRUNCATE) {
+            MdMatch::Ok {
+                offset,
+                mlength: room,
+            }
+        } else {
+            MdMatch::Drop
+        }
+    }
+
+    /// Commit an accepted match: consume one operation and advance the
+    /// local offset.
+    pub fn commit(&mut self, offset: u32, mlength: u32) {
+        self.threshold.dec();
+        if !self.options.contains(MdOptions::MANAGE_REMOTE) {
+            self.offset = offset + mlength;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(options: MdOptions, length: u32) -> MdView {
+        MdView {
+            options,
+            length,
+            offset: 0,
+            threshold: Threshold::Infinite,
+            max_size: 0,
+        }
+    }
+
+    #[test]
+    fn truncate_vs_drop() {
+        let m = md(MdOptions::OP_PUT, 100);
+        assert_eq!(m.try_match(Op::Put, 101, 0), MdMatch::Drop);
+        assert_eq!(
+            m.try_match(Op::Put, 100, 0),
+            MdMatch::Ok {
+                offset: 0,
+                mlength: 100
+            }
+        );
+        let t = md(MdOptions::OP_PUT | MdOptions::TRUNCATE, 100);
+        assert_eq!(
+            t.try_match(Op::Put, 101, 0),
+            MdMatch::Ok {
+                offset: 0,
+                mlength: 100
+            }
+        );
+        assert_eq!(m.try_match(Op::Get, 1, 0), MdMatch::None);
+    }
+
+    #[test]
+    fn local_offset_advances_and_max_size_exhausts() {
+        let mut m = md(MdOptions::OP_PUT | MdOptions::MAX_SIZE, 100);
+        m.max_size = 40;
+        let MdMatch::Ok { offset, mlength } = m.try_match(Op::Put, 30, 77) else {
+            panic!()
+        };
+        assert_eq!((offset, mlength), (0, 30));
+        m.commit(offset, mlength);
+        assert_eq!(m.offset, 30);
+        assert_eq!(m.try_match(Op::Put, 41, 0), MdMatch::Drop);
+        m.commit(30, 40);
+        // 70 + 40 > 100: exhausted.
+        assert!(m.exhausted());
+        assert_eq!(m.try_match(Op::Put, 1, 0), MdMatch::None);
+    }
+
+    #[test]
+    fn manage_remote_offsets() {
+        let m = md(MdOptions::OP_PUT | MdOptions::MANAGE_REMOTE, 100);
+        assert_eq!(
+            m.try_match(Op::Put, 10, 90),
+            MdMatch::Ok {
+                offset: 90,
+                mlength: 10
+            }
+        );
+        assert_eq!(m.try_match(Op::Put, 11, 90), MdMatch::Drop);
+        assert_eq!(
+            m.try_match(Op::Put, 0, 200),
+            MdMatch::Ok {
+                offset: 200,
+                mlength: 0
+            }
+        );
+        let t = md(
+            MdOptions::OP_PUT | MdOptions::MANAGE_REMOTE | MdOptions::TRUNCATE,
+            100,
+        );
+        assert_eq!(
+            t.try_match(Op::Put, 10, 200),
+            MdMatch::Ok {
+                offset: 200,
+                mlength: 0
+            }
+        );
+    }
+
+    #[test]
+    fn threshold() {
+        let mut m = md(MdOptions::OP_GET, 10);
+        m.threshold = Threshold::Finite(1);
+        assert!(matches!(m.try_match(Op::Get, 5, 0), MdMatch::Ok { .. }));
+        m.commit(0, 5);
+        assert!(m.exhausted());
+        assert_eq!(m.try_match(Op::Get, 5, 0), MdMatch::None);
+    }
+
+    #[test]
+    fn buffers() {
+        let mut b = MdBuffer::from_frags(vec![vec![0u8; 3].into(), vec![0u8; 5].into()]).unwrap();
+        assert_eq!(b.copy_in(2, b"abcd"), 4);
+        let mut out = [0u8; 8];
+        b.copy_out(0, &mut out);
+        assert_eq!(&out, b"\0\0abcd\0\0");
+        assert_eq!(b.slices(1, 100).len(), 2);
+        assert!(MdBuffer::from_frags((0..257).map(|_| vec![0u8].into()).collect()).is_err());
+        let s = MdBuffer::from(Bytes::from_static(b"hello world"));
+        assert_eq!(&s.bytes_view(6, 5).unwrap()[..], b"world");
+        assert!(!s.is_writable());
+        assert_eq!(b.into_vec(), b"\0\0abcd\0\0");
+    }
+}
