@@ -383,7 +383,12 @@ impl FromStr for Nid {
                     .strip_prefix('[')
                     .and_then(|a| a.strip_suffix(']'))
                     .unwrap_or(addr);
-                let ip: IpAddr = a.parse().map_err(|_| bad())?;
+                // A bare number is a 32-bit address, as inet_aton reads it
+                // (`5@o2ib3` is 0.0.0.5@o2ib3).
+                let ip: IpAddr = match a.parse() {
+                    Ok(ip) => ip,
+                    Err(_) => IpAddr::V4(Ipv4Addr::from(parse_num(a).ok_or_else(bad)?)),
+                };
                 Ok(Nid::from_ip(net, ip))
             }
             AddrForm::Num => {

@@ -1,0 +1,821 @@
+//! The portals layer end to end over `lo`, and the core's fault paths over
+//! a test LND that holds messages until told what to do with them.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use lnet::{
+    AckReq, DropReason, Error, Event, EventKind, EventQueue, InsPos, Lnd, LndInfo, LndLimits, Lnet,
+    Md, MdBuffer, MdOptions, NetType, NiContext, Nid, PeerEvent, ProcessId, Segment, Threshold,
+    TxMsg, Unlink,
+};
+
+const T: Duration = Duration::from_secs(10);
+
+fn node() -> Lnet {
+    lnd_loopback::builder()
+        .response_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap()
+}
+
+fn next(q: &EventQueue) -> Event {
+    q.recv_timeout(T).expect("event")
+}
+
+/// Events until (and including) the MD's final one; checks nothing follows.
+fn until_final(q: &EventQueue) -> Vec<Event> {
+    let mut v = Vec::new();
+    loop {
+        let e = next(q);
+        let done = e.unlinked;
+        v.push(e);
+        if done {
+            assert!(
+                q.recv_timeout(Duration::from_millis(50)).is_none(),
+                "event after the final one"
+            );
+            return v;
+        }
+    }
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn put(l: &Lnet, data: Vec<u8>, ack: bool, portal: u32, bits: u64, off: u32, q: &EventQueue) {
+    let th = if ack {
+        Threshold::Finite(2)
+    } else {
+        Threshold::Finite(1)
+    };
+    let md = l
+        .md_bind(Md::new(data).threshold(th).handler(q.handler()))
+        .unwrap();
+    let a = if ack { AckReq::Ack } else { AckReq::NoAck };
+    l.put(md, a, l.id(), portal, bits, off, 0).unwrap();
+}
+
+#[test]
+fn put_ack_get_reply_with_data_and_event_fields() {
+    let l = node();
+    let tq = EventQueue::new();
+    let iq = EventQueue::new();
+    let data = pattern(70_000, 3);
+    l.attach(
+        7,
+        ProcessId::ANY,
+        9,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md::new(vec![0u8; 70_000])
+            .options(MdOptions::OP_PUT)
+            .user_ptr(11)
+            .handler(tq.handler()),
+    )
+    .unwrap();
+    let md = l
+        .md_bind(
+            Md::new(data.clone())
+                .threshold(Threshold::Finite(2))
+                .user_ptr(22)
+                .handler(iq.handler()),
+        )
+        .unwrap();
+    l.put(md, AckReq::Ack, l.id(), 7, 9, 0, 0xabcd).unwrap();
+    let t = until_final(&tq);
+    assert_eq!(t.len(), 1);
+    let e = &t[0];
+    assert_eq!(
+        (e.kind, e.pt_index, e.match_bits, e.hdr_data, e.user_ptr),
+        (EventKind::Put, 7, 9, 0xabcd, 11)
+    );
+    assert_eq!((e.rlength, e.mlength, e.offset), (70_000, 70_000, 0));
+    assert_eq!(e.initiator, l.id());
+    assert_eq!(
+        t.into_iter().next().unwrap().buffer.unwrap().into_vec(),
+        data
+    );
+    let i = until_final(&iq);
+    let kinds: Vec<_> = i.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EventKind::Send, EventKind::Ack]);
+    assert_eq!(i[1].mlength, 70_000);
+    assert!(i.iter().all(|e| e.status.is_ok() && e.user_ptr == 22));
+
+    // GET with fragment vectors on both sides, at a remote offset.
+    let served = pattern(300_000, 9);
+    let frags: Vec<Segment> = served
+        .chunks(4096 * 7 + 1)
+        .map(|c| c.to_vec().into())
+        .collect();
+    l.attach(
+        8,
+        ProcessId::ANY,
+        1,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md {
+            buffer: MdBuffer::from_frags(frags).unwrap(),
+            ..Md::new(vec![])
+        }
+        .options(MdOptions::OP_GET | MdOptions::MANAGE_REMOTE)
+        .handler(tq.handler()),
+    )
+    .unwrap();
+    let sink: Vec<Segment> = (0..10).map(|_| vec![0u8; 10_000].into()).collect();
+    let gmd = l
+        .md_bind(
+            Md {
+                buffer: MdBuffer::from_frags(sink).unwrap(),
+                ..Md::new(vec![])
+            }
+            .threshold(Threshold::Finite(2))
+            .handler(iq.handler()),
+        )
+        .unwrap();
+    l.get(gmd, l.id(), 8, 1, 1000).unwrap();
+    let i = until_final(&iq);
+    assert_eq!(
+        i.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [EventKind::Send, EventKind::Reply]
+    );
+    assert_eq!(i[1].mlength, 100_000);
+    let got = i.into_iter().last().unwrap().buffer.unwrap().into_vec();
+    assert_eq!(got, &served[1000..101_000]);
+    let g = until_final(&tq);
+    assert_eq!(
+        (g[0].kind, g[0].offset, g[0].mlength),
+        (EventKind::Get, 1000, 100_000)
+    );
+}
+
+#[test]
+fn truncate_versus_drop() {
+    let l = node();
+    let q = EventQueue::new();
+    let iq = EventQueue::new();
+    l.attach(
+        3,
+        ProcessId::ANY,
+        1,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md::new(vec![0u8; 100])
+            .options(MdOptions::OP_PUT)
+            .handler(q.handler()),
+    )
+    .unwrap();
+    put(&l, pattern(200, 1), false, 3, 1, 0, &iq);
+    assert!(
+        until_final(&iq)[0].status.is_ok(),
+        "the sender's SEND succeeds"
+    );
+    assert!(
+        q.recv_timeout(Duration::from_millis(100)).is_none(),
+        "no PUT event: dropped"
+    );
+    assert_eq!(l.counters().drops_for(DropReason::TooLarge), 1);
+
+    l.attach(
+        4,
+        ProcessId::ANY,
+        1,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md::new(vec![0u8; 100])
+            .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
+            .handler(q.handler()),
+    )
+    .unwrap();
+    put(&l, pattern(200, 1), false, 4, 1, 0, &iq);
+    let e = until_final(&q).pop().unwrap();
+    assert_eq!((e.rlength, e.mlength), (200, 100));
+    assert_eq!(e.buffer.unwrap().into_vec(), &pattern(200, 1)[..100]);
+}
+
+#[test]
+fn max_size_and_local_offsets() {
+    let l = node();
+    let q = EventQueue::new();
+    let iq = EventQueue::new();
+    l.attach(
+        5,
+        ProcessId::ANY,
+        1,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md::new(vec![0u8; 100])
+            .options(MdOptions::OP_PUT)
+            .max_size(40)
+            .threshold(Threshold::Infinite)
+            .handler(q.handler()),
+    )
+    .unwrap();
+    for (i, n) in [30usize, 30].iter().enumerate() {
+        put(&l, vec![i as u8 + 1; *n], false, 5, 1, 0, &iq);
+        let e = next(&q);
+        assert_eq!(
+            (e.offset, e.mlength, e.unlinked),
+            (30 * i as u32, 30, false)
+        );
+    }
+    put(&l, vec![9; 41], false, 5, 1, 0, &iq); // over max_size: dropped
+    assert!(q.recv_timeout(Duration::from_millis(100)).is_none());
+    put(&l, vec![3; 40], false, 5, 1, 0, &iq); // 60 + 40 = 100: fits, then exhausted
+    let e = next(&q);
+    assert_eq!((e.offset, e.mlength, e.unlinked), (60, 40, true));
+    let v = e.buffer.unwrap().into_vec();
+    assert_eq!(&v[..30], &[1; 30]);
+    assert_eq!(&v[30..60], &[2; 30]);
+    assert_eq!(&v[60..], &[3; 40]);
+}
+
+#[test]
+fn manage_remote_offsets() {
+    let l = node();
+    let q = EventQueue::new();
+    let iq = EventQueue::new();
+    l.attach(
+        6,
+        ProcessId::ANY,
+        1,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md::new(vec![0u8; 100])
+            .options(MdOptions::OP_PUT | MdOptions::MANAGE_REMOTE)
+            .threshold(Threshold::Finite(2))
+            .handler(q.handler()),
+    )
+    .unwrap();
+    put(&l, vec![7; 10], false, 6, 1, 50, &iq);
+    assert_eq!(next(&q).offset, 50);
+    put(&l, vec![8; 10], false, 6, 1, 5, &iq);
+    let e = next(&q);
+    assert!(e.unlinked);
+    let v = e.buffer.unwrap().into_vec();
+    assert_eq!(&v[50..60], &[7; 10]);
+    assert_eq!(&v[5..15], &[8; 10]);
+}
+
+#[test]
+fn threshold_exhaustion_unlinks_and_use_once_me_goes_with_it() {
+    let l = node();
+    let q = EventQueue::new();
+    let iq = EventQueue::new();
+    let (me, _) = l
+        .attach(
+            9,
+            ProcessId::ANY,
+            1,
+            0,
+            Unlink::Unlink,
+            InsPos::Tail,
+            Md::new(vec![0u8; 10])
+                .options(MdOptions::OP_PUT | MdOptions::MANAGE_REMOTE)
+                .threshold(Threshold::Finite(2))
+                .handler(q.handler()),
+        )
+        .unwrap();
+    put(&l, vec![1; 5], false, 9, 1, 0, &iq);
+    assert!(!next(&q).unlinked);
+    put(&l, vec![2; 5], false, 9, 1, 5, &iq);
+    assert!(next(&q).unlinked);
+    put(&l, vec![3; 5], false, 9, 1, 0, &iq);
+    assert!(q.recv_timeout(Duration::from_millis(100)).is_none());
+    assert_eq!(l.counters().drops_for(DropReason::NoMatch), 1);
+    assert_eq!(
+        l.md_attach(me, Md::new(vec![0u8; 1])).err(),
+        Some(Error::NoEntry),
+        "use-once ME is gone"
+    );
+
+    // A retained ME stays and takes a new MD.
+    let (me, _) = l
+        .attach(
+            10,
+            ProcessId::ANY,
+            1,
+            0,
+            Unlink::Retain,
+            InsPos::Tail,
+            Md::new(vec![0u8; 4])
+                .options(MdOptions::OP_PUT)
+                .handler(q.handler()),
+        )
+        .unwrap();
+    put(&l, vec![1; 4], false, 10, 1, 0, &iq);
+    assert!(next(&q).unlinked);
+    l.md_attach(
+        me,
+        Md::new(vec![0u8; 4])
+            .options(MdOptions::OP_PUT)
+            .handler(q.handler()),
+    )
+    .unwrap();
+    put(&l, vec![5; 4], false, 10, 1, 0, &iq);
+    assert_eq!(next(&q).buffer.unwrap().into_vec(), [5; 4]);
+}
+
+#[test]
+fn ignore_bits_wildcards_match_ids_and_order() {
+    let l = node();
+    let q = EventQueue::new();
+    let iq = EventQueue::new();
+    let mk = |v: u64| {
+        Md::new(vec![0u8; 1])
+            .options(MdOptions::OP_PUT)
+            .user_ptr(v)
+            .handler(q.handler())
+    };
+    let other = ProcessId::new("1.2.3.4@tcp".parse().unwrap(), lnet::LNET_PID_ANY);
+    let other_pid = ProcessId::new(Nid::ANY, 999);
+    l.attach(11, other, 0x1200, 0xff, Unlink::Unlink, InsPos::Tail, mk(1))
+        .unwrap();
+    l.attach(
+        11,
+        other_pid,
+        0x1200,
+        0xff,
+        Unlink::Unlink,
+        InsPos::Tail,
+        mk(2),
+    )
+    .unwrap();
+    l.attach(
+        11,
+        ProcessId::ANY,
+        0x1200,
+        0xff,
+        Unlink::Unlink,
+        InsPos::Tail,
+        mk(3),
+    )
+    .unwrap();
+    l.attach(
+        11,
+        ProcessId::new(Nid::LO, l.pid()),
+        0x1234,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        mk(4),
+    )
+    .unwrap();
+    l.attach(
+        11,
+        ProcessId::ANY,
+        0x1234,
+        0,
+        Unlink::Unlink,
+        InsPos::Head,
+        mk(5),
+    )
+    .unwrap();
+    // Head insertion wins; then the wildcard (earlier in the list) beats
+    // the exact entry; entries for other initiators never match.
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        put(&l, vec![1], false, 11, 0x1234, 0, &iq);
+        order.push(next(&q).user_ptr);
+    }
+    assert_eq!(order, [5, 3, 4]);
+    put(&l, vec![1], false, 11, 0x1334, 0, &iq);
+    assert!(
+        q.recv_timeout(Duration::from_millis(100)).is_none(),
+        "0x13.. differs outside the ignore bits"
+    );
+}
+
+#[test]
+fn lazy_portal_holds_then_delivers_and_bounds() {
+    let l = lnd_loopback::builder().lazy_max(2).build().unwrap();
+    let q = EventQueue::new();
+    let iq = EventQueue::new();
+    l.set_lazy(12, true).unwrap();
+    put(&l, pattern(5000, 1), false, 12, 1, 0, &iq);
+    put(&l, pattern(6000, 2), false, 12, 2, 0, &iq);
+    put(&l, pattern(10, 3), false, 12, 3, 0, &iq); // over lazy_max: dropped
+    assert_eq!(l.counters().lazy_delayed, 2);
+    assert_eq!(l.counters().drops_for(DropReason::LazyOverflow), 1);
+    assert!(
+        iq.recv_timeout(Duration::from_millis(50))
+            .map(|e| e.status)
+            .unwrap()
+            .is_ok(),
+        "the dropped one's SEND"
+    );
+    l.attach(
+        12,
+        ProcessId::ANY,
+        2,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md::new(vec![0u8; 6000])
+            .options(MdOptions::OP_PUT)
+            .handler(q.handler()),
+    )
+    .unwrap();
+    assert_eq!(next(&q).buffer.unwrap().into_vec(), pattern(6000, 2));
+    l.attach(
+        12,
+        ProcessId::ANY,
+        1,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md::new(vec![0u8; 5000])
+            .options(MdOptions::OP_PUT)
+            .handler(q.handler()),
+    )
+    .unwrap();
+    assert_eq!(next(&q).buffer.unwrap().into_vec(), pattern(5000, 1));
+    // Every SEND completed exactly once.
+    for _ in 0..2 {
+        let e = next(&iq);
+        assert!(e.unlinked && e.status.is_ok());
+    }
+    // Turning laziness off drops what waits.
+    put(&l, vec![1], false, 12, 7, 0, &iq);
+    l.set_lazy(12, false).unwrap();
+    assert!(next(&iq).unlinked);
+    assert_eq!(l.counters().drops_for(DropReason::LazyFlushed), 1);
+}
+
+#[test]
+fn ack_disabled_means_timeout_for_the_initiator() {
+    let l = node();
+    let q = EventQueue::new();
+    let iq = EventQueue::new();
+    l.attach(
+        13,
+        ProcessId::ANY,
+        1,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md::new(vec![0u8; 8])
+            .options(MdOptions::OP_PUT | MdOptions::ACK_DISABLE)
+            .handler(q.handler()),
+    )
+    .unwrap();
+    put(&l, vec![1; 8], true, 13, 1, 0, &iq);
+    assert_eq!(next(&q).kind, EventKind::Put);
+    let ev = until_final(&iq);
+    assert_eq!(
+        ev.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [EventKind::Send, EventKind::Unlink]
+    );
+    assert_eq!(ev[1].status, Err(Error::Timeout));
+    assert_eq!(
+        ev[1].buffer.as_ref().unwrap().len(),
+        8,
+        "buffer handed back"
+    );
+    assert_eq!(l.counters().response_timeouts, 1);
+}
+
+#[test]
+fn early_unlink_and_response_timeout() {
+    let l = node();
+    let iq = EventQueue::new();
+    // A GET that nothing answers, unlinked early: aborted.
+    let md = l
+        .md_bind(
+            Md::new(vec![0u8; 8])
+                .threshold(Threshold::Finite(2))
+                .handler(iq.handler()),
+        )
+        .unwrap();
+    l.get(md, l.id(), 14, 1, 0).unwrap();
+    assert_eq!(next(&iq).kind, EventKind::Send);
+    l.md_unlink(md).unwrap();
+    let e = until_final(&iq);
+    assert_eq!(
+        (e[0].kind, e[0].status.clone()),
+        (EventKind::Unlink, Err(Error::Aborted))
+    );
+    assert_eq!(l.md_unlink(md), Err(Error::NoEntry));
+    // Left alone, it times out.
+    let md = l
+        .md_bind(
+            Md::new(vec![0u8; 8])
+                .threshold(Threshold::Finite(2))
+                .handler(iq.handler()),
+        )
+        .unwrap();
+    l.get(md, l.id(), 14, 1, 0).unwrap();
+    let e = until_final(&iq);
+    assert_eq!(e.last().unwrap().status, Err(Error::Timeout));
+    // An idle attached MD unlinked: one UNLINK with its buffer.
+    let q = EventQueue::new();
+    let (me, _) = l
+        .attach(
+            14,
+            ProcessId::ANY,
+            1,
+            0,
+            Unlink::Unlink,
+            InsPos::Tail,
+            Md::new(vec![5u8; 3])
+                .options(MdOptions::OP_PUT)
+                .handler(q.handler()),
+        )
+        .unwrap();
+    l.me_unlink(me).unwrap();
+    let e = until_final(&q);
+    assert_eq!(e[0].kind, EventKind::Unlink);
+    assert_eq!(
+        e[0].buffer.as_ref().unwrap().segments()[0].as_slice(),
+        &[5, 5, 5]
+    );
+}
+
+#[test]
+fn loans_are_zero_copy_and_no_route_fails_the_send() {
+    let l = node();
+    let q = EventQueue::new();
+    let iq = EventQueue::new();
+    l.attach(
+        15,
+        ProcessId::ANY,
+        1,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md::new(MdBuffer::loan_only(1 << 20))
+            .options(MdOptions::OP_PUT | MdOptions::LOAN)
+            .handler(q.handler()),
+    )
+    .unwrap();
+    let src = Bytes::from(pattern(1 << 20, 5));
+    let md = l
+        .md_bind(Md::new(src.clone()).handler(iq.handler()))
+        .unwrap();
+    l.put(md, AckReq::NoAck, l.id(), 15, 1, 0, 0).unwrap();
+    let e = next(&q);
+    let loan = e.loan.unwrap();
+    assert_eq!(
+        loan.as_ptr(),
+        src.as_ptr(),
+        "the payload was lent, not copied"
+    );
+    assert_eq!(loan, src);
+
+    let md = l
+        .md_bind(Md::new(vec![1u8; 4]).handler(iq.handler()))
+        .unwrap();
+    until_final(&iq);
+    l.put(
+        md,
+        AckReq::NoAck,
+        ProcessId::new("10.9.9.9@o2ib7".parse().unwrap(), 12345),
+        1,
+        1,
+        0,
+        0,
+    )
+    .unwrap();
+    let e = until_final(&iq);
+    assert!(matches!(e[0].status, Err(Error::NoRoute(_))));
+}
+
+#[test]
+fn event_queue_is_a_stream() {
+    use futures_core::Stream;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+    let l = node();
+    let mut q = EventQueue::new();
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(matches!(Pin::new(&mut q).poll_next(&mut cx), Poll::Pending));
+    l.attach(
+        16,
+        ProcessId::ANY,
+        1,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md::new(vec![0u8; 1])
+            .options(MdOptions::OP_PUT)
+            .handler(q.handler()),
+    )
+    .unwrap();
+    put(&l, vec![1], false, 16, 1, 0, &EventQueue::new());
+    assert!(
+        matches!(Pin::new(&mut q).poll_next(&mut cx), Poll::Ready(Some(e)) if e.kind == EventKind::Put)
+    );
+}
+
+// ------------------------------------------------------------ a test LND
+
+/// A `tcp` LND that holds every message until the test completes it.
+struct Hold {
+    nid: Nid,
+    credits: i32,
+    peer_credits: i32,
+    ni: OnceLock<NiContext>,
+    held: Mutex<Vec<TxMsg>>,
+}
+
+impl Hold {
+    fn new(credits: i32, peer_credits: i32) -> Arc<Self> {
+        Arc::new(Hold {
+            nid: "10.0.0.1@tcp".parse().unwrap(),
+            credits,
+            peer_credits,
+            ni: OnceLock::new(),
+            held: Mutex::new(Vec::new()),
+        })
+    }
+    fn take(&self) -> Vec<TxMsg> {
+        std::mem::take(&mut *self.held.lock().unwrap())
+    }
+    fn count(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+}
+
+impl Lnd for Hold {
+    fn net_type(&self) -> NetType {
+        NetType::SOCKLND
+    }
+    fn startup(&self, ni: NiContext) -> Result<LndInfo, Error> {
+        let _ = self.ni.set(ni);
+        Ok(LndInfo {
+            nid: self.nid,
+            limits: LndLimits {
+                credits: self.credits,
+                peer_credits: self.peer_credits,
+                ..LndLimits::default()
+            },
+        })
+    }
+    fn send(&self, tx: TxMsg) {
+        self.held.lock().unwrap().push(tx);
+    }
+    fn shutdown(&self) {
+        // Dropping uncompleted messages completes them with errors.
+        self.take();
+    }
+}
+
+fn held_node(credits: i32, peer_credits: i32) -> (Lnet, Arc<Hold>) {
+    let h = Hold::new(credits, peer_credits);
+    let l = lnd_loopback::builder()
+        .ni(h.clone())
+        .response_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    (l, h)
+}
+
+fn peer(n: u8) -> ProcessId {
+    ProcessId::new(format!("10.0.0.{n}@tcp").parse().unwrap(), 12345)
+}
+
+#[test]
+fn credits_queue_and_record_their_minimum() {
+    let (l, h) = held_node(2, 1);
+    let q = EventQueue::new();
+    for i in 0..4u8 {
+        let md = l
+            .md_bind(Md::new(vec![i; 10]).handler(q.handler()))
+            .unwrap();
+        l.put(md, AckReq::NoAck, peer(2 + i % 2), 1, 1, 0, 0)
+            .unwrap();
+    }
+    // One credit per peer: two messages out, one queued behind each peer.
+    assert_eq!(h.count(), 2);
+    let pc = l.peer_credits(peer(2).nid).unwrap();
+    assert_eq!((pc.available, pc.min, pc.queued), (-1, -1, 1));
+    let nc = l.ni_credits("10.0.0.1@tcp".parse().unwrap()).unwrap();
+    assert_eq!((nc.available, nc.min), (0, 0));
+    for round in 0..2 {
+        let out = h.take();
+        assert_eq!(out.len(), 2, "round {round}");
+        for t in out {
+            t.complete(Ok(()));
+        }
+    }
+    for _ in 0..4 {
+        assert!(next(&q).status.is_ok());
+    }
+    let pc = l.peer_credits(peer(2).nid).unwrap();
+    assert_eq!((pc.available, pc.min, pc.queued), (1, -1, 0));
+    assert_eq!(l.peer_counters(peer(2).nid).unwrap().send_count[1], 2);
+}
+
+#[test]
+fn many_operations_in_flight_all_end_once() {
+    let (l, h) = held_node(64, 8);
+    let q = EventQueue::new();
+    let n = 2000;
+    for i in 0..n {
+        let md = l
+            .md_bind(Md::new(vec![0u8; 16]).user_ptr(i).handler(q.handler()))
+            .unwrap();
+        l.put(md, AckReq::NoAck, peer(2 + (i % 16) as u8), 1, 1, 0, 0)
+            .unwrap();
+    }
+    let mut done = vec![0u32; n as usize];
+    let mut rounds = 0;
+    while h.count() > 0 {
+        rounds += 1;
+        assert!(rounds < 10_000);
+        for (k, t) in h.take().into_iter().enumerate() {
+            t.complete(if k % 5 == 0 {
+                Err(Error::Network("injected".into()))
+            } else {
+                Ok(())
+            });
+        }
+    }
+    while let Some(e) = q.recv_timeout(Duration::from_millis(200)) {
+        assert!(e.unlinked);
+        done[e.user_ptr as usize] += 1;
+    }
+    assert!(
+        done.iter().all(|&c| c == 1),
+        "each operation ended exactly once"
+    );
+}
+
+#[test]
+fn restarted_peer_fails_waiting_operations() {
+    let (l, h) = held_node(8, 8);
+    let q = EventQueue::new();
+    let md = l
+        .md_bind(
+            Md::new(vec![0u8; 8])
+                .threshold(Threshold::Finite(2))
+                .handler(q.handler()),
+        )
+        .unwrap();
+    l.get(md, peer(5), 1, 1, 0).unwrap();
+    h.take().into_iter().for_each(|t| t.complete(Ok(())));
+    assert_eq!(next(&q).kind, EventKind::Send);
+    h.ni.get()
+        .unwrap()
+        .peer_event(peer(5).nid, PeerEvent::Restarted);
+    let e = until_final(&q);
+    assert!(matches!(e[0].status, Err(Error::PeerDown(_))));
+}
+
+#[test]
+fn shutdown_ends_every_pending_operation_once() {
+    let (l, h) = held_node(1, 1);
+    let q = EventQueue::new();
+    let n = 6;
+    for i in 0..n {
+        // In the LND, queued on credits, and waiting for an ACK.
+        let md = l
+            .md_bind(
+                Md::new(vec![0u8; 8])
+                    .threshold(Threshold::Finite(2))
+                    .user_ptr(i)
+                    .handler(q.handler()),
+            )
+            .unwrap();
+        l.put(md, AckReq::Ack, peer(2), 1, 1, 0, 0).unwrap();
+    }
+    h.take().into_iter().for_each(|t| t.complete(Ok(()))); // first one now waits for its ACK
+    assert_eq!(h.count(), 1);
+    l.attach(
+        20,
+        ProcessId::ANY,
+        1,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md::new(vec![0u8; 8])
+            .options(MdOptions::OP_PUT)
+            .user_ptr(100)
+            .handler(q.handler()),
+    )
+    .unwrap();
+    l.shutdown();
+    let mut finals = std::collections::HashMap::new();
+    while let Some(e) = q.recv_timeout(Duration::from_millis(200)) {
+        if e.unlinked {
+            *finals.entry(e.user_ptr).or_insert(0) += 1;
+            assert!(e.buffer.is_some());
+            if e.user_ptr != 100 {
+                assert!(e.status.is_err(), "{e:?}");
+            }
+        }
+    }
+    assert_eq!(finals.len(), n as usize + 1, "{finals:?}");
+    assert!(finals.values().all(|&c| c == 1));
+    assert!(l.md_bind(Md::new(vec![])).is_err());
+}
