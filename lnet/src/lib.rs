@@ -18,6 +18,8 @@
 pub mod counters;
 pub mod credits;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lnd;
 pub mod nid;
 pub mod nidrange;

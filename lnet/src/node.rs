@@ -239,6 +239,9 @@ struct NiTx {
     queue: VecDeque<TxMsg>,
 }
 
+/// Peer NIs of one shard, by (NI index, peer NID).
+type PeerTable = HashMap<(usize, Nid), PeerNi>;
+
 struct PeerNi {
     credits: Credits,
     queue: VecDeque<TxMsg>,
@@ -383,7 +386,7 @@ pub(crate) struct Inner {
     nis: Vec<NiState>,
     containers: Box<[Mutex<Container>]>,
     next_seq: AtomicU64,
-    peers: Box<[Mutex<HashMap<(usize, Nid), PeerNi>>]>,
+    peers: Box<[Mutex<PeerTable>]>,
     counters: NodeCounters,
     shutting_down: AtomicBool,
     monitor: Monitor,
@@ -437,7 +440,7 @@ impl Inner {
         })
     }
 
-    fn peer_shard(&self, ni: usize, nid: &Nid) -> &Mutex<HashMap<(usize, Nid), PeerNi>> {
+    fn peer_shard(&self, ni: usize, nid: &Nid) -> &Mutex<PeerTable> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (ni, nid).hash(&mut h);
         &self.peers[(h.finish() as usize) % PEER_SHARDS]

@@ -68,7 +68,9 @@ struct Entry<T> {
 pub struct MatchTable<T> {
     entries: HashMap<u64, Entry<T>>,
     exact: HashMap<u64, Vec<(i64, u64)>>,
-    wild: BTreeMap<i64, u64>,
+    /// Wildcard MEs by position, with their criteria inline so a walk
+    /// touches only this map until something matches.
+    wild: BTreeMap<i64, (u64, MatchCriteria)>,
     head: i64,
     tail: i64,
 }
@@ -118,7 +120,7 @@ impl<T> MatchTable<T> {
             let at = b.partition_point(|(q, _)| *q < p);
             b.insert(at, (p, key));
         } else {
-            self.wild.insert(p, key);
+            self.wild.insert(p, (key, crit));
         }
         let old = self.entries.insert(
             key,
@@ -183,9 +185,13 @@ impl<T> MatchTable<T> {
             let key = if take_bucket {
                 bi.next().map(|(_, k)| *k)
             } else {
-                wi.next().map(|(_, k)| *k)
+                match wi.next() {
+                    Some((_, (k, c))) if c.accepts(src, bits) => Some(*k),
+                    Some(_) => continue,
+                    None => None,
+                }
             };
-            let Some(key) = key else { return None };
+            let key = key?;
             let Some(e) = self.entries.get_mut(&key) else {
                 continue;
             };
