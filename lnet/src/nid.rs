@@ -90,6 +90,11 @@ impl NetType {
         self.entry().map(|e| e.1)
     }
 
+    /// True when addresses of this type are IP addresses (`tcp`, `o2ib`...).
+    pub fn is_ip_addressed(self) -> bool {
+        self.addr_form() == AddrForm::Ip
+    }
+
     fn addr_form(self) -> AddrForm {
         self.entry().map_or(AddrForm::Num, |e| e.2)
     }
@@ -205,6 +210,9 @@ impl Nid {
 
     /// A NID with a 32-bit address (an IPv4 address or a number).
     pub const fn new4(net: Net, addr: u32) -> Nid {
+        if net.ty.0 == NetType::ANY.0 {
+            return Nid::ANY;
+        }
         let b = addr.to_be_bytes();
         Nid {
             ty: net.ty,
@@ -269,7 +277,17 @@ impl Nid {
         Some((u64::from(self.net().to_u32()) << 32) | u64::from(a))
     }
 
-    /// From the 8-byte `lnet_nid_t`.
+    /// From an 8-byte `lnet_nid_t` read off the wire: its top byte must be
+    /// zero (LNet reserves it), and type 0xff means "any".
+    pub fn try_from_nid4(v: u64) -> Result<Nid, crate::WireError> {
+        match (v >> 56) as u8 {
+            0 => Ok(Nid::from_nid4(v)),
+            _ if v == u64::MAX => Ok(Nid::ANY),
+            top => Err(crate::WireError::BadNid(top)),
+        }
+    }
+
+    /// From the 8-byte `lnet_nid_t` (the top byte is ignored).
     pub fn from_nid4(v: u64) -> Nid {
         if v == u64::MAX {
             return Nid::ANY;
@@ -279,8 +297,11 @@ impl Nid {
 
     /// Encode as the 20-byte `struct lnet_nid`.
     pub fn to_wire16(&self) -> [u8; NID16_WIRE_SIZE] {
+        if self.is_any() {
+            return [0xff; NID16_WIRE_SIZE];
+        }
         let mut b = [0u8; NID16_WIRE_SIZE];
-        b[0] = if self.is_any() { 0xff } else { self.len - 4 };
+        b[0] = self.len - 4;
         b[1] = self.ty.0;
         b[2..4].copy_from_slice(&self.num.to_be_bytes());
         b[4..20].copy_from_slice(&self.addr);
@@ -365,14 +386,7 @@ impl FromStr for Nid {
 
     /// Parse `ADDR@NET`; without `@NET` the network is `tcp`, as in LNet.
     fn from_str(s: &str) -> Result<Nid, NidParseError> {
-        let s = s.trim();
-        if s.is_empty() {
-            return Err(NidParseError::Empty);
-        }
-        let (addr, net) = match s.rfind('@') {
-            Some(i) => (&s[..i], s[i + 1..].parse::<Net>()?),
-            None => (s, Net::new(NetType::SOCKLND, 0)),
-        };
+        let (addr, net) = split_addr_net(s)?;
         let bad = || NidParseError::BadAddress {
             addr: addr.to_owned(),
             net: net.ty.name().unwrap_or("?"),
@@ -400,6 +414,19 @@ impl FromStr for Nid {
             }
         }
     }
+}
+
+/// Split `ADDR@NET` (trimmed); without `@NET` the network is `tcp`, as in
+/// LNet.
+pub(crate) fn split_addr_net(s: &str) -> Result<(&str, Net), NidParseError> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(NidParseError::Empty);
+    }
+    Ok(match s.rfind('@') {
+        Some(i) => (&s[..i], s[i + 1..].parse::<Net>()?),
+        None => (s, Net::new(NetType::SOCKLND, 0)),
+    })
 }
 
 /// The process-id part of an LNet address (`lnet_pid_t`).

@@ -17,7 +17,7 @@
 use std::str::FromStr;
 
 use crate::error::NidParseError;
-use crate::nid::{Net, NetType, Nid, parse_num};
+use crate::nid::{Net, NetType, Nid, parse_num, split_addr_net};
 
 /// One `LO-HI/STRIDE` item.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,18 +157,8 @@ impl NidRange {
 impl FromStr for NidRange {
     type Err = NidParseError;
     fn from_str(s: &str) -> Result<NidRange, NidParseError> {
-        let s = s.trim();
-        if s.is_empty() {
-            return Err(NidParseError::Empty);
-        }
-        let (addr, net) = match s.rfind('@') {
-            Some(i) => (&s[..i], s[i + 1..].parse::<Net>()?),
-            None => (s, Net::new(NetType::SOCKLND, 0)),
-        };
-        let is_ip = matches!(
-            net.net_type(),
-            NetType::SOCKLND | NetType::O2IBLND | NetType::GNIIPLND | NetType::EFALND
-        );
+        let (addr, net) = split_addr_net(s)?;
+        let is_ip = net.net_type().is_ip_addressed();
         let addr = if is_ip {
             let parts: Vec<&str> = addr.split('.').collect();
             if parts.len() != 4 {

@@ -685,8 +685,8 @@ impl Inner {
         }
     }
 
-    /// Find an MD for a PUT/GET in portal container `c`, walking every ME
-    /// (or only `only_me`).
+    /// Find an MD for a PUT/GET in portal container `c`, walking its MEs in
+    /// order.
     fn match_in(
         c: &mut Container,
         op: Op,
@@ -1278,7 +1278,7 @@ impl Lnet {
             .collect()
     }
 
-    /// Our first NID on `net`'s type-and-number, or the first non-`lo` one.
+    /// Our primary NID: the first NI's after `lo`, or `0@lo` when there is none.
     pub fn primary_nid(&self) -> Nid {
         self.nids().get(1).copied().unwrap_or(Nid::LO)
     }

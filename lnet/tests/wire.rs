@@ -375,3 +375,25 @@ proptest! {
         let _ = s.parse::<lnet::NidRange>();
     }
 }
+
+#[test]
+fn nid4_with_reserved_top_byte_or_any_type() {
+    let mut b = sample().encode_nid4(ByteOrder::Little).unwrap();
+    b[7] = 1; // top byte of dest_nid
+    assert_eq!(
+        Header::decode_nid4(&b, ByteOrder::Little),
+        Err(WireError::BadNid(1))
+    );
+    let mut b = sample().encode_nid4(ByteOrder::Little).unwrap();
+    b[14] = 0xff; // type byte of src_nid: "any"
+    let h = Header::decode_nid4(&b, ByteOrder::Little).unwrap();
+    assert_eq!(h.src_nid, Nid::ANY);
+    assert_eq!(
+        Header::decode_nid4(
+            &h.encode_nid4(ByteOrder::Little).unwrap(),
+            ByteOrder::Little
+        )
+        .unwrap(),
+        h
+    );
+}

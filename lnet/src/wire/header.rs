@@ -40,8 +40,7 @@ pub const HDR_NID16_SIZE: usize = 96;
 /// Size of the type-specific union.
 const UNION_SIZE: usize = 40;
 
-/// Hello connection type "any" (socklnd `SOCKLND_CONN_NONE`... carried in
-/// the hello union's `type`).
+/// Connection type "any" in a HELLO header's union (`type` field).
 pub const HELLO_TYPE_ANY: u32 = 0;
 
 /// A wire handle (`struct lnet_handle_wire`): names an MD on the node that
@@ -369,8 +368,8 @@ impl Header {
             });
         }
         let mut r = Reader::new(&buf[..HDR_NID4_SIZE], order);
-        let d = Nid::from_nid4(r.u64()?);
-        let s = Nid::from_nid4(r.u64()?);
+        let d = Nid::try_from_nid4(r.u64()?)?;
+        let s = Nid::try_from_nid4(r.u64()?)?;
         Self::read_tail(&mut r, d, s)
     }
 

@@ -183,7 +183,7 @@ impl PingInfo {
         let mut nis = Vec::with_capacity(nnis);
         for _ in 0..nnis {
             nis.push(NiStatus {
-                nid: Nid::from_nid4(r.u64()?),
+                nid: Nid::try_from_nid4(r.u64()?)?,
                 status: r.u32()?,
                 msg_size: r.u32()?,
             });
