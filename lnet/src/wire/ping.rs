@@ -90,23 +90,32 @@ fn large_entry_size(nid: &Nid) -> usize {
 }
 
 impl PingInfo {
-    /// Bytes [`PingInfo::encode`] produces.
-    pub fn encoded_len(&self) -> usize {
-        HDR_SIZE
-            + NI4_SIZE * self.nis.len()
-            + self
-                .large_nis
-                .iter()
-                .map(|n| large_entry_size(&n.nid))
-                .sum::<usize>()
+    /// The large entries that go on the wire (not the wildcard).
+    fn wire_large(&self) -> impl Iterator<Item = &NiStatus> {
+        self.large_nis.iter().filter(|n| !n.nid.is_any())
     }
 
-    /// Encode in `order`. With large NIDs, sets [`PING_FEAT_LARGE_ADDR`] and
-    /// entry 0's size field (adding a `0@lo` entry first if `nis` is empty).
+    /// Bytes [`PingInfo::encode`] produces.
+    pub fn encoded_len(&self) -> usize {
+        let large: usize = self.wire_large().map(|n| large_entry_size(&n.nid)).sum();
+        let nis = if large > 0 {
+            self.nis.len().max(1)
+        } else {
+            self.nis.len()
+        };
+        HDR_SIZE + NI4_SIZE * nis + large
+    }
+
+    /// Encode in `order` (large entries naming the wildcard NID are left
+    /// out: they name no interface). With large NIDs, sets
+    /// [`PING_FEAT_LARGE_ADDR`] and entry 0's size field (adding a `0@lo`
+    /// entry first if `nis` is empty).
     pub fn encode(&self, order: ByteOrder) -> Vec<u8> {
         let mut nis = self.nis.clone();
-        let mut features = self.features;
-        if !self.large_nis.is_empty() {
+        let has_large = self.wire_large().next().is_some();
+        let mut features = self.features & !PING_FEAT_LARGE_ADDR;
+        let total = self.encoded_len();
+        if has_large {
             features |= PING_FEAT_LARGE_ADDR;
             if nis.is_empty() {
                 nis.push(NiStatus {
@@ -115,17 +124,6 @@ impl PingInfo {
                     msg_size: 0,
                 });
             }
-        } else {
-            features &= !PING_FEAT_LARGE_ADDR;
-        }
-        let total = HDR_SIZE
-            + NI4_SIZE * nis.len()
-            + self
-                .large_nis
-                .iter()
-                .map(|n| large_entry_size(&n.nid))
-                .sum::<usize>();
-        if !self.large_nis.is_empty() {
             nis[0].msg_size = total as u32;
         }
         let mut b = vec![0u8; total];
@@ -139,7 +137,7 @@ impl PingInfo {
             w.u32(ni.status);
             w.u32(ni.msg_size);
         }
-        for ni in &self.large_nis {
+        for ni in self.wire_large() {
             w.u32(ni.status);
             let n = ni.nid.to_wire16();
             let len = 8 + ni.nid.addr_bytes().len() - 4;
@@ -210,6 +208,10 @@ impl PingInfo {
             while lr.remaining() > 0 {
                 let status = lr.u32()?;
                 let head: [u8; 4] = lr.array()?;
+                if head[1] == crate::NetType::ANY.0 {
+                    // The wildcard names no interface.
+                    return Err(WireError::BadNid(head[1]));
+                }
                 let addr_len = match head[0] {
                     0 => 4,
                     12 => 16,
