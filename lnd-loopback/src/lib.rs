@@ -41,7 +41,7 @@ impl LoLnd {
     }
 }
 
-fn deliver(tx: TxMsg, d: Delivery) {
+fn deliver(ni: &NiContext, tx: TxMsg, d: Delivery) {
     match d {
         Delivery::Receive(mut sink) => {
             lnet::copy_payload(&tx, &mut sink);
@@ -51,11 +51,16 @@ fn deliver(tx: TxMsg, d: Delivery) {
         // A dropped message left us fine: as on a wire, the sender does not
         // learn the receiver dropped it.
         Delivery::Discard(_) | Delivery::Done => tx.complete(Ok(())),
-        Delivery::Deferred(d) => d.on_ready(move |d| deliver(tx, d)),
+        Delivery::Deferred(d) => {
+            let ni = ni.clone();
+            d.on_ready(move |d| deliver(&ni, tx, d));
+        }
+        // Only for LNDs with `reply_inline` (lo is not one): the REPLY is
+        // ours to transmit, so deliver it like any message.
         Delivery::Reply(reply) => {
-            // `lo` never asks for inline replies; send it the normal way.
             tx.complete(Ok(()));
-            drop(reply);
+            let d = ni.parse(reply.header(), reply.header().src_nid);
+            deliver(ni, reply, d);
         }
     }
 }
@@ -87,7 +92,7 @@ impl Lnd for LoLnd {
             return;
         };
         let d = ni.parse(tx.header(), tx.header().src_nid);
-        deliver(tx, d);
+        deliver(ni, tx, d);
     }
 
     fn shutdown(&self) {}

@@ -47,6 +47,21 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Attach a use-once ME on `portal` for `bits` (any initiator, tail) with `md`.
+fn target(l: &Lnet, portal: u32, bits: u64, md: Md) -> lnet::MeHandle {
+    l.attach(
+        portal,
+        ProcessId::ANY,
+        bits,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        md,
+    )
+    .unwrap()
+    .0
+}
+
 fn put(l: &Lnet, data: Vec<u8>, ack: bool, portal: u32, bits: u64, off: u32, q: &EventQueue) {
     let th = if ack {
         Threshold::Finite(2)
@@ -66,19 +81,15 @@ fn put_ack_get_reply_with_data_and_event_fields() {
     let tq = EventQueue::new();
     let iq = EventQueue::new();
     let data = pattern(70_000, 3);
-    l.attach(
+    target(
+        &l,
         7,
-        ProcessId::ANY,
         9,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
         Md::new(vec![0u8; 70_000])
             .options(MdOptions::OP_PUT)
             .user_ptr(11)
             .handler(tq.handler()),
-    )
-    .unwrap();
+    );
     let md = l
         .md_bind(
             Md::new(data.clone())
@@ -160,18 +171,14 @@ fn truncate_versus_drop() {
     let l = node();
     let q = EventQueue::new();
     let iq = EventQueue::new();
-    l.attach(
+    target(
+        &l,
         3,
-        ProcessId::ANY,
         1,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
         Md::new(vec![0u8; 100])
             .options(MdOptions::OP_PUT)
             .handler(q.handler()),
-    )
-    .unwrap();
+    );
     put(&l, pattern(200, 1), false, 3, 1, 0, &iq);
     assert!(
         until_final(&iq)[0].status.is_ok(),
@@ -183,18 +190,14 @@ fn truncate_versus_drop() {
     );
     assert_eq!(l.counters().drops_for(DropReason::TooLarge), 1);
 
-    l.attach(
+    target(
+        &l,
         4,
-        ProcessId::ANY,
         1,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
         Md::new(vec![0u8; 100])
             .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
             .handler(q.handler()),
-    )
-    .unwrap();
+    );
     put(&l, pattern(200, 1), false, 4, 1, 0, &iq);
     let e = until_final(&q).pop().unwrap();
     assert_eq!((e.rlength, e.mlength), (200, 100));
@@ -206,20 +209,16 @@ fn max_size_and_local_offsets() {
     let l = node();
     let q = EventQueue::new();
     let iq = EventQueue::new();
-    l.attach(
+    target(
+        &l,
         5,
-        ProcessId::ANY,
         1,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
         Md::new(vec![0u8; 100])
             .options(MdOptions::OP_PUT)
             .max_size(40)
             .threshold(Threshold::Infinite)
             .handler(q.handler()),
-    )
-    .unwrap();
+    );
     for (i, n) in [30usize, 30].iter().enumerate() {
         put(&l, vec![i as u8 + 1; *n], false, 5, 1, 0, &iq);
         let e = next(&q);
@@ -244,19 +243,15 @@ fn manage_remote_offsets() {
     let l = node();
     let q = EventQueue::new();
     let iq = EventQueue::new();
-    l.attach(
+    target(
+        &l,
         6,
-        ProcessId::ANY,
         1,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
         Md::new(vec![0u8; 100])
             .options(MdOptions::OP_PUT | MdOptions::MANAGE_REMOTE)
             .threshold(Threshold::Finite(2))
             .handler(q.handler()),
-    )
-    .unwrap();
+    );
     put(&l, vec![7; 10], false, 6, 1, 50, &iq);
     assert_eq!(next(&q).offset, 50);
     put(&l, vec![8; 10], false, 6, 1, 5, &iq);
@@ -414,31 +409,23 @@ fn lazy_portal_holds_then_delivers_and_bounds() {
             .is_ok(),
         "the dropped one's SEND"
     );
-    l.attach(
+    target(
+        &l,
         12,
-        ProcessId::ANY,
         2,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
         Md::new(vec![0u8; 6000])
             .options(MdOptions::OP_PUT)
             .handler(q.handler()),
-    )
-    .unwrap();
+    );
     assert_eq!(next(&q).buffer.unwrap().into_vec(), pattern(6000, 2));
-    l.attach(
+    target(
+        &l,
         12,
-        ProcessId::ANY,
         1,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
         Md::new(vec![0u8; 5000])
             .options(MdOptions::OP_PUT)
             .handler(q.handler()),
-    )
-    .unwrap();
+    );
     assert_eq!(next(&q).buffer.unwrap().into_vec(), pattern(5000, 1));
     // Every SEND completed exactly once.
     for _ in 0..2 {
@@ -457,18 +444,14 @@ fn ack_disabled_means_timeout_for_the_initiator() {
     let l = node();
     let q = EventQueue::new();
     let iq = EventQueue::new();
-    l.attach(
+    target(
+        &l,
         13,
-        ProcessId::ANY,
         1,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
         Md::new(vec![0u8; 8])
             .options(MdOptions::OP_PUT | MdOptions::ACK_DISABLE)
             .handler(q.handler()),
-    )
-    .unwrap();
+    );
     put(&l, vec![1; 8], true, 13, 1, 0, &iq);
     assert_eq!(next(&q).kind, EventKind::Put);
     let ev = until_final(&iq);
@@ -546,18 +529,14 @@ fn loans_are_zero_copy_and_no_route_fails_the_send() {
     let l = node();
     let q = EventQueue::new();
     let iq = EventQueue::new();
-    l.attach(
+    target(
+        &l,
         15,
-        ProcessId::ANY,
         1,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
         Md::new(MdBuffer::loan_only(1 << 20))
             .options(MdOptions::OP_PUT | MdOptions::LOAN)
             .handler(q.handler()),
-    )
-    .unwrap();
+    );
     let src = Bytes::from(pattern(1 << 20, 5));
     let md = l
         .md_bind(Md::new(src.clone()).handler(iq.handler()))
@@ -599,18 +578,14 @@ fn event_queue_is_a_stream() {
     let mut q = EventQueue::new();
     let mut cx = Context::from_waker(Waker::noop());
     assert!(matches!(Pin::new(&mut q).poll_next(&mut cx), Poll::Pending));
-    l.attach(
+    target(
+        &l,
         16,
-        ProcessId::ANY,
         1,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
         Md::new(vec![0u8; 1])
             .options(MdOptions::OP_PUT)
             .handler(q.handler()),
-    )
-    .unwrap();
+    );
     put(&l, vec![1], false, 16, 1, 0, &EventQueue::new());
     assert!(
         matches!(Pin::new(&mut q).poll_next(&mut cx), Poll::Ready(Some(e)) if e.kind == EventKind::Put)
@@ -791,19 +766,15 @@ fn shutdown_ends_every_pending_operation_once() {
     }
     h.take().into_iter().for_each(|t| t.complete(Ok(()))); // first one now waits for its ACK
     assert_eq!(h.count(), 1);
-    l.attach(
+    target(
+        &l,
         20,
-        ProcessId::ANY,
         1,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
         Md::new(vec![0u8; 8])
             .options(MdOptions::OP_PUT)
             .user_ptr(100)
             .handler(q.handler()),
-    )
-    .unwrap();
+    );
     l.shutdown();
     let mut finals = std::collections::HashMap::new();
     while let Some(e) = q.recv_timeout(Duration::from_millis(200)) {

@@ -337,6 +337,34 @@ struct MdState {
     abort: Option<Error>,
 }
 
+impl MdState {
+    /// A sink over `[offset, offset + mlength)` of this MD.
+    fn sink(
+        &self,
+        inner: &Arc<Inner>,
+        offset: u32,
+        mlength: u32,
+        rlength: u32,
+        tok: RxToken,
+    ) -> Sink {
+        Sink {
+            inner: inner.clone(),
+            mem: if self.loan_only {
+                None
+            } else {
+                self.mem.clone()
+            },
+            offset: offset as usize,
+            mlength: mlength as usize,
+            rlength: rlength as usize,
+            loan_ok: self.loan_only || self.view.options.contains(MdOptions::LOAN),
+            loan: None,
+            alloc: None,
+            token: Some(tok),
+        }
+    }
+}
+
 struct MeState {
     md: Option<u64>,
     unlink: bool,
@@ -804,17 +832,13 @@ impl Inner {
         ev.offset = offset;
         let ack = (!ack_wmd.is_none() && !m.view.options.contains(MdOptions::ACK_DISABLE))
             .then_some((ack_wmd, ni, from));
-        Sink {
-            inner: self.clone(),
-            mem: if m.loan_only { None } else { m.mem.clone() },
-            offset: offset as usize,
-            mlength: mlength as usize,
-            rlength: hdr.payload_length as usize,
-            loan_ok: m.loan_only || m.view.options.contains(MdOptions::LOAN),
-            loan: None,
-            alloc: None,
-            token: Some(RxToken::Put { md, ev, ack }),
-        }
+        m.sink(
+            self,
+            offset,
+            mlength,
+            hdr.payload_length,
+            RxToken::Put { md, ev, ack },
+        )
     }
 
     fn parse_get(self: &Arc<Self>, ni: usize, hdr: &Header, from: Nid, inline: bool) -> Delivery {
@@ -976,18 +1000,7 @@ impl Inner {
             return self.drop_msg(ni, hdr, DropReason::TooLarge);
         }
         m.pending += 1;
-        let sink = Sink {
-            inner: self.clone(),
-            mem: if m.loan_only { None } else { m.mem.clone() },
-            offset: 0,
-            mlength: mlength as usize,
-            rlength: rlength as usize,
-            loan_ok: m.loan_only || m.view.options.contains(MdOptions::LOAN),
-            loan: None,
-            alloc: None,
-            token: Some(RxToken::Reply { md, ev }),
-        };
-        Delivery::Receive(sink)
+        Delivery::Receive(m.sink(self, 0, mlength, rlength, RxToken::Reply { md, ev }))
     }
 
     /// A Sink completed.
