@@ -1,0 +1,336 @@
+//! The TCP LND between two processes over loopback: this test process runs
+//! a client node; `tcp_node` (a separate process) serves. Each test uses
+//! its own 127.0.0.x addresses.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lnd_tcp::proto::ConnType;
+use lnd_tcp::{AcceptMode, ConnsPerPeer, TcpConfig, TcpLnd};
+use lnet::{
+    AckReq, Error, Event, EventKind, EventQueue, Lnet, Md, MdBuffer, Nid, ProcessId, Segment,
+    Threshold,
+};
+
+const ECHO: u32 = 10;
+const PATTERN: u32 = 11;
+const T: Duration = Duration::from_secs(30);
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+struct Server {
+    p: Child,
+    nid: Nid,
+    listen: SocketAddr,
+    incarnation: u64,
+}
+
+impl Server {
+    fn start(addr: &str, port: u16, extra: &[&str]) -> Server {
+        let mut p = Command::new(env!("CARGO_BIN_EXE_tcp_node"))
+            .args(["--addr", addr, "--port", &port.to_string()])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tcp_node");
+        let out = p.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut l = String::new();
+            let _ = r.read_line(&mut l);
+            let _ = tx.send(l);
+            // Keep draining so the child never blocks on stdout.
+            let mut sink = String::new();
+            while r.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        let line = rx.recv_timeout(T).expect("server READY line");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f.first(), Some(&"READY"), "{line}");
+        Server {
+            nid: f[1].parse().unwrap(),
+            listen: f[2].parse().unwrap(),
+            incarnation: f[3].parse().unwrap(),
+            p,
+        }
+    }
+    fn id(&self) -> ProcessId {
+        ProcessId::new(self.nid, lnet::LNET_PID_LUSTRE)
+    }
+    fn kill(&mut self) {
+        let _ = self.p.kill();
+        let _ = self.p.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut i) = self.p.stdin.take() {
+            let _ = i.flush();
+        }
+        let _ = self.p.kill();
+        let _ = self.p.wait();
+    }
+}
+
+fn client(addr: &str, server: &Server, tune: impl FnOnce(&mut TcpConfig)) -> (Lnet, Arc<TcpLnd>) {
+    let mut cfg = TcpConfig::new(addr.parse().unwrap());
+    cfg.port = 0;
+    cfg.peer_port = server.listen.port();
+    cfg.accept = AcceptMode::None;
+    cfg.conns_per_peer = ConnsPerPeer::Fixed(1);
+    tune(&mut cfg);
+    let tcp = TcpLnd::new(cfg);
+    let l = lnd_loopback::builder()
+        .ni(tcp.clone())
+        .response_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    (l, tcp)
+}
+
+fn finals(q: &EventQueue) -> Vec<Event> {
+    let mut v = Vec::new();
+    loop {
+        let e = q.recv_timeout(T).expect("event");
+        let done = e.unlinked;
+        v.push(e);
+        if done {
+            return v;
+        }
+    }
+}
+
+fn frags(data: Vec<u8>, piece: usize) -> MdBuffer {
+    if data.is_empty() {
+        return MdBuffer::from(Vec::new());
+    }
+    let segs: Vec<Segment> = data.chunks(piece).map(|c| c.to_vec().into()).collect();
+    MdBuffer::from_frags(segs).unwrap()
+}
+
+/// PUT `data` (as fragments) to the echo portal at `off` with an ACK.
+fn put(l: &Lnet, to: ProcessId, data: Vec<u8>, off: u32) -> Result<(), Error> {
+    let q = EventQueue::new();
+    let md = l
+        .md_bind(
+            Md::new(frags(data, 4096 * 3 + 5))
+                .threshold(Threshold::Finite(2))
+                .handler(q.handler()),
+        )
+        .unwrap();
+    l.put(md, AckReq::Ack, to, ECHO, 1, off, 0)?;
+    let ev = finals(&q);
+    for e in &ev {
+        e.status.clone()?;
+    }
+    // The ACK may overtake the SEND completion (another connection).
+    let mut kinds: Vec<_> = ev.iter().map(|e| e.kind as u8).collect();
+    kinds.sort();
+    assert_eq!(kinds, [EventKind::Ack as u8, EventKind::Send as u8]);
+    Ok(())
+}
+
+/// GET `len` bytes from `portal` at `off` into a fragmented MD.
+fn get(l: &Lnet, to: ProcessId, portal: u32, len: usize, off: u32) -> Result<Vec<u8>, Error> {
+    let q = EventQueue::new();
+    let md = l
+        .md_bind(
+            Md::new(frags(vec![0u8; len], 8191))
+                .threshold(Threshold::Finite(2))
+                .handler(q.handler()),
+        )
+        .unwrap();
+    l.get(md, to, portal, 2, off)?;
+    let mut ev = finals(&q);
+    for e in &ev {
+        e.status.clone()?;
+    }
+    let reply = ev.iter().find(|e| e.kind == EventKind::Reply).unwrap();
+    assert_eq!(reply.mlength as usize, len);
+    // The buffer comes back with the final event, whichever that is.
+    let buf = ev.iter_mut().find_map(|e| e.buffer.take()).unwrap();
+    Ok(buf.into_vec())
+}
+
+#[test]
+fn put_and_get_of_every_size_between_two_processes() {
+    let srv = Server::start("127.0.0.11", 0, &[]);
+    let (l, tcp) = client("127.0.0.12", &srv, |c| {
+        c.conns_per_peer = ConnsPerPeer::Fixed(2)
+    });
+    let reference = pattern(1 << 20, 7);
+    for (i, &n) in [0usize, 1, 4096, 65536, 1 << 20].iter().enumerate() {
+        let data = pattern(n, i as u8 + 1);
+        let off = (i as u32) << 20;
+        put(&l, srv.id(), data.clone(), off).unwrap();
+        assert_eq!(get(&l, srv.id(), ECHO, n, off).unwrap(), data, "echo {n}");
+        assert_eq!(
+            get(&l, srv.id(), PATTERN, n, 0).unwrap(),
+            reference[..n],
+            "pattern {n}"
+        );
+    }
+    // Typed connections: one control, two bulk each way, all dialled by us.
+    let mut types: Vec<_> = tcp.conns(srv.nid).iter().map(|c| c.ctype).collect();
+    types.sort_by_key(|t| t.to_wire());
+    assert_eq!(
+        types,
+        [
+            ConnType::Control,
+            ConnType::BulkIn,
+            ConnType::BulkIn,
+            ConnType::BulkOut,
+            ConnType::BulkOut
+        ]
+    );
+    assert!(
+        tcp.conns(srv.nid)
+            .iter()
+            .all(|c| c.version == 3 && c.active)
+    );
+    // Privileged source ports (we run as root here) when allowed.
+    let s = tcp.stats();
+    assert!(s.tx_msgs >= 15 && s.rx_msgs >= 15, "{s:?}");
+    assert_eq!(s.protocol_errors + s.truncated + s.timeouts, 0, "{s:?}");
+    l.shutdown();
+}
+
+#[test]
+fn protocol_v2_with_checksums_and_v4() {
+    let srv = Server::start("127.0.0.13", 0, &["--protocol", "2", "--checksum"]);
+    // We offer v2 with checksums on every message; the server checks them.
+    let (l, tcp) = client("127.0.0.14", &srv, |c| {
+        c.protocol = 2;
+        c.checksum = true;
+    });
+    let data = pattern(300_000, 3);
+    put(&l, srv.id(), data.clone(), 0).unwrap();
+    assert_eq!(get(&l, srv.id(), ECHO, data.len(), 0).unwrap(), data);
+    assert!(tcp.conns(srv.nid).iter().all(|c| c.version == 2));
+    assert_eq!(tcp.stats().checksum_errors, 0);
+    l.shutdown();
+
+    // v4 (20-byte NIDs) on request.
+    let (l, tcp) = client("127.0.0.15", &srv, |c| c.protocol = 4);
+    put(&l, srv.id(), data.clone(), 1 << 20).unwrap();
+    assert_eq!(get(&l, srv.id(), ECHO, data.len(), 1 << 20).unwrap(), data);
+    assert!(tcp.conns(srv.nid).iter().all(|c| c.version == 4));
+    l.shutdown();
+}
+
+/// IPv6 needs two addresses; loopback has only `::1`, so the test makes its
+/// own network namespace with two ULA addresses on its `lo` and runs both
+/// ends inside it (`tcp_node --verify` is the client).
+#[test]
+fn ipv6_between_two_processes_uses_protocol_v4() {
+    let root = unsafe_free_is_root();
+    if !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root; this test needs root for its network namespace"
+        );
+        eprintln!("ipv6 test needs root (ip netns); not run as an unprivileged user");
+        return;
+    }
+    let ns = format!("lnetrs-v6-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip(8) from iproute2");
+        assert!(st.success(), "ip {args:?}");
+    };
+    ip(&["netns", "add", &ns]);
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _guard = Ns(ns.clone());
+    ip(&["-n", &ns, "link", "set", "lo", "up"]);
+    ip(&[
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        "fd00:77::1/128",
+        "dev",
+        "lo",
+        "nodad",
+    ]);
+    ip(&[
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        "fd00:77::2/128",
+        "dev",
+        "lo",
+        "nodad",
+    ]);
+    let bin = env!("CARGO_BIN_EXE_tcp_node");
+    let mut srv = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            bin,
+            "--addr",
+            "fd00:77::1",
+            "--port",
+            "7988",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut r = BufReader::new(srv.stdout.take().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("READY fd00:77::1@tcp"), "{line}");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            bin,
+            "--addr",
+            "fd00:77::2",
+            "--port",
+            "0",
+        ])
+        .args(["--verify", "fd00:77::1@tcp", "--peer-port", "7988"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("VERIFY OK version 4"), "{text}");
+}
+
+fn unsafe_free_is_root() -> bool {
+    // /proc/self/status: "Uid:\treal\teffective..."
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
