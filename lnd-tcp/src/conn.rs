@@ -542,7 +542,12 @@ impl Reader<'_> {
         } else {
             Header::decode_nid4(&hb[..hl], f.peer_order)
         }
-        .map_err(|_| Reject::BadHeader)?;
+        .map_err(|e| match e {
+            lnet::WireError::TooLong { len, .. } => {
+                Reject::TooLong(len.min(u64::from(u32::MAX)) as u32)
+            }
+            _ => Reject::BadHeader,
+        })?;
         if matches!(hdr.body, MsgBody::Hello { .. }) {
             return Err(Reject::BadHeader);
         }
