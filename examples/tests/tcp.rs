@@ -334,3 +334,122 @@ fn unsafe_free_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+#[test]
+fn ten_thousand_operations_in_flight_against_one_peer() {
+    let srv = Server::start("127.0.0.16", 0, &[]);
+    let (l, tcp) = client("127.0.0.17", &srv, |_| {});
+    const N: usize = 10_000;
+    const SZ: usize = 512;
+    let q = EventQueue::new();
+    for i in 0..N {
+        let md = l
+            .md_bind(
+                Md::new(pattern(SZ, i as u8))
+                    .threshold(Threshold::Finite(2))
+                    .user_ptr(i as u64)
+                    .handler(q.handler()),
+            )
+            .unwrap();
+        l.put(md, AckReq::Ack, srv.id(), ECHO, 0, (i * SZ) as u32, 0)
+            .unwrap();
+    }
+    // Credits bound what is in the LND at once; nothing is lost.
+    let mut done = vec![false; N];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut finished = 0;
+    while finished < N {
+        assert!(Instant::now() < deadline, "only {finished} of {N} ended");
+        let e = q.recv_timeout(T).expect("event");
+        assert!(e.status.is_ok(), "{:?}", e.status);
+        if e.unlinked {
+            let i = e.user_ptr as usize;
+            assert!(!done[i], "operation {i} ended twice");
+            done[i] = true;
+            finished += 1;
+        }
+    }
+    let credits = l.peer_credits(srv.nid).unwrap();
+    assert!(credits.min < 0, "the credit queue was used: {credits:?}");
+    // Every byte landed where it was sent.
+    for chunk in 0..(N * SZ).div_ceil(1 << 20) {
+        let off = chunk << 20;
+        let len = (N * SZ - off).min(1 << 20);
+        let got = get(&l, srv.id(), ECHO, len, off as u32).unwrap();
+        for (k, piece) in got.chunks(SZ).enumerate() {
+            let i = (off / SZ) + k;
+            assert_eq!(piece, &pattern(SZ, i as u8)[..], "op {i}");
+        }
+    }
+    assert_eq!(tcp.stats().conns_closed, 0);
+    l.shutdown();
+}
+
+#[test]
+fn a_peer_killed_mid_transfer_fails_each_operation_once_then_traffic_resumes() {
+    let mut srv = Server::start("127.0.0.18", 0, &[]);
+    let port = srv.listen.port();
+    let first_inc = srv.incarnation;
+    let (l, tcp) = client("127.0.0.19", &srv, |c| {
+        c.min_reconnect = Duration::from_millis(100);
+        c.max_reconnect = Duration::from_millis(400);
+    });
+    put(&l, srv.id(), vec![1; 10], 0).unwrap();
+    const N: usize = 64;
+    let q = EventQueue::new();
+    for i in 0..N {
+        let md = l
+            .md_bind(
+                Md::new(pattern(1 << 20, i as u8))
+                    .threshold(Threshold::Finite(2))
+                    .user_ptr(i as u64)
+                    .handler(q.handler()),
+            )
+            .unwrap();
+        l.put(md, AckReq::Ack, srv.id(), ECHO, 0, 0, 0).unwrap();
+    }
+    // Let a few complete, then SIGKILL the server mid-stream.
+    let mut ended = vec![0u32; N];
+    let mut ok = 0;
+    while ok < 2 {
+        let e = q.recv_timeout(T).expect("event");
+        if e.unlinked {
+            ended[e.user_ptr as usize] += 1;
+            ok += usize::from(e.status.is_ok());
+        }
+    }
+    srv.kill();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut failed = 0;
+    while ended.iter().sum::<u32>() < N as u32 {
+        assert!(Instant::now() < deadline, "operations still pending");
+        let e = q.recv_timeout(T).expect("every operation ends");
+        if e.unlinked {
+            ended[e.user_ptr as usize] += 1;
+            failed += usize::from(e.status.is_err());
+        }
+    }
+    assert!(ended.iter().all(|&n| n == 1), "each ends exactly once");
+    assert!(failed > 0, "the kill was mid-transfer");
+    assert!(
+        q.recv_timeout(Duration::from_millis(200)).is_none(),
+        "nothing after the final events"
+    );
+    // The server restarts on the same port with a new incarnation; the
+    // client, never restarted, reconnects and traffic resumes.
+    let srv2 = Server::start("127.0.0.18", port, &[]);
+    assert_ne!(srv2.incarnation, first_inc);
+    let data = pattern(200_000, 42);
+    let mut resumed = false;
+    for _ in 0..50 {
+        if put(&l, srv2.id(), data.clone(), 0).is_ok() {
+            resumed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(resumed, "traffic did not resume: {:?}", tcp.stats());
+    assert_eq!(get(&l, srv2.id(), ECHO, data.len(), 0).unwrap(), data);
+    assert!(tcp.stats().peer_restarts >= 1, "{:?}", tcp.stats());
+    l.shutdown();
+}

@@ -1,0 +1,229 @@
+//! TCP LND against its natural peers, in one run on the same loopback
+//! addresses: 1 MiB PUT bandwidth beside `iperf3` (one stream, and as many
+//! streams as we have connections), and the round trip of an 8-byte PUT
+//! with ACK beside a plain TCP ping-pong of 8 bytes written here.
+//!
+//! `cargo bench -p lnet-examples --bench tcp` (`-- --secs N` to change the
+//! measuring time, 5 s by default). Prints ours, theirs and the ratio.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lnd_tcp::{AcceptMode, ConnsPerPeer, TcpConfig, TcpLnd};
+use lnet::{AckReq, EventQueue, Lnet, Md, ProcessId, Threshold};
+
+const SRV: &str = "127.0.0.21";
+const CLI: &str = "127.0.0.22";
+
+struct Srv(Child, ProcessId, u16);
+impl Drop for Srv {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn server() -> Srv {
+    let mut p = Command::new(env!("CARGO_BIN_EXE_tcp_node"))
+        .args(["--addr", SRV, "--port", "0", "--conns", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tcp_node");
+    let mut line = String::new();
+    BufReader::new(p.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let nid: lnet::Nid = f[1].parse().unwrap();
+    let port = f[2].parse::<std::net::SocketAddr>().unwrap().port();
+    Srv(p, ProcessId::new(nid, lnet::LNET_PID_LUSTRE), port)
+}
+
+fn client(port: u16) -> (Lnet, Arc<TcpLnd>) {
+    let mut cfg = TcpConfig::new(CLI.parse().unwrap());
+    cfg.port = 0;
+    cfg.peer_port = port;
+    cfg.accept = AcceptMode::None;
+    cfg.conns_per_peer = ConnsPerPeer::Fixed(1);
+    let tcp = TcpLnd::new(cfg);
+    (
+        lnd_loopback::builder().ni(tcp.clone()).build().unwrap(),
+        tcp,
+    )
+}
+
+/// 1 MiB PUTs with ACK, `depth` in flight, for `secs`: bytes per second.
+fn put_bw(l: &Lnet, to: ProcessId, depth: usize, secs: f64) -> f64 {
+    let q = EventQueue::new();
+    let buf = vec![0x5au8; 1 << 20];
+    let launch = |i: u64| {
+        let md = l
+            .md_bind(
+                Md::new(buf.clone())
+                    .threshold(Threshold::Finite(2))
+                    .user_ptr(i)
+                    .handler(q.handler()),
+            )
+            .unwrap();
+        l.put(md, AckReq::Ack, to, 10, 0, 0, 0).unwrap();
+    };
+    for i in 0..depth as u64 {
+        launch(i);
+    }
+    let t0 = Instant::now();
+    let mut done = 0u64;
+    let mut i = depth as u64;
+    let mut inflight = depth;
+    while inflight > 0 {
+        let e = q.recv_timeout(Duration::from_secs(30)).expect("event");
+        assert!(e.status.is_ok(), "{:?}", e.status);
+        if e.unlinked {
+            done += 1;
+            inflight -= 1;
+            if t0.elapsed().as_secs_f64() < secs {
+                launch(i);
+                i += 1;
+                inflight += 1;
+            }
+        }
+    }
+    (done as f64 * (1 << 20) as f64) / t0.elapsed().as_secs_f64()
+}
+
+fn put_rtt(l: &Lnet, to: ProcessId, n: usize) -> Vec<f64> {
+    let q = EventQueue::new();
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let md = l
+            .md_bind(Md::new(vec![1u8; 8]).threshold(Threshold::Finite(2)).handler(q.handler()))
+            .unwrap();
+        l.put(md, AckReq::Ack, to, 10, 0, 0, 0).unwrap();
+        loop {
+            let e = q.recv_timeout(Duration::from_secs(10)).expect("event");
+            if e.unlinked {
+                break;
+            }
+        }
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    v
+}
+
+fn tcp_pingpong_rtt(n: usize) -> Vec<f64> {
+    let l = TcpListener::bind((SRV, 0)).unwrap();
+    let at = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut b = [0u8; 8];
+        while s.read_exact(&mut b).is_ok() {
+            if s.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 22], 0)).into())
+        .unwrap();
+    sock.connect(&at.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_nodelay(true).unwrap();
+    let mut v = Vec::with_capacity(n);
+    let mut b = [7u8; 8];
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&b).unwrap();
+        s.read_exact(&mut b).unwrap();
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(s);
+    h.join().unwrap();
+    v
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// iperf3 on the same addresses: bytes per second received.
+fn iperf3(streams: usize, secs: f64) -> Option<f64> {
+    let port = {
+        let l = TcpListener::bind((SRV, 0)).ok()?;
+        l.local_addr().ok()?.port()
+    };
+    let mut s = match Command::new("iperf3")
+        .args(["-s", "-1", "-B", SRV, "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(s) => s,
+        Err(_) => {
+            println!("iperf3 not found: install Debian's `iperf3` package (apt-get install iperf3)");
+            return None;
+        }
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("iperf3")
+        .args(["-c", SRV, "-B", CLI, "-p", &port.to_string(), "-J"])
+        .args(["-t", &format!("{}", secs.max(1.0) as u64)])
+        .args(["-P", &streams.to_string()])
+        .output()
+        .ok()?;
+    let _ = s.wait();
+    let j = String::from_utf8_lossy(&out.stdout);
+    let at = j.find("\"sum_received\"")?;
+    let rest = &j[at..];
+    let k = rest.find("\"bits_per_second\"")?;
+    let num: String = rest[k + 17..]
+        .chars()
+        .skip_while(|c| *c == ':' || c.is_whitespace())
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == 'e' || *c == '+')
+        .collect();
+    num.parse::<f64>().ok().map(|b| b / 8.0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        // cargo bench/test harness probing: nothing to list.
+        return;
+    }
+    let secs: f64 = args
+        .iter()
+        .position(|a| a == "--secs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    let srv = server();
+    let (l, tcp) = client(srv.2);
+    // Warm up: connections, page faults.
+    put_bw(&l, srv.1, 4, 0.5);
+    let conns = tcp.conns(srv.1.nid).len();
+    let gb = 1e9;
+    let ours = put_bw(&l, srv.1, 8, secs);
+    let theirs1 = iperf3(1, secs);
+    let theirs_n = iperf3(conns, secs);
+    println!("tcp 1 MiB PUT+ACK, 8 in flight, {conns} connections (1 bulk each way)");
+    println!("  lnet-rs        {:8.3} GB/s", ours / gb);
+    if let Some(t) = theirs1 {
+        println!("  iperf3 -P 1    {:8.3} GB/s   ratio {:.3} (goal >= 0.9)", t / gb, ours / t);
+    }
+    if let Some(t) = theirs_n {
+        println!("  iperf3 -P {conns}    {:8.3} GB/s   ratio {:.3}", t / gb, ours / t);
+    }
+    let n = 2000;
+    let _ = put_rtt(&l, srv.1, 200);
+    let ours = median(put_rtt(&l, srv.1, n));
+    let plain = median(tcp_pingpong_rtt(n));
+    println!("8-byte round trip (median of {n})");
+    println!("  lnet-rs PUT+ACK {ours:8.1} us");
+    println!("  TCP ping-pong   {plain:8.1} us   ratio {:.2} (goal <= 1.3)", ours / plain);
+    l.shutdown();
+}
