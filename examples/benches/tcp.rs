@@ -100,7 +100,11 @@ fn put_rtt(l: &Lnet, to: ProcessId, n: usize) -> Vec<f64> {
     for _ in 0..n {
         let t = Instant::now();
         let md = l
-            .md_bind(Md::new(vec![1u8; 8]).threshold(Threshold::Finite(2)).handler(q.handler()))
+            .md_bind(
+                Md::new(vec![1u8; 8])
+                    .threshold(Threshold::Finite(2))
+                    .handler(q.handler()),
+            )
             .unwrap();
         l.put(md, AckReq::Ack, to, 10, 0, 0, 0).unwrap();
         loop {
@@ -165,7 +169,9 @@ fn iperf3(streams: usize, secs: f64) -> Option<f64> {
     {
         Ok(s) => s,
         Err(_) => {
-            println!("iperf3 not found: install Debian's `iperf3` package (apt-get install iperf3)");
+            println!(
+                "iperf3 not found: install Debian's `iperf3` package (apt-get install iperf3)"
+            );
             return None;
         }
     };
@@ -213,10 +219,18 @@ fn main() {
     println!("tcp 1 MiB PUT+ACK, 8 in flight, {conns} connections (1 bulk each way)");
     println!("  lnet-rs        {:8.3} GB/s", ours / gb);
     if let Some(t) = theirs1 {
-        println!("  iperf3 -P 1    {:8.3} GB/s   ratio {:.3} (goal >= 0.9)", t / gb, ours / t);
+        println!(
+            "  iperf3 -P 1    {:8.3} GB/s   ratio {:.3} (goal >= 0.9)",
+            t / gb,
+            ours / t
+        );
     }
     if let Some(t) = theirs_n {
-        println!("  iperf3 -P {conns}    {:8.3} GB/s   ratio {:.3}", t / gb, ours / t);
+        println!(
+            "  iperf3 -P {conns}    {:8.3} GB/s   ratio {:.3}",
+            t / gb,
+            ours / t
+        );
     }
     let n = 2000;
     let _ = put_rtt(&l, srv.1, 200);
@@ -224,6 +238,9 @@ fn main() {
     let plain = median(tcp_pingpong_rtt(n));
     println!("8-byte round trip (median of {n})");
     println!("  lnet-rs PUT+ACK {ours:8.1} us");
-    println!("  TCP ping-pong   {plain:8.1} us   ratio {:.2} (goal <= 1.3)", ours / plain);
+    println!(
+        "  TCP ping-pong   {plain:8.1} us   ratio {:.2} (goal <= 1.3)",
+        ours / plain
+    );
     l.shutdown();
 }

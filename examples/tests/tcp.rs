@@ -395,12 +395,14 @@ fn a_peer_killed_mid_transfer_fails_each_operation_once_then_traffic_resumes() {
         c.max_reconnect = Duration::from_millis(400);
     });
     put(&l, srv.id(), vec![1; 10], 0).unwrap();
-    const N: usize = 64;
+    // Enough data (1 GiB, one shared buffer) that the kill lands mid-stream.
+    const N: usize = 1024;
+    let payload = bytes::Bytes::from(pattern(1 << 20, 3));
     let q = EventQueue::new();
     for i in 0..N {
         let md = l
             .md_bind(
-                Md::new(pattern(1 << 20, i as u8))
+                Md::new(payload.clone())
                     .threshold(Threshold::Finite(2))
                     .user_ptr(i as u64)
                     .handler(q.handler()),

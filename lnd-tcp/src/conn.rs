@@ -14,7 +14,8 @@ use lnet::{Delivery, Error, Sink, TxMsg};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, watch};
+
+use tokio::sync::watch;
 
 use crate::error::{Reject, Stats};
 use crate::proto::{
@@ -31,22 +32,57 @@ pub(crate) enum Out {
     Noop(KsockHdr),
 }
 
+/// Who is writing to the socket right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    /// Nobody: the next sender may write inline.
+    None,
+    /// A sender, on its own thread, without waiting.
+    Inline,
+    /// The writer task.
+    Task,
+}
+
+struct TxQ {
+    queue: VecDeque<Out>,
+    owner: Owner,
+    /// A frame an inline sender could not finish (the task continues it).
+    partial: Option<Frame>,
+    /// An inline write failed: the task closes the connection.
+    error: Option<Reject>,
+}
+
+/// A frame being written: headers, then the message's payload.
+struct Frame {
+    hdr: [u8; KSOCK_HDR_SIZE + lnet::wire::HDR_NID16_SIZE],
+    hlen: usize,
+    tx: Option<TxMsg>,
+    done: usize,
+    zc: bool,
+    zc_calls: u32,
+}
+
+impl Frame {
+    fn total(&self) -> usize {
+        self.hlen + self.tx.as_ref().map_or(0, TxMsg::payload_len)
+    }
+}
+
 pub(crate) struct Conn {
     #[allow(dead_code)]
     pub(crate) id: u64,
     pub(crate) info: ConnInfo,
     framing: Framing,
-    tx: mpsc::UnboundedSender<Out>,
+    checksum: bool,
+    zerocopy_min: Option<usize>,
+    zc_on: AtomicBool,
+    q: std::sync::Mutex<TxQ>,
+    wake: tokio::sync::Notify,
+    w: OwnedWriteHalf,
+    stats: Arc<Stats>,
     closing: AtomicBool,
     close_tx: watch::Sender<bool>,
 }
-
-type Parts = (
-    Arc<Conn>,
-    mpsc::UnboundedReceiver<Out>,
-    Half<OwnedReadHalf>,
-    Half<OwnedWriteHalf>,
-);
 
 /// A socket half with the signals that stop its task.
 pub(crate) struct Half<T> {
@@ -55,35 +91,52 @@ pub(crate) struct Half<T> {
     close: watch::Receiver<bool>,
 }
 
+fn lockq(m: &std::sync::Mutex<TxQ>) -> std::sync::MutexGuard<'_, TxQ> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Conn {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         id: u64,
         info: ConnInfo,
         framing: Framing,
         s: TcpStream,
         stop: watch::Receiver<bool>,
-    ) -> Parts {
-        let (tx, rx) = mpsc::unbounded_channel();
+        checksum: bool,
+        zerocopy_min: Option<usize>,
+        stats: Arc<Stats>,
+    ) -> (Arc<Conn>, Half<OwnedReadHalf>, Half<()>) {
         let (close_tx, close_rx) = watch::channel(false);
         let (r, w) = s.into_split();
         let c = Arc::new(Conn {
             id,
             info,
             framing,
-            tx,
+            checksum,
+            zerocopy_min,
+            zc_on: AtomicBool::new(false),
+            q: std::sync::Mutex::new(TxQ {
+                queue: VecDeque::new(),
+                owner: Owner::None,
+                partial: None,
+                error: None,
+            }),
+            wake: tokio::sync::Notify::new(),
+            w,
+            stats,
             closing: AtomicBool::new(false),
             close_tx,
         });
         (
             c,
-            rx,
             Half {
                 io: r,
                 stop: stop.clone(),
                 close: close_rx.clone(),
             },
             Half {
-                io: w,
+                io: (),
                 stop,
                 close: close_rx,
             },
@@ -98,14 +151,171 @@ impl Conn {
             return false;
         }
         let _ = self.close_tx.send(true);
+        self.wake.notify_one();
         true
     }
-    /// Queue for the writer; gives the item back if the writer is gone.
+
+    fn wants_zc(&self, o: &Out) -> bool {
+        match (o, self.zerocopy_min) {
+            (Out::Msg(tx), Some(m)) => tx.payload_len() >= m && self.zc_on.load(Ordering::Relaxed),
+            _ => false,
+        }
+    }
+
+    /// Send: written at once on the caller's thread when the socket is
+    /// idle and takes it all (no task wake-up on the latency path), else
+    /// queued for the writer task. Gives the item back if the connection
+    /// is closing.
     pub(crate) fn send(&self, o: Out) -> Result<(), Out> {
+        let mut g = lockq(&self.q);
         if self.is_closing() {
             return Err(o);
         }
-        self.tx.send(o).map_err(|e| e.0)
+        if g.owner != Owner::None || !g.queue.is_empty() || self.wants_zc(&o) {
+            g.queue.push_back(o);
+            if g.owner == Owner::None {
+                g.owner = Owner::Task;
+                self.wake.notify_one();
+            }
+            return Ok(());
+        }
+        g.owner = Owner::Inline;
+        drop(g);
+        let Some(mut f) = self.frame(o, false) else {
+            self.release_inline();
+            return Ok(());
+        };
+        match self.write_some(&mut f) {
+            Ok(true) => {
+                self.release_inline();
+                self.finish(f);
+            }
+            Ok(false) => {
+                let mut g = lockq(&self.q);
+                g.partial = Some(f);
+                g.owner = Owner::Task;
+                self.wake.notify_one();
+            }
+            Err(e) => {
+                drop(f);
+                let mut g = lockq(&self.q);
+                g.error = Some(e.into());
+                g.owner = Owner::Task;
+                self.wake.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    fn release_inline(&self) {
+        let mut g = lockq(&self.q);
+        if g.queue.is_empty() {
+            g.owner = Owner::None;
+        } else {
+            g.owner = Owner::Task;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Build the headers of `o`; `None` when the message cannot go on
+    /// this connection (it is completed with an error here).
+    fn frame(&self, o: Out, zc: bool) -> Option<Frame> {
+        let mut f = Frame {
+            hdr: [0u8; KSOCK_HDR_SIZE + lnet::wire::HDR_NID16_SIZE],
+            hlen: KSOCK_HDR_SIZE,
+            tx: None,
+            done: 0,
+            zc,
+            zc_calls: 0,
+        };
+        let tx = match o {
+            Out::Noop(h) => {
+                f.hdr[..KSOCK_HDR_SIZE].copy_from_slice(&h.encode(ByteOrder::NATIVE));
+                return Some(f);
+            }
+            Out::Msg(tx) => tx,
+        };
+        let fr = self.framing;
+        let lnet_len = fr.lnet_hdr_size();
+        let body = &mut f.hdr[KSOCK_HDR_SIZE..KSOCK_HDR_SIZE + lnet_len];
+        if fr.version >= crate::proto::PROTO_V4 {
+            body.copy_from_slice(&tx.header().encode_nid16(ByteOrder::NATIVE));
+        } else {
+            match tx.header().encode_nid4(ByteOrder::NATIVE) {
+                Ok(b) => body.copy_from_slice(&b),
+                Err(_) => {
+                    tx.complete(Err(Error::Invalid("large NIDs need ksock protocol v4")));
+                    return None;
+                }
+            }
+        }
+        f.hlen = KSOCK_HDR_SIZE + lnet_len;
+        let mut kh = KsockHdr {
+            msg_type: KSOCK_MSG_LNET,
+            csum: 0,
+            zc_cookies: [0, 0],
+        };
+        if self.checksum && fr.version == PROTO_V2 {
+            let mut c = Csum::default();
+            c.update(&kh.encode(ByteOrder::NATIVE));
+            c.update(&f.hdr[KSOCK_HDR_SIZE..f.hlen]);
+            tx.with_payload(|p| p.iter().for_each(|s| c.update(s)));
+            kh.csum = c.finish();
+        }
+        f.hdr[..KSOCK_HDR_SIZE].copy_from_slice(&kh.encode(ByteOrder::NATIVE));
+        f.tx = Some(tx);
+        Some(f)
+    }
+
+    /// Write as much of `f` as the socket takes now; true when complete.
+    fn write_some(&self, f: &mut Frame) -> std::io::Result<bool> {
+        let total = f.total();
+        let fd = self.w.as_ref().as_raw_fd();
+        while f.done < total {
+            let hdr = &f.hdr[..f.hlen];
+            let done = f.done;
+            let zc = f.zc;
+            let mut calls = 0;
+            let r = match &f.tx {
+                Some(tx) => tx.with_payload(|p| {
+                    let mut v = build_iov(hdr, p);
+                    skip_front(&mut v, done);
+                    if zc {
+                        let r = self
+                            .w
+                            .as_ref()
+                            .try_io(Interest::WRITABLE, || zc::send(fd, &v));
+                        if r.is_ok() {
+                            calls += 1;
+                        }
+                        r
+                    } else {
+                        self.w.try_write_vectored(&v)
+                    }
+                }),
+                None => self.w.try_write(&hdr[done..]),
+            };
+            f.zc_calls += calls;
+            match r {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => f.done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Count a fully written frame and complete its message.
+    fn finish(&self, f: Frame) {
+        match f.tx {
+            Some(tx) => {
+                Stats::inc(&self.stats.tx_msgs);
+                Stats::add(&self.stats.tx_bytes, tx.payload_len() as u64);
+                tx.complete(Ok(()));
+            }
+            None => Stats::inc(&self.stats.tx_noops),
+        }
     }
 }
 
@@ -129,7 +339,7 @@ fn build_iov<'a>(hdr: &'a [u8], p: &'a [IoSlice<'_>]) -> Vec<IoSlice<'a>> {
 }
 
 /// Advance `slices` (built fresh for each call) past `n` bytes.
-fn skip_front<'a>(v: &mut Vec<IoSlice<'a>>, mut n: usize) {
+fn skip_front(v: &mut Vec<IoSlice<'_>>, mut n: usize) {
     let mut i = 0;
     while i < v.len() && n >= v[i].len() {
         n -= v[i].len();
@@ -148,212 +358,134 @@ struct ZcPending {
     tx: TxMsg,
 }
 
-struct Writer<'a> {
-    sh: &'a Shared,
-    c: &'a Conn,
-    half: Half<OwnedWriteHalf>,
-    zc_on: bool,
-    zc_next: u32,
-    zc_pending: VecDeque<ZcPending>,
-}
-
-/// The writer task: until the connection closes, send what is queued.
-pub(crate) async fn writer(
-    sh: &Arc<Shared>,
-    c: &Arc<Conn>,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    half: Half<OwnedWriteHalf>,
-) -> Result<(), Reject> {
-    let zc_on = sh.cfg.zerocopy_min.is_some()
-        && zc::enable(half.io.as_ref().as_raw_fd())
-            .inspect_err(|e| tracing::debug!(target: "net", error = %e, "SO_ZEROCOPY unavailable"))
-            .is_ok();
-    let mut w = Writer {
-        sh,
-        c,
-        half,
-        zc_on,
-        zc_next: 0,
-        zc_pending: VecDeque::new(),
-    };
-    let r = w.run(&mut rx).await;
-    // Whatever is still queued fails (dropping a TxMsg completes it with an
-    // error); messages awaiting zero-copy completion too.
-    rx.close();
-    while let Ok(o) = rx.try_recv() {
-        if let Out::Msg(tx) = o {
-            tx.complete(Err(Error::Network("connection closed".into())));
+/// The writer task: whenever it owns the socket, write what is queued.
+pub(crate) async fn writer(sh: &Arc<Shared>, c: &Arc<Conn>, half: Half<()>) -> Result<(), Reject> {
+    if sh.cfg.zerocopy_min.is_some() {
+        match zc::enable(c.w.as_ref().as_raw_fd()) {
+            Ok(()) => c.zc_on.store(true, Ordering::Relaxed),
+            Err(e) => tracing::debug!(target: "net", error = %e, "SO_ZEROCOPY unavailable"),
         }
     }
-    for p in w.zc_pending.drain(..) {
-        p.tx.complete(Err(Error::Network("connection closed".into())));
+    let mut zc_next = 0u32;
+    let mut pending: VecDeque<ZcPending> = VecDeque::new();
+    let r = writer_loop(sh, c, half, &mut zc_next, &mut pending).await;
+    // Whatever is still queued fails; so do messages awaiting zero-copy
+    // completion (their pages are pinned by the kernel, not freed).
+    c.closing.store(true, Ordering::Release);
+    let (q, partial) = {
+        let mut g = lockq(&c.q);
+        (std::mem::take(&mut g.queue), g.partial.take())
+    };
+    let err = || Err(Error::Network("connection closed".into()));
+    for o in q {
+        if let Out::Msg(tx) = o {
+            tx.complete(err());
+        }
+    }
+    if let Some(tx) = partial.and_then(|f| f.tx) {
+        tx.complete(err());
+    }
+    for p in pending {
+        p.tx.complete(err());
     }
     r
 }
 
-impl Writer<'_> {
-    async fn run(&mut self, rx: &mut mpsc::UnboundedReceiver<Out>) -> Result<(), Reject> {
-        let mut stop = self.half.stop.clone();
-        let mut close = self.half.close.clone();
+fn reap_zc(c: &Conn, pending: &mut VecDeque<ZcPending>) -> Result<(), Reject> {
+    let fd = c.w.as_ref().as_raw_fd();
+    let done = match c.w.as_ref().try_io(Interest::ERROR, || zc::completions(fd)) {
+        Ok(v) => v,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for d in done {
+        if d.copied {
+            Stats::inc(&c.stats.zc_copied);
+        }
+        // TCP acknowledges in order, so completions arrive in order.
+        while pending
+            .front()
+            .is_some_and(|p| p.last_seq.wrapping_sub(d.lo) <= d.hi.wrapping_sub(d.lo))
+        {
+            if let Some(p) = pending.pop_front() {
+                p.tx.complete(Ok(()));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn writer_loop(
+    sh: &Arc<Shared>,
+    c: &Arc<Conn>,
+    half: Half<()>,
+    zc_next: &mut u32,
+    pending: &mut VecDeque<ZcPending>,
+) -> Result<(), Reject> {
+    let mut stop = half.stop.clone();
+    let mut close = half.close.clone();
+    let t = sh.cfg.sock_timeout;
+    loop {
+        tokio::select! {
+            _ = c.wake.notified() => {}
+            _ = stopped(&mut stop, &mut close) => return Ok(()),
+            r = c.w.as_ref().ready(Interest::ERROR), if !pending.is_empty() => {
+                r?;
+                reap_zc(c, pending)?;
+                continue;
+            }
+        }
         loop {
-            let o = tokio::select! {
-                o = rx.recv() => o,
-                _ = stopped(&mut stop, &mut close) => return Ok(()),
-                r = self.half.io.as_ref().ready(Interest::ERROR), if !self.zc_pending.is_empty() => {
-                    r?;
-                    self.reap_zc()?;
-                    continue;
+            let mut f = {
+                let mut g = lockq(&c.q);
+                if g.owner != Owner::Task {
+                    break;
                 }
-            };
-            let Some(o) = o else { return Ok(()) };
-            match o {
-                Out::Noop(h) => {
-                    let b = h.encode(ByteOrder::NATIVE);
-                    self.write_iov(&b, None).await?;
-                    Stats::inc(&self.sh.stats.tx_noops);
+                if let Some(e) = g.error.take() {
+                    return Err(e);
                 }
-                Out::Msg(tx) => self.send_msg(tx).await?,
-            }
-        }
-    }
-
-    fn reap_zc(&mut self) -> Result<(), Reject> {
-        let fd = self.half.io.as_ref().as_raw_fd();
-        let r = self
-            .half
-            .io
-            .as_ref()
-            .try_io(Interest::ERROR, || zc::completions(fd));
-        let done = match r {
-            Ok(v) => v,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        for d in done {
-            if d.copied {
-                Stats::inc(&self.sh.stats.zc_copied);
-            }
-            // TCP acknowledges in order, so completions arrive in order.
-            while self
-                .zc_pending
-                .front()
-                .is_some_and(|p| p.last_seq.wrapping_sub(d.lo) <= d.hi.wrapping_sub(d.lo))
-            {
-                if let Some(p) = self.zc_pending.pop_front() {
-                    p.tx.complete(Ok(()));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn send_msg(&mut self, tx: TxMsg) -> Result<(), Reject> {
-        let f = self.c.framing;
-        let h = tx.header();
-        let mut hdr = [0u8; KSOCK_HDR_SIZE + lnet::wire::HDR_NID16_SIZE];
-        let lnet_len = f.lnet_hdr_size();
-        let encoded = if f.version >= crate::proto::PROTO_V4 {
-            hdr[KSOCK_HDR_SIZE..KSOCK_HDR_SIZE + lnet_len]
-                .copy_from_slice(&h.encode_nid16(ByteOrder::NATIVE));
-            Ok(())
-        } else {
-            h.encode_nid4(ByteOrder::NATIVE)
-                .map(|b| hdr[KSOCK_HDR_SIZE..KSOCK_HDR_SIZE + lnet_len].copy_from_slice(&b))
-        };
-        if encoded.is_err() {
-            // A large NID on a v2/v3 connection: this message cannot go here.
-            tx.complete(Err(Error::Invalid("large NIDs need ksock protocol v4")));
-            return Ok(());
-        }
-        let mut kh = KsockHdr {
-            msg_type: KSOCK_MSG_LNET,
-            csum: 0,
-            zc_cookies: [0, 0],
-        };
-        hdr[..KSOCK_HDR_SIZE].copy_from_slice(&kh.encode(ByteOrder::NATIVE));
-        let hlen = KSOCK_HDR_SIZE + lnet_len;
-        if self.sh.cfg.checksum && f.version == PROTO_V2 {
-            let mut c = Csum::default();
-            c.update(&hdr[..hlen]);
-            tx.with_payload(|p| p.iter().for_each(|s| c.update(s)));
-            kh.csum = c.finish();
-            hdr[..KSOCK_HDR_SIZE].copy_from_slice(&kh.encode(ByteOrder::NATIVE));
-        }
-        let len = tx.payload_len();
-        let use_zc = self.zc_on && self.sh.cfg.zerocopy_min.is_some_and(|m| len >= m);
-        let calls = self.write_iov(&hdr[..hlen], Some((&tx, use_zc))).await?;
-        Stats::inc(&self.sh.stats.tx_msgs);
-        Stats::add(&self.sh.stats.tx_bytes, len as u64);
-        if use_zc && calls > 0 {
-            Stats::inc(&self.sh.stats.zc_sends);
-            self.zc_next = self.zc_next.wrapping_add(calls);
-            self.zc_pending.push_back(ZcPending {
-                last_seq: self.zc_next.wrapping_sub(1),
-                tx,
-            });
-        } else {
-            tx.complete(Ok(()));
-        }
-        Ok(())
-    }
-
-    /// Write `hdr` then the message's payload; returns the number of
-    /// zero-copy `sendmsg` calls made.
-    async fn write_iov(&mut self, hdr: &[u8], msg: Option<(&TxMsg, bool)>) -> Result<u32, Reject> {
-        let total = hdr.len() + msg.map_or(0, |(t, _)| t.payload_len());
-        let mut done = 0usize;
-        let mut zc_calls = 0u32;
-        let t = self.sh.cfg.sock_timeout;
-        let fd = self.half.io.as_ref().as_raw_fd();
-        let mut stop = self.half.stop.clone();
-        let mut close = self.half.close.clone();
-        while done < total {
-            let attempt = |done: usize, zc_calls: &mut u32| match msg {
-                Some((tx, zc_on)) => tx.with_payload(|p| {
-                    let mut v = build_iov(hdr, p);
-                    skip_front(&mut v, done);
-                    if zc_on {
-                        let r = self
-                            .half
-                            .io
-                            .as_ref()
-                            .try_io(Interest::WRITABLE, || zc::send(fd, &v));
-                        if r.is_ok() {
-                            *zc_calls += 1;
-                        }
-                        r
-                    } else {
-                        self.half.io.try_write_vectored(&v)
+                if let Some(f) = g.partial.take() {
+                    f
+                } else if let Some(o) = g.queue.pop_front() {
+                    let zc = c.wants_zc(&o);
+                    drop(g);
+                    match c.frame(o, zc) {
+                        Some(f) => f,
+                        None => continue,
                     }
-                }),
-                None => {
-                    let mut v = build_iov(hdr, &[]);
-                    skip_front(&mut v, done);
-                    self.half.io.try_write_vectored(&v)
+                } else {
+                    g.owner = Owner::None;
+                    break;
                 }
             };
-            match attempt(done, &mut zc_calls) {
-                Ok(0) => return Err(Reject::Eof),
-                Ok(n) => {
-                    done += n;
-                    continue;
+            while !c.write_some(&mut f)? {
+                tokio::select! {
+                    r = tokio::time::timeout(t, c.w.as_ref().writable()) => match r {
+                        Ok(r) => r?,
+                        Err(_) => return Err(Reject::Timeout),
+                    },
+                    _ = stopped(&mut stop, &mut close) => return Err(Reject::Shutdown),
+                    r = c.w.as_ref().ready(Interest::ERROR), if !pending.is_empty() => {
+                        r?;
+                        reap_zc(c, pending)?;
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.into()),
             }
-            tokio::select! {
-                r = tokio::time::timeout(t, self.half.io.as_ref().writable()) => match r {
-                    Ok(r) => r?,
-                    Err(_) => return Err(Reject::Timeout),
-                },
-                _ = stopped(&mut stop, &mut close) => return Err(Reject::Shutdown),
-                r = self.half.io.as_ref().ready(Interest::ERROR), if !self.zc_pending.is_empty() => {
-                    r?;
-                    self.reap_zc()?;
+            if f.zc && f.zc_calls > 0 {
+                Stats::inc(&c.stats.zc_sends);
+                Stats::inc(&c.stats.tx_msgs);
+                *zc_next = zc_next.wrapping_add(f.zc_calls);
+                if let Some(tx) = f.tx.take() {
+                    Stats::add(&c.stats.tx_bytes, tx.payload_len() as u64);
+                    pending.push_back(ZcPending {
+                        last_seq: zc_next.wrapping_sub(1),
+                        tx,
+                    });
                 }
+            } else {
+                c.finish(f);
             }
         }
-        Ok(zc_calls)
     }
 }
 

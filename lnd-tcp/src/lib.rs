@@ -408,6 +408,14 @@ impl Shared {
             }
             return;
         }
+        if st.conns.is_empty() && !st.connecting && st.retry_at.is_some_and(|t| t > Instant::now())
+        {
+            // The last attempt failed and the backoff has not expired: the
+            // peer is down; fail at once rather than hold until the next try.
+            drop(st);
+            tx.complete(Err(Error::PeerDown(to.to_string())));
+            return;
+        }
         st.queue.push_back(Queued {
             since: Instant::now(),
             tx,
@@ -479,6 +487,9 @@ impl Shared {
             }
         }
         let mut failed = Vec::new();
+        // Sent after the peer lock is released: a send may complete at
+        // once, and completion may start the next send to this peer.
+        let mut ready = Vec::new();
         {
             let mut st = lock(&peer.st);
             st.connecting = false;
@@ -503,14 +514,15 @@ impl Shared {
                     let nob =
                         proto::KSOCK_HDR_SIZE + lnet::wire::HDR_NID4_SIZE + item.tx.payload_len();
                     match self.pick(&mut st, nob) {
-                        Some(c) => {
-                            if let Err(conn::Out::Msg(tx)) = c.send(conn::Out::Msg(item.tx)) {
-                                failed.push(tx);
-                            }
-                        }
+                        Some(c) => ready.push((c, item.tx)),
                         None => failed.push(item.tx),
                     }
                 }
+            }
+        }
+        for (c, tx) in ready {
+            if let Err(conn::Out::Msg(tx)) = c.send(conn::Out::Msg(tx)) {
+                failed.push(tx);
             }
         }
         let down = !failed.is_empty();
@@ -805,7 +817,7 @@ impl Shared {
         let local = est.stream.local_addr()?;
         let remote = est.stream.peer_addr()?;
         let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let (c, rx, rd, wr) = conn::Conn::new(
+        let (c, rd, wr) = conn::Conn::new(
             id,
             ConnInfo {
                 ctype: est.ctype,
@@ -817,11 +829,15 @@ impl Shared {
             est.framing,
             est.stream,
             self.stop.subscribe(),
+            self.cfg.checksum,
+            self.cfg.zerocopy_min,
+            self.stats.clone(),
         );
         let mut stale = Vec::new();
         let mut restarted = false;
         let was_up;
         let mut failed = Vec::new();
+        let mut ready = Vec::new();
         {
             let mut st = lock(&peer.st);
             if let Some(inc) = st.incarnation {
@@ -842,11 +858,7 @@ impl Shared {
             for item in q {
                 let nob = proto::KSOCK_HDR_SIZE + lnet::wire::HDR_NID4_SIZE + item.tx.payload_len();
                 match self.pick(&mut st, nob) {
-                    Some(c) => {
-                        if let Err(conn::Out::Msg(tx)) = c.send(conn::Out::Msg(item.tx)) {
-                            failed.push(tx);
-                        }
-                    }
+                    Some(c) => ready.push((c, item.tx)),
                     None => failed.push(item.tx),
                 }
             }
@@ -862,6 +874,11 @@ impl Shared {
             Stats::inc(&self.stats.peer_restarts);
             tracing::info!(target: "net", peer = %peer.nid, "peer restarted (new incarnation)");
             self.ni.peer_event(peer.nid, PeerEvent::Restarted);
+        }
+        for (c, tx) in ready {
+            if let Err(conn::Out::Msg(tx)) = c.send(conn::Out::Msg(tx)) {
+                failed.push(tx);
+            }
         }
         for tx in failed {
             tx.complete(Err(Error::PeerDown(peer.nid.to_string())));
@@ -879,7 +896,7 @@ impl Shared {
         let sh = self.clone();
         let p = peer.clone();
         self.handle.spawn(async move {
-            let r = conn::writer(&sh, &c, rx, wr).await;
+            let r = conn::writer(&sh, &c, wr).await;
             if let Err(e) = r {
                 sh.close_conn(&p, &c, e);
             }
@@ -944,6 +961,7 @@ impl Shared {
             for p in peers {
                 let mut expired = Vec::new();
                 let mut dead = false;
+                let mut ping = None;
                 {
                     let mut st = lock(&p.st);
                     while st
@@ -964,9 +982,7 @@ impl Shared {
                                 dead = true;
                             } else if silent > ka && now.duration_since(st.last_ping) > ka {
                                 st.last_ping = now;
-                                if let Some(c) = self.pick(&mut st, proto::KSOCK_HDR_SIZE) {
-                                    let _ = c.send(conn::Out::Noop(KsockHdr::keepalive()));
-                                }
+                                ping = self.pick(&mut st, proto::KSOCK_HDR_SIZE);
                             }
                         }
                     } else if st.queue.is_empty()
@@ -975,6 +991,9 @@ impl Shared {
                     {
                         forget.push(p.nid);
                     }
+                }
+                if let Some(c) = ping {
+                    let _ = c.send(conn::Out::Noop(KsockHdr::keepalive()));
                 }
                 for tx in expired {
                     tx.complete(Err(Error::Timeout));
