@@ -399,12 +399,10 @@ impl Shared {
         let mut st = lock(&peer.st);
         if let Some(c) = self.pick(&mut st, nob) {
             drop(st);
-            if let Err(back) = c.send(conn::Out::Msg(tx)) {
+            if let Err(conn::Out::Msg(tx)) = c.send(conn::Out::Msg(tx)) {
                 // The writer just exited: hold the message for the next
                 // connection.
-                if let conn::Out::Msg(tx) = back {
-                    self.hold(&peer, tx);
-                }
+                self.hold(&peer, tx);
             }
             return;
         }

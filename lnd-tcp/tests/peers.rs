@@ -188,14 +188,13 @@ fn a_v2_only_peer_dials_us() {
 /// A listening double that speaks only `version`: it answers any other
 /// hello with its own in `version` and type NONE (as the kernel does), and
 /// reports each frame it receives on an accepted connection.
-fn version_double(
-    me: Ipv4Addr,
-    version: u32,
-) -> (
+type Double = (
     SocketAddr,
     mpsc::Receiver<(u32, Vec<u8>)>,
     mpsc::Receiver<Vec<u8>>,
-) {
+);
+
+fn version_double(me: Ipv4Addr, version: u32) -> Double {
     let l = TcpListener::bind((me, 0)).unwrap();
     let at = l.local_addr().unwrap();
     let (vtx, vrx) = mpsc::channel();
