@@ -23,7 +23,10 @@ fn check(data: &[u8]) {
     }
     if let Some(b) = data.get(..24) {
         let k = KsockHdr::decode(b.try_into().unwrap(), ByteOrder::Big);
-        assert_eq!(KsockHdr::decode(&k.encode(ByteOrder::Big), ByteOrder::Big), k);
+        assert_eq!(
+            KsockHdr::decode(&k.encode(ByteOrder::Big), ByteOrder::Big),
+            k
+        );
     }
 }
 
