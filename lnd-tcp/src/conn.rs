@@ -110,6 +110,13 @@ impl Conn {
         stats: Arc<Stats>,
     ) -> (Arc<Conn>, Half<OwnedReadHalf>, Half<()>) {
         let (close_tx, close_rx) = watch::channel(false);
+        // Before the first send can happen.
+        let zc_on = zerocopy_min.is_some()
+            && zc::enable(s.as_raw_fd())
+                .inspect_err(
+                    |e| tracing::debug!(target: "net", error = %e, "SO_ZEROCOPY unavailable"),
+                )
+                .is_ok();
         let (r, w) = s.into_split();
         let c = Arc::new(Conn {
             id,
@@ -117,7 +124,7 @@ impl Conn {
             framing,
             checksum,
             zerocopy_min,
-            zc_on: AtomicBool::new(false),
+            zc_on: AtomicBool::new(zc_on),
             q: std::sync::Mutex::new(TxQ {
                 queue: VecDeque::new(),
                 owner: Owner::None,
@@ -363,12 +370,6 @@ struct ZcPending {
 
 /// The writer task: whenever it owns the socket, write what is queued.
 pub(crate) async fn writer(sh: &Arc<Shared>, c: &Arc<Conn>, half: Half<()>) -> Result<(), Reject> {
-    if sh.cfg.zerocopy_min.is_some() {
-        match zc::enable(c.w.as_ref().as_raw_fd()) {
-            Ok(()) => c.zc_on.store(true, Ordering::Relaxed),
-            Err(e) => tracing::debug!(target: "net", error = %e, "SO_ZEROCOPY unavailable"),
-        }
-    }
     let mut zc_next = 0u32;
     let mut pending: VecDeque<ZcPending> = VecDeque::new();
     let r = writer_loop(sh, c, half, &mut zc_next, &mut pending).await;
