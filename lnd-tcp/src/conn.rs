@@ -71,8 +71,6 @@ impl Frame {
 }
 
 pub(crate) struct Conn {
-    #[allow(dead_code)]
-    pub(crate) id: u64,
     pub(crate) info: ConnInfo,
     framing: Framing,
     checksum: bool,
@@ -100,7 +98,6 @@ fn lockq(m: &std::sync::Mutex<TxQ>) -> std::sync::MutexGuard<'_, TxQ> {
 impl Conn {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        id: u64,
         info: ConnInfo,
         framing: Framing,
         s: TcpStream,
@@ -119,7 +116,6 @@ impl Conn {
                 .is_ok();
         let (r, w) = s.into_split();
         let c = Arc::new(Conn {
-            id,
             info,
             framing,
             checksum,

@@ -195,7 +195,6 @@ impl Lnd for TcpLnd {
             shutting_down: AtomicBool::new(false),
             stop: stop_tx,
             epoch: Instant::now(),
-            next_conn_id: AtomicU64::new(1),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             cfg,
         });
@@ -270,6 +269,12 @@ fn new_incarnation() -> u64 {
     t ^ (u64::from(std::process::id()) << 48)
 }
 
+/// Bytes of a message on the wire, as socklnd sizes it to choose a
+/// connection type (ksock header + 8-byte-NID LNet header + payload).
+fn frame_len(tx: &TxMsg) -> usize {
+    proto::KSOCK_HDR_SIZE + lnet::wire::HDR_NID4_SIZE + tx.payload_len()
+}
+
 /// A message waiting for a connection.
 struct Queued {
     since: Instant,
@@ -312,7 +317,6 @@ pub(crate) struct Shared {
     shutting_down: AtomicBool,
     stop: watch::Sender<bool>,
     epoch: Instant,
-    next_conn_id: AtomicU64,
     handshakes: Arc<tokio::sync::Semaphore>,
 }
 
@@ -383,6 +387,23 @@ impl Shared {
         Some(cands[st.rr % cands.len()].clone())
     }
 
+    /// Assign every held message to a connection (sent by the caller once
+    /// the peer lock is released); those with none go to `failed`.
+    fn place_queue(
+        &self,
+        st: &mut PeerState,
+        ready: &mut Vec<(Arc<conn::Conn>, TxMsg)>,
+        failed: &mut Vec<TxMsg>,
+    ) {
+        let q: Vec<_> = st.queue.drain(..).collect();
+        for item in q {
+            match self.pick(st, frame_len(&item.tx)) {
+                Some(c) => ready.push((c, item.tx)),
+                None => failed.push(item.tx),
+            }
+        }
+    }
+
     /// `send`: queue on a connection, or hold it and dial.
     fn launch(self: &Arc<Self>, tx: TxMsg) {
         if self.shutting_down.load(Ordering::Acquire) {
@@ -395,7 +416,7 @@ impl Shared {
             return;
         }
         let peer = self.peer_or_new(to);
-        let nob = proto::KSOCK_HDR_SIZE + lnet::wire::HDR_NID4_SIZE + tx.payload_len();
+        let nob = frame_len(&tx);
         let mut st = lock(&peer.st);
         if let Some(c) = self.pick(&mut st, nob) {
             drop(st);
@@ -507,15 +528,7 @@ impl Shared {
             }
             if !st.queue.is_empty() && !st.conns.is_empty() {
                 // Anything still held goes out now.
-                let q: Vec<_> = st.queue.drain(..).collect();
-                for item in q {
-                    let nob =
-                        proto::KSOCK_HDR_SIZE + lnet::wire::HDR_NID4_SIZE + item.tx.payload_len();
-                    match self.pick(&mut st, nob) {
-                        Some(c) => ready.push((c, item.tx)),
-                        None => failed.push(item.tx),
-                    }
-                }
+                self.place_queue(&mut st, &mut ready, &mut failed);
             }
         }
         for (c, tx) in ready {
@@ -814,9 +827,7 @@ impl Shared {
         self.setup_socket(&est.stream);
         let local = est.stream.local_addr()?;
         let remote = est.stream.peer_addr()?;
-        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (c, rd, wr) = conn::Conn::new(
-            id,
             ConnInfo {
                 ctype: est.ctype,
                 version: est.framing.version,
@@ -852,14 +863,7 @@ impl Shared {
             st.up = true;
             st.backoff = self.cfg.min_reconnect;
             st.retry_at = None;
-            let q: Vec<_> = st.queue.drain(..).collect();
-            for item in q {
-                let nob = proto::KSOCK_HDR_SIZE + lnet::wire::HDR_NID4_SIZE + item.tx.payload_len();
-                match self.pick(&mut st, nob) {
-                    Some(c) => ready.push((c, item.tx)),
-                    None => failed.push(item.tx),
-                }
-            }
+            self.place_queue(&mut st, &mut ready, &mut failed);
         }
         peer.last_alive.store(self.now_ms(), Ordering::Relaxed);
         Stats::inc(&self.stats.conns_established);
