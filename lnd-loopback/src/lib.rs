@@ -6,8 +6,9 @@
 //!   with a single copy from the source MD into the destination MD, or
 //!   with no copy at all when the source is shared `Bytes` and the
 //!   destination MD takes loans.
-//! * `shm` (to come): processes on one host exchanging messages through
-//!   shared-memory rings and pools.
+//! * [`shm::ShmLnd`]: `shm`, processes on one host exchanging messages
+//!   through shared-memory rings, with single-copy and loaned zero-copy
+//!   bulk.
 //!
 //! ```
 //! use lnet::{AckReq, EventKind, EventQueue, InsPos, Md, MdOptions, ProcessId, Threshold, Unlink};
@@ -23,6 +24,8 @@
 //! assert_eq!(ev.kind, EventKind::Put);
 //! assert_eq!(ev.buffer.unwrap().into_vec(), b"hello");
 //! ```
+
+pub mod shm;
 
 use std::sync::{Arc, OnceLock};
 

@@ -24,6 +24,7 @@ pub mod lnd;
 pub mod nid;
 pub mod nidrange;
 pub mod node;
+pub mod pool;
 pub mod portals;
 mod sync;
 pub mod wire;
@@ -40,6 +41,7 @@ pub use nid::{
 };
 pub use nidrange::NidRange;
 pub use node::{Config, Lnet, LnetBuilder};
+pub use pool::{MemPool, PoolBuf, PoolMemory};
 pub use portals::event::{Event, EventHandler, EventKind, EventQueue};
 pub use portals::matching::{InsPos, MatchCriteria};
 pub use portals::md::{MdBuffer, MdOptions, Segment, Threshold};

@@ -7,6 +7,7 @@ use std::ops::{BitOr, BitOrAssign};
 use bytes::{Bytes, BytesMut};
 
 use crate::error::{Error, Result};
+use crate::pool::PoolBuf;
 use crate::{LNET_MAX_IOV, LNET_MTU};
 
 /// MD options (`enum lnet_md_options`; values as in LNet, plus
@@ -82,6 +83,9 @@ pub enum Segment {
     BytesMut(BytesMut),
     /// Shared, read-only bytes (a source only; also what loans are made of).
     Bytes(Bytes),
+    /// A chunk of a [`MemPool`](crate::pool::MemPool): memory an LND may
+    /// have shared or registered in advance.
+    Pool(PoolBuf),
 }
 
 impl Segment {
@@ -99,6 +103,7 @@ impl Segment {
             Segment::Vec(v) => v,
             Segment::BytesMut(b) => b,
             Segment::Bytes(b) => b,
+            Segment::Pool(b) => b,
         }
     }
     /// The bytes, mutably (`None` for read-only [`Segment::Bytes`]).
@@ -106,6 +111,7 @@ impl Segment {
         match self {
             Segment::Vec(v) => Some(v),
             Segment::BytesMut(b) => Some(b),
+            Segment::Pool(b) => Some(b),
             Segment::Bytes(_) => None,
         }
     }
@@ -143,6 +149,16 @@ impl From<Bytes> for Segment {
 impl From<BytesMut> for Segment {
     fn from(v: BytesMut) -> Self {
         Segment::BytesMut(v)
+    }
+}
+impl From<PoolBuf> for Segment {
+    fn from(v: PoolBuf) -> Self {
+        Segment::Pool(v)
+    }
+}
+impl From<PoolBuf> for MdBuffer {
+    fn from(v: PoolBuf) -> Self {
+        MdBuffer::single(Segment::Pool(v))
     }
 }
 impl From<Vec<u8>> for MdBuffer {

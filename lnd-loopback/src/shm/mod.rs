@@ -1,0 +1,929 @@
+//! `shm`: LNet between processes on one host, through shared memory.
+//!
+//! # How it works
+//!
+//! * **Rendezvous.** Each node listens on a Unix-domain socket named after
+//!   its NID (`7@shm.sock`) in a per-user directory (`$XDG_RUNTIME_DIR/lnet-shm`,
+//!   else `/dev/shm/lnet-shm-<uid>`, mode 0700, refused when anyone else
+//!   owns it). Connecting peers exchange a hello and, beside it
+//!   (SCM_RIGHTS), their ring segment, their shared pool and their
+//!   doorbell eventfd. All are memfds: nothing is left in any file system
+//!   when a process dies. The socket stays open: its closing is how a
+//!   peer's death is seen, at once. A socket file left by a crash is
+//!   removed by the next node that binds the name, by a survivor that sees
+//!   its peer die, or by [`cleanup`] (`lnet-shm-clean`).
+//! * **Messages.** Per direction, a single-producer single-consumer ring of
+//!   fixed-size slots in the sender's segment ([`ShmConfig::slots`] x
+//!   [`ShmConfig::slot_size`]). A message whose payload fits in a slot
+//!   travels inline. The receiver's progress thread polls its rings, spins
+//!   briefly when idle ([`ShmConfig::spin`]), then sleeps on its eventfd;
+//!   a sender rings the doorbell only when the receiver said it sleeps
+//!   ([`ShmConfig::busy_poll`] never sleeps). Core credits bound what a
+//!   sender puts in a ring; what does not fit waits in order for a slot.
+//! * **Bulk**, chosen per message by the receiver once it has matched the
+//!   header (the sender's slot carries where the payload is):
+//!   1. *pool, one copy*: the source lies in the sender's shared pool,
+//!      which the receiver has mapped: one `memcpy` into the MD. Or the
+//!      destination lies in the receiver's pool: the sender copies into it.
+//!   2. *CMA, one copy*: `process_vm_readv` from the sender's MD into the
+//!      receiver's MD, if the connect-time probe found it allowed.
+//!   3. *bounce*: a pipelined copy through the sender's bounce buffers.
+//!   4. *loan, no copy*: a source frozen in the sender's pool
+//!      ([`lnet::PoolBuf::freeze`]) reaches an MD that takes loans
+//!      ([`lnet::MdOptions::LOAN`]) as a `Bytes` view of the sender's memory;
+//!      the chunk goes back to the sender's pool when the last view drops.
+//! * **Safety.** Every segment starts with a magic, version and size,
+//!   checked against the file; every offset, length and index read from
+//!   shared memory is bounds-checked before use; segments are sealed
+//!   against shrinking. A peer that breaks the protocol is disconnected
+//!   and counted. The unsafe code is all in one module (`sys`).
+//!
+//! ```no_run
+//! use lnd_loopback::shm::{ShmConfig, ShmLnd};
+//! use std::sync::Arc;
+//! let lnd = Arc::new(ShmLnd::new(ShmConfig::new(7)).unwrap());
+//! let node = lnet::LnetBuilder::new(Arc::new(lnd_loopback::LoLnd::new()))
+//!     .ni(lnd.clone())
+//!     .build()
+//!     .unwrap();
+//! let buf = lnd.pool().unwrap().alloc(1 << 20).unwrap(); // shared pool memory
+//! # drop((node, buf));
+//! ```
+
+mod conn;
+mod ring;
+mod sys;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lnet::{
+    Error, Lnd, LndInfo, LndLimits, MemPool, Net, NetType, NiContext, Nid, PeerEvent, TxMsg,
+};
+use nix::poll::{PollFd, PollFlags, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use tracing::{debug, info, warn};
+
+use conn::{Conn, ConnEnv};
+use sys::Seg;
+use wire::{Hello, RejectReason, SegHeader};
+
+/// Errors of the shm transport.
+#[derive(Debug, thiserror::Error)]
+pub enum ShmError {
+    /// A system call failed.
+    #[error("{0}: {1}")]
+    Os(&'static str, std::io::Error),
+    /// A segment from a peer is malformed.
+    #[error("bad segment: {0}")]
+    BadSegment(&'static str),
+    /// A hello from a peer is malformed.
+    #[error("bad hello: {0}")]
+    BadHello(&'static str),
+    /// A ring slot from a peer is malformed.
+    #[error("bad slot: {0}")]
+    BadSlot(&'static str),
+    /// An offset or length points outside a segment.
+    #[error("offset or length outside the segment")]
+    OutOfBounds,
+    /// The peer refused the connection.
+    #[error("refused by the peer: {0:?}")]
+    Rejected(u32),
+    /// The rendezvous directory is unsafe to use.
+    #[error("rendezvous directory {0}: {1}")]
+    Directory(PathBuf, &'static str),
+    /// The socket name is taken by a live node.
+    #[error("{0} is in use by a live node")]
+    InUse(PathBuf),
+}
+
+impl From<ShmError> for Error {
+    fn from(e: ShmError) -> Self {
+        Error::Network(e.to_string())
+    }
+}
+
+/// Configuration of one shm NI.
+#[derive(Clone, Debug)]
+pub struct ShmConfig {
+    /// The NI's address: its NID is `<addr>@shm<net>`.
+    pub addr: u32,
+    /// Network number (`shm0`, `shm1`…).
+    pub net: u16,
+    /// Rendezvous directory (default: see the module docs).
+    pub dir: Option<PathBuf>,
+    /// Slots per ring.
+    pub slots: u32,
+    /// Bytes per slot; payloads up to `slot_size - 88` travel inline.
+    pub slot_size: u32,
+    /// Bounce buffers per connection and direction.
+    pub bounce_buffers: u32,
+    /// Bytes per bounce buffer.
+    pub bounce_size: u32,
+    /// Bytes of this node's shared pool (0: no pool).
+    pub pool_size: usize,
+    /// Use the pools (ours and the peers') for bulk; off forces CMA or bounce.
+    pub use_pool: bool,
+    /// Use `process_vm_readv` when the probe allows it; off forces bounce.
+    pub use_cma: bool,
+    /// Never sleep: the progress thread polls its rings without pause.
+    pub busy_poll: bool,
+    /// How long an idle progress thread spins before it sleeps.
+    pub spin: Duration,
+    /// Connection set-up timeout.
+    pub connect_timeout: Duration,
+}
+
+impl ShmConfig {
+    /// Defaults for NID `<addr>@shm`.
+    pub fn new(addr: u32) -> Self {
+        ShmConfig {
+            addr,
+            net: 0,
+            dir: None,
+            slots: 64,
+            slot_size: 8192,
+            bounce_buffers: 4,
+            bounce_size: 256 * 1024,
+            pool_size: 64 << 20,
+            use_pool: true,
+            use_cma: true,
+            busy_poll: false,
+            spin: Duration::from_micros(50),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+    /// Set the rendezvous directory.
+    pub fn dir(mut self, d: impl Into<PathBuf>) -> Self {
+        self.dir = Some(d.into());
+        self
+    }
+    /// The NID this configuration gives.
+    pub fn nid(&self) -> Nid {
+        Nid::new4(Net::new(NetType::SHMLND, self.net), self.addr)
+    }
+    fn eager(&self) -> usize {
+        self.slot_size as usize - wire::SLOT_HDR - lnet::wire::HDR_NID4_SIZE
+    }
+}
+
+macro_rules! stats {
+    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
+        /// Counters of one shm NI.
+        #[derive(Debug, Default)]
+        pub struct Stats { $( $(#[$m])* pub $name: AtomicU64, )* }
+        /// A copy of [`Stats`].
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct StatsSnapshot { $( $(#[$m])* pub $name: u64, )* }
+        impl Stats {
+            /// Read every counter.
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $( $name: self.$name.load(Ordering::Relaxed), )* }
+            }
+        }
+    };
+}
+
+stats! {
+    /// Messages sent inline.
+    tx_inline,
+    /// Messages sent with a bulk descriptor.
+    tx_rdv,
+    /// Messages received.
+    rx_msgs,
+    /// Bulk moved by one copy from the sender's pool mapping.
+    bulk_pool_read,
+    /// Bulk moved by the sender's copy into our pool.
+    bulk_pool_write,
+    /// Bulk moved by `process_vm_readv`.
+    bulk_cma,
+    /// Bulk moved through bounce buffers.
+    bulk_bounce,
+    /// Payloads handed over as loans of a peer's pool.
+    bulk_loan,
+    /// Loans of our pool returned by peers.
+    loans_returned,
+    /// Doorbells rung.
+    wakeups_sent,
+    /// Times the progress thread slept.
+    sleeps,
+    /// Connections set up.
+    conns_up,
+    /// Peers whose socket closed (death or shutdown).
+    peers_died,
+    /// Malformed slots (the connection was closed).
+    bad_slots,
+    /// Refused or failed hellos.
+    bad_hellos,
+    /// Hellos naming a NID that is not ours.
+    wrong_nid,
+    /// Peers where the CMA probe failed.
+    cma_refused,
+    /// Connection attempts that failed.
+    connect_failed,
+}
+
+pub(crate) fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The default rendezvous directory for this user.
+pub fn default_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => Path::new(&d).join("lnet-shm"),
+        _ => PathBuf::from(format!("/dev/shm/lnet-shm-{}", nix::unistd::getuid())),
+    }
+}
+
+/// Create (mode 0700) or check the rendezvous directory: it must be ours
+/// and closed to everyone else.
+pub fn prepare_dir(dir: &Path) -> Result<(), ShmError> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(ShmError::Os("mkdir", e)),
+    }
+    let md = std::fs::symlink_metadata(dir).map_err(|e| ShmError::Os("stat", e))?;
+    if !md.is_dir() {
+        return Err(ShmError::Directory(dir.into(), "not a directory"));
+    }
+    if md.uid() != nix::unistd::getuid().as_raw() {
+        return Err(ShmError::Directory(dir.into(), "owned by another user"));
+    }
+    if md.permissions().mode() & 0o077 != 0 {
+        return Err(ShmError::Directory(dir.into(), "open to other users"));
+    }
+    Ok(())
+}
+
+/// Remove socket files in `dir` that no live node listens on (left by a
+/// crash). Returns the paths removed.
+pub fn cleanup(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut gone = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "sock") && remove_if_stale(&p) {
+            gone.push(p);
+        }
+    }
+    Ok(gone)
+}
+
+/// Remove `p` when nothing listens on it. True when removed.
+fn remove_if_stale(p: &Path) -> bool {
+    match UnixStream::connect(p) {
+        Ok(_) => false,
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(p).is_ok(),
+        Err(_) => false,
+    }
+}
+
+fn sock_path(dir: &Path, nid: Nid) -> PathBuf {
+    dir.join(format!("{nid}.sock"))
+}
+
+/// The word a peer reads with `process_vm_readv` to learn whether CMA is
+/// allowed between us.
+static PROBE: AtomicU64 = AtomicU64::new(0);
+
+enum PeerState {
+    /// A connection is being set up; messages wait here (bounded by credits).
+    Connecting(Vec<TxMsg>),
+    Up(Arc<Conn>),
+}
+
+pub(crate) struct Shared {
+    cfg: ShmConfig,
+    nid: Nid,
+    ni: NiContext,
+    incarnation: u64,
+    dir: PathBuf,
+    path: PathBuf,
+    doorbell: EventFd,
+    peers: Mutex<HashMap<Nid, PeerState>>,
+    conns: Mutex<Vec<Arc<Conn>>>,
+    conns_gen: AtomicU64,
+    stop: AtomicBool,
+    env: Arc<ConnEnv>,
+}
+
+/// The shm LND.
+pub struct ShmLnd {
+    cfg: ShmConfig,
+    pool: Option<(MemPool, Arc<Seg>)>,
+    stats: Arc<Stats>,
+    shared: OnceLock<Arc<Shared>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for ShmLnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmLnd")
+            .field("nid", &self.cfg.nid())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ShmLnd {
+    /// A new shm LND; its pool exists at once (allocate MD memory from
+    /// [`ShmLnd::pool`] before or after the node starts).
+    pub fn new(cfg: ShmConfig) -> Result<ShmLnd, ShmError> {
+        if cfg.slot_size < 1024 || cfg.slot_size > wire::MAX_SLOT || cfg.slot_size % 64 != 0 {
+            return Err(ShmError::BadSegment(
+                "slot_size must be 1 KiB..64 KiB, a multiple of 64",
+            ));
+        }
+        if cfg.slots == 0 || cfg.slots > wire::MAX_SLOTS {
+            return Err(ShmError::BadSegment("slots must be 1..4096"));
+        }
+        if cfg.bounce_buffers == 0
+            || cfg.bounce_buffers > wire::MAX_BOUNCE
+            || cfg.bounce_size < 4096
+            || cfg.bounce_size > wire::MAX_BOUNCE_SIZE
+        {
+            return Err(ShmError::BadSegment(
+                "bounce buffers: 1..64 of 4 KiB..4 MiB",
+            ));
+        }
+        let pool = if cfg.pool_size > 0 {
+            let size = wire::SEG_HDR_SIZE + cfg.pool_size.div_ceil(4096) * 4096;
+            let seg = Arc::new(Seg::create(c"lnet-shm-pool", size)?);
+            let h = SegHeader {
+                kind: wire::SEG_POOL,
+                size: size as u64,
+                data_off: wire::SEG_HDR_SIZE as u64,
+                ..Default::default()
+            };
+            seg.write(0, &h.encode())?;
+            let pool = MemPool::new(Box::new(seg.region(wire::SEG_HDR_SIZE)?));
+            Some((pool, seg))
+        } else {
+            None
+        };
+        Ok(ShmLnd {
+            cfg,
+            pool,
+            stats: Arc::new(Stats::default()),
+            shared: OnceLock::new(),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// This node's shared pool: MD memory its peers can reach with one
+    /// copy, or borrow without any.
+    pub fn pool(&self) -> Option<MemPool> {
+        self.pool.as_ref().map(|(p, _)| p.clone())
+    }
+    /// The NI's NID.
+    pub fn nid(&self) -> Nid {
+        self.cfg.nid()
+    }
+    /// Counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+    /// The socket this NI listens on (once started).
+    pub fn socket_path(&self) -> Option<PathBuf> {
+        self.shared.get().map(|s| s.path.clone())
+    }
+    /// Peers with a live connection.
+    pub fn connected_peers(&self) -> Vec<Nid> {
+        let Some(sh) = self.shared.get() else {
+            return Vec::new();
+        };
+        let mut v: Vec<Nid> = lock(&sh.conns).iter().map(|c| c.peer).collect();
+        v.sort();
+        v
+    }
+    /// Whether CMA is in use towards `peer` (the connect-time probe).
+    pub fn cma_with(&self, peer: Nid) -> Option<bool> {
+        let sh = self.shared.get()?;
+        lock(&sh.conns)
+            .iter()
+            .find(|c| c.peer == peer)
+            .map(|c| c.cma_ok())
+    }
+}
+
+impl Lnd for ShmLnd {
+    fn net_type(&self) -> NetType {
+        NetType::SHMLND
+    }
+
+    fn startup(&self, ni: NiContext) -> Result<LndInfo, Error> {
+        let cfg = self.cfg.clone();
+        let nid = cfg.nid();
+        let dir = cfg.dir.clone().unwrap_or_else(default_dir);
+        prepare_dir(&dir)?;
+        let path = sock_path(&dir, nid);
+        if path.exists() && !remove_if_stale(&path) {
+            return Err(ShmError::InUse(path).into());
+        }
+        let listener = UnixListener::bind(&path).map_err(|e| ShmError::Os("bind", e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| ShmError::Os("listen", e))?;
+        let doorbell =
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| ShmError::Os("eventfd", e.into()))?;
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ (u64::from(std::process::id()) << 32);
+        if PROBE.load(Ordering::Relaxed) == 0 {
+            PROBE.store(incarnation | 1, Ordering::Relaxed);
+        }
+        let env = Arc::new(ConnEnv {
+            ni: ni.clone(),
+            cfg: cfg.clone(),
+            pool: self.pool.as_ref().map(|(p, _)| p.clone()),
+            stats: self.stats.clone(),
+            eager: cfg.eager(),
+        });
+        let sh = Arc::new(Shared {
+            cfg: cfg.clone(),
+            nid,
+            ni,
+            incarnation,
+            dir,
+            path,
+            doorbell,
+            peers: Mutex::new(HashMap::new()),
+            conns: Mutex::new(Vec::new()),
+            conns_gen: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            env,
+        });
+        self.shared
+            .set(sh.clone())
+            .map_err(|_| Error::Invalid("shm NI started twice"))?;
+        let pool_fd = self.pool.as_ref().map(|(_, s)| s.clone());
+        let s1 = sh.clone();
+        let s2 = sh.clone();
+        let mut th = lock(&self.threads);
+        th.push(
+            std::thread::Builder::new()
+                .name(format!("shm-progress-{}", cfg.addr))
+                .spawn(move || progress_loop(&s1))
+                .map_err(|e| ShmError::Os("spawn", e))?,
+        );
+        th.push(
+            std::thread::Builder::new()
+                .name(format!("shm-accept-{}", cfg.addr))
+                .spawn(move || accept_loop(&s2, listener, pool_fd))
+                .map_err(|e| ShmError::Os("spawn", e))?,
+        );
+        info!(target: "net", %nid, path = %sh.path.display(), "shm NI up");
+        let eager = cfg.eager() as u32;
+        Ok(LndInfo {
+            nid,
+            limits: LndLimits {
+                max_payload: lnet::LNET_MTU,
+                eager_size: eager,
+                credits: 1024,
+                peer_credits: (cfg.slots as i32 / 2).max(1),
+                reply_inline: false,
+            },
+        })
+    }
+
+    fn send(&self, tx: TxMsg) {
+        let Some(sh) = self.shared.get() else {
+            tx.complete(Err(Error::Shutdown));
+            return;
+        };
+        if sh.stop.load(Ordering::Acquire) {
+            tx.complete(Err(Error::Shutdown));
+            return;
+        }
+        let peer = tx.peer();
+        let conn = {
+            let mut peers = lock(&sh.peers);
+            match peers.get_mut(&peer) {
+                Some(PeerState::Up(c)) if !c.is_dead() => c.clone(),
+                Some(PeerState::Connecting(q)) => {
+                    q.push(tx);
+                    return;
+                }
+                _ => {
+                    peers.insert(peer, PeerState::Connecting(vec![tx]));
+                    drop(peers);
+                    let sh2 = sh.clone();
+                    let pool = self.pool.as_ref().map(|(_, s)| s.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("shm-connect".into())
+                        .spawn(move || connect_peer(&sh2, peer, pool));
+                    if spawned.is_err() {
+                        fail_connecting(sh, peer, Error::Network("cannot spawn".into()));
+                    }
+                    return;
+                }
+            }
+        };
+        conn.send_msg(tx);
+    }
+
+    fn shutdown(&self) {
+        let Some(sh) = self.shared.get() else { return };
+        sh.stop.store(true, Ordering::Release);
+        let _ = sh.doorbell.write(1);
+        for t in lock(&self.threads).drain(..) {
+            let _ = t.join();
+        }
+        let conns: Vec<Arc<Conn>> = lock(&sh.conns).drain(..).collect();
+        let peers: Vec<(Nid, PeerState)> = lock(&sh.peers).drain().collect();
+        for c in conns {
+            c.kill(Error::Shutdown);
+        }
+        for (_, p) in peers {
+            if let PeerState::Connecting(q) = p {
+                for tx in q {
+                    tx.complete(Err(Error::Shutdown));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&sh.path);
+        debug!(target: "net", nid = %sh.nid, "shm NI down");
+    }
+}
+
+fn fail_connecting(sh: &Shared, peer: Nid, err: Error) {
+    let q = {
+        let mut peers = lock(&sh.peers);
+        match peers.get(&peer) {
+            Some(PeerState::Connecting(_)) => match peers.remove(&peer) {
+                Some(PeerState::Connecting(q)) => q,
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        }
+    };
+    for tx in q {
+        tx.complete(Err(err.clone()));
+    }
+    sh.ni.peer_event(peer, PeerEvent::Down);
+}
+
+/// Install an established connection: it replaces whatever was there; the
+/// messages that waited for it are sent in order.
+fn install(sh: &Arc<Shared>, c: Arc<Conn>) {
+    let (queued, old) = {
+        let mut peers = lock(&sh.peers);
+        let prev = peers.insert(c.peer, PeerState::Up(c.clone()));
+        lock(&sh.conns).push(c.clone());
+        match prev {
+            Some(PeerState::Connecting(q)) => (q, None),
+            Some(PeerState::Up(o)) => (Vec::new(), Some(o)),
+            None => (Vec::new(), None),
+        }
+    };
+    sh.conns_gen.fetch_add(1, Ordering::AcqRel);
+    let _ = sh.doorbell.write(1);
+    inc(&sh.env.stats.conns_up);
+    if let Some(o) = old {
+        retire(sh, &o, Error::PeerDown(o.peer.to_string()));
+    }
+    sh.ni.peer_event(c.peer, PeerEvent::Up);
+    debug!(target: "net", peer = %c.peer, cma = c.cma_ok(), pool = c.has_peer_pool(), "shm connection up");
+    for tx in queued {
+        c.send_msg(tx);
+    }
+}
+
+/// Take a connection out of service and end everything it carried.
+fn retire(sh: &Shared, c: &Arc<Conn>, err: Error) {
+    {
+        let mut peers = lock(&sh.peers);
+        if matches!(peers.get(&c.peer), Some(PeerState::Up(x)) if Arc::ptr_eq(x, c)) {
+            peers.remove(&c.peer);
+        }
+        lock(&sh.conns).retain(|x| !Arc::ptr_eq(x, c));
+    }
+    sh.conns_gen.fetch_add(1, Ordering::AcqRel);
+    if c.kill(err) {
+        inc(&sh.env.stats.peers_died);
+        // Nothing it owed us will come; then mark it down.
+        sh.ni.peer_event(c.peer, PeerEvent::Restarted);
+        sh.ni.peer_event(c.peer, PeerEvent::Down);
+        // A crashed peer leaves its socket file: remove it if nobody
+        // listens there any more.
+        if !sh.stop.load(Ordering::Acquire) {
+            remove_if_stale(&sock_path(&sh.dir, c.peer));
+        }
+    }
+}
+
+/// Our half of a connection: our ring segment (we produce into it).
+fn make_ring(cfg: &ShmConfig) -> Result<(Arc<Seg>, SegHeader), ShmError> {
+    let slots_bytes = cfg.slots as u64 * cfg.slot_size as u64;
+    let bounce_off = (wire::SEG_HDR_SIZE as u64 + slots_bytes).div_ceil(4096) * 4096;
+    let size = bounce_off + cfg.bounce_buffers as u64 * cfg.bounce_size as u64;
+    let h = SegHeader {
+        kind: wire::SEG_RING,
+        size,
+        nslots: cfg.slots,
+        slot_size: cfg.slot_size,
+        data_off: wire::SEG_HDR_SIZE as u64,
+        nbounce: cfg.bounce_buffers,
+        bounce_size: cfg.bounce_size,
+        bounce_off,
+        ctl_off: 1024,
+    };
+    let seg = Arc::new(Seg::create(c"lnet-shm-ring", size as usize)?);
+    seg.write(0, &h.encode())?;
+    Ok((seg, h))
+}
+
+/// A peer's ring (and its header), its pool (and where the pool region
+/// starts), its doorbell.
+type PeerSegs = (Arc<Seg>, SegHeader, Option<(Arc<Seg>, usize)>, OwnedFd);
+
+/// Map and check a peer's segments: ring, optional pool.
+fn map_peer(fds: Vec<OwnedFd>, flags: u32) -> Result<PeerSegs, ShmError> {
+    let want = if flags & wire::HELLO_HAS_POOL != 0 {
+        3
+    } else {
+        2
+    };
+    if fds.len() != want {
+        return Err(ShmError::BadHello("wrong number of descriptors"));
+    }
+    let mut it = fds.into_iter();
+    let ring = Seg::map(it.next().ok_or(ShmError::BadHello("fds"))?)?;
+    let mut hb = [0u8; SegHeader::LEN];
+    ring.read(0, &mut hb)?;
+    let rh = SegHeader::decode(&hb, ring.len() as u64, wire::SEG_RING)?;
+    let bell = it.next().ok_or(ShmError::BadHello("fds"))?;
+    let pool = match it.next() {
+        Some(fd) => {
+            let p = Seg::map(fd)?;
+            p.read(0, &mut hb)?;
+            let ph = SegHeader::decode(&hb, p.len() as u64, wire::SEG_POOL)?;
+            Some((Arc::new(p), ph.data_off as usize))
+        }
+        None => None,
+    };
+    Ok((Arc::new(ring), rh, pool, bell))
+}
+
+fn our_hello(sh: &Shared, dst: Nid, active: bool, has_pool: bool) -> Hello {
+    Hello {
+        reject: 0,
+        flags: if has_pool { wire::HELLO_HAS_POOL } else { 0 }
+            | if active { wire::HELLO_ACTIVE } else { 0 },
+        src_nid: u64::from(sh.nid.addr4().unwrap_or(0)),
+        dst_nid: u64::from(dst.addr4().unwrap_or(0)),
+        incarnation: sh.incarnation,
+        pid: std::process::id(),
+        probe_addr: &PROBE as *const AtomicU64 as u64,
+        probe_value: PROBE.load(Ordering::Relaxed),
+    }
+}
+
+fn fds_of(ring: &Seg, pool: &Option<Arc<Seg>>, bell: &EventFd) -> Vec<std::os::fd::RawFd> {
+    let mut v = vec![ring.fd(), bell.as_raw_fd()];
+    if let Some(p) = pool {
+        v.push(p.fd());
+    }
+    v
+}
+
+fn reject(s: &UnixStream, why: RejectReason) {
+    let h = Hello {
+        reject: why as u32,
+        ..Default::default()
+    };
+    let _ = sys::send_with_fds(s, &h.encode(), &[]);
+}
+
+/// Our side of a new connection to `peer`.
+fn connect_peer(sh: &Arc<Shared>, peer: Nid, pool: Option<Arc<Seg>>) {
+    match try_connect(sh, peer, &pool) {
+        Ok(Some(c)) => install(sh, c),
+        Ok(None) => {
+            // We lost a simultaneous connect: the peer's connection to us
+            // is (or will shortly be) installed by the acceptor.
+            let deadline = Instant::now() + sh.cfg.connect_timeout;
+            while Instant::now() < deadline && !sh.stop.load(Ordering::Acquire) {
+                if matches!(lock(&sh.peers).get(&peer), Some(PeerState::Up(_)) | None) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            fail_connecting(sh, peer, Error::PeerDown(peer.to_string()));
+        }
+        Err(e) => {
+            inc(&sh.env.stats.connect_failed);
+            debug!(target: "net", %peer, error = %e, "shm connect failed");
+            fail_connecting(sh, peer, Error::PeerDown(format!("{peer}: {e}")));
+        }
+    }
+}
+
+fn try_connect(
+    sh: &Arc<Shared>,
+    peer: Nid,
+    pool: &Option<Arc<Seg>>,
+) -> Result<Option<Arc<Conn>>, ShmError> {
+    if peer.net() != sh.nid.net() || peer.addr4().is_none() {
+        return Err(ShmError::BadHello("not a NID of this shm network"));
+    }
+    let s =
+        UnixStream::connect(sock_path(&sh.dir, peer)).map_err(|e| ShmError::Os("connect", e))?;
+    s.set_read_timeout(Some(sh.cfg.connect_timeout))
+        .map_err(|e| ShmError::Os("timeout", e))?;
+    let (ring, _) = make_ring(&sh.cfg)?;
+    let h = our_hello(sh, peer, true, pool.is_some());
+    sys::send_with_fds(&s, &h.encode(), &fds_of(&ring, pool, &sh.doorbell))
+        .map_err(|e| ShmError::Os("send hello", e))?;
+    let mut b = [0u8; Hello::LEN];
+    let fds = sys::recv_with_fds(&s, &mut b, 3).map_err(|e| ShmError::Os("hello reply", e))?;
+    let rh = Hello::decode(&b)?;
+    if rh.reject == RejectReason::Race as u32 {
+        return Ok(None);
+    }
+    if rh.reject != 0 {
+        return Err(ShmError::Rejected(rh.reject));
+    }
+    if u64::from(peer.addr4().unwrap_or(0)) != rh.src_nid {
+        return Err(ShmError::BadHello("the peer is not whom we dialled"));
+    }
+    let (pring, prh, ppool, pbell) = map_peer(fds, rh.flags)?;
+    let c = Conn::new(sh.env.clone(), peer, &rh, s, ring, pring, prh, ppool, pbell)?;
+    Ok(Some(c))
+}
+
+fn accept_loop(sh: &Arc<Shared>, l: UnixListener, pool: Option<Arc<Seg>>) {
+    while !sh.stop.load(Ordering::Acquire) {
+        let mut fds = [PollFd::new(l.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, 100u16).unwrap_or(0) <= 0 {
+            continue;
+        }
+        match l.accept() {
+            Ok((s, _)) => {
+                if let Err(e) = accept_one(sh, s, &pool) {
+                    inc(&sh.env.stats.bad_hellos);
+                    warn!(target: "neterror", error = %e, "shm hello refused");
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => {
+                warn!(target: "neterror", error = %e, "shm accept");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn accept_one(sh: &Arc<Shared>, s: UnixStream, pool: &Option<Arc<Seg>>) -> Result<(), ShmError> {
+    s.set_nonblocking(false)
+        .map_err(|e| ShmError::Os("socket", e))?;
+    s.set_read_timeout(Some(sh.cfg.connect_timeout.min(Duration::from_secs(2))))
+        .map_err(|e| ShmError::Os("socket", e))?;
+    let mut b = [0u8; Hello::LEN];
+    let fds = match sys::recv_with_fds(&s, &mut b, 3) {
+        Ok(f) => f,
+        // A probe (a survivor checking whether we are alive) or a silent
+        // client: nothing to answer.
+        Err(e) => return Err(ShmError::Os("hello", e)),
+    };
+    let h = Hello::decode(&b)?;
+    if h.dst_nid != u64::from(sh.nid.addr4().unwrap_or(0)) {
+        inc(&sh.env.stats.wrong_nid);
+        reject(&s, RejectReason::WrongNid);
+        return Err(ShmError::BadHello("names a NID that is not ours"));
+    }
+    if sh.stop.load(Ordering::Acquire) {
+        reject(&s, RejectReason::Shutdown);
+        return Ok(());
+    }
+    let peer = Nid::new4(sh.nid.net(), h.src_nid as u32);
+    let (pring, prh, ppool, pbell) = match map_peer(fds, h.flags) {
+        Ok(x) => x,
+        Err(e) => {
+            reject(&s, RejectReason::Invalid);
+            return Err(e);
+        }
+    };
+    // Simultaneous connects: the higher NID's connection wins.
+    {
+        let peers = lock(&sh.peers);
+        if matches!(peers.get(&peer), Some(PeerState::Connecting(_))) && sh.nid > peer {
+            drop(peers);
+            reject(&s, RejectReason::Race);
+            return Ok(());
+        }
+    }
+    let (ring, _) = make_ring(&sh.cfg)?;
+    let reply = our_hello(sh, peer, false, pool.is_some());
+    let fds = fds_of(&ring, pool, &sh.doorbell);
+    let c = Conn::new(sh.env.clone(), peer, &h, s, ring, pring, prh, ppool, pbell)?;
+    sys::send_with_fds(&c.sock, &reply.encode(), &fds)
+        .map_err(|e| ShmError::Os("hello reply", e))?;
+    install(sh, c);
+    Ok(())
+}
+
+fn progress_loop(sh: &Arc<Shared>) {
+    let mut conns: Vec<Arc<Conn>> = Vec::new();
+    let mut gen_seen = u64::MAX;
+    let mut idle_since = Instant::now();
+    let mut last_sock_check = Instant::now();
+    let sock_every = Duration::from_millis(2);
+    while !sh.stop.load(Ordering::Acquire) {
+        let g = sh.conns_gen.load(Ordering::Acquire);
+        if g != gen_seen {
+            conns = lock(&sh.conns).clone();
+            gen_seen = g;
+        }
+        let mut work = 0;
+        let mut broken = Vec::new();
+        for c in &conns {
+            match c.progress() {
+                Ok(n) => work += n,
+                Err(e) => broken.push((c.clone(), e)),
+            }
+        }
+        for (c, e) in broken {
+            inc(&sh.env.stats.bad_slots);
+            warn!(target: "neterror", peer = %c.peer, error = %e, "shm peer broke the protocol; disconnecting");
+            retire(sh, &c, Error::Network(e.to_string()));
+            gen_seen = u64::MAX;
+        }
+        let now = Instant::now();
+        if work > 0 {
+            idle_since = now;
+            continue;
+        }
+        if now.duration_since(last_sock_check) >= sock_every {
+            last_sock_check = now;
+            if check_sockets(sh, &conns, 0) {
+                gen_seen = u64::MAX;
+            }
+        }
+        if sh.cfg.busy_poll || now.duration_since(idle_since) < sh.cfg.spin {
+            std::hint::spin_loop();
+            continue;
+        }
+        // Sleep: tell every producer, look once more, then wait.
+        let mut ready = false;
+        for c in &conns {
+            ready |= c.prepare_sleep();
+        }
+        if !ready {
+            inc(&sh.env.stats.sleeps);
+            if check_sockets(sh, &conns, 100) {
+                gen_seen = u64::MAX;
+            }
+        }
+        for c in &conns {
+            c.awake();
+        }
+        let _ = sh.doorbell.read();
+        idle_since = Instant::now();
+    }
+}
+
+/// Poll the doorbell and every connection's socket for up to `ms`; retire
+/// connections whose socket closed. True when one was retired.
+fn check_sockets(sh: &Arc<Shared>, conns: &[Arc<Conn>], ms: u16) -> bool {
+    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(conns.len() + 1);
+    fds.push(PollFd::new(sh.doorbell.as_fd(), PollFlags::POLLIN));
+    for c in conns {
+        fds.push(PollFd::new(c.sock.as_fd(), PollFlags::POLLIN));
+    }
+    if poll(&mut fds, ms).unwrap_or(0) <= 0 {
+        return false;
+    }
+    let dead: Vec<usize> = fds[1..]
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.revents().is_some_and(|r| !r.is_empty()))
+        .map(|(i, _)| i)
+        .collect();
+    drop(fds);
+    let mut any = false;
+    for i in dead {
+        // After the hello the socket carries nothing: readable means closed
+        // (or a peer writing garbage, which ends the connection too).
+        let c = &conns[i];
+        debug!(target: "net", peer = %c.peer, "shm peer socket closed");
+        retire(sh, c, Error::PeerDown(c.peer.to_string()));
+        any = true;
+    }
+    any
+}
