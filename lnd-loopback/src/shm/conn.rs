@@ -473,6 +473,9 @@ impl Conn {
                     }
                 }
             }
+            if p.backlog.is_empty() {
+                p.ring.got_space(ctl);
+            }
         }
         if wake {
             self.ring_peer();

@@ -96,22 +96,25 @@ impl Producer {
         self.tail = self.tail.wrapping_add(1);
         ctl.tail.store(self.tail, Ordering::Release);
         fence(Ordering::SeqCst);
-        // An RMW reads the newest value: never a stale "awake".
-        ctl.consumer_sleeping.swap(0, Ordering::AcqRel) != 0
+        ctl.consumer_sleeping.load(Ordering::Relaxed) != 0
     }
 
     /// Before sleeping with messages queued: ask to be woken when a slot
     /// frees. Returns true when one is free already (do not sleep).
     pub(crate) fn want_space(&mut self, ctl: &RingCtl) -> bool {
-        ctl.producer_waiting.swap(1, Ordering::SeqCst);
+        ctl.producer_waiting.store(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        // An RMW reads the newest `head` (a plain load could be stale).
-        self.cached_head = ctl.head.fetch_add(0, Ordering::SeqCst);
+        self.cached_head = ctl.head.load(Ordering::Acquire);
         let free = self.tail.wrapping_sub(self.cached_head) < self.nslots;
         if free {
             ctl.producer_waiting.store(0, Ordering::Relaxed);
         }
         free
+    }
+
+    /// After waking for space: stop asking the consumer for wake-ups.
+    pub(crate) fn got_space(&self, ctl: &RingCtl) {
+        ctl.producer_waiting.store(0, Ordering::Relaxed);
     }
 }
 
@@ -158,16 +161,15 @@ impl Consumer {
         self.head = self.head.wrapping_add(1);
         ctl.head.store(self.head, Ordering::Release);
         fence(Ordering::SeqCst);
-        ctl.producer_waiting.swap(0, Ordering::AcqRel) != 0
+        ctl.producer_waiting.load(Ordering::Relaxed) != 0
     }
 
     /// Before sleeping: ask to be woken. Returns true when a message is
     /// there already (do not sleep).
     pub(crate) fn prepare_sleep(&self, ctl: &RingCtl) -> bool {
-        ctl.consumer_sleeping.swap(1, Ordering::SeqCst);
+        ctl.consumer_sleeping.store(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        // An RMW reads the newest `tail` (a plain load could be stale).
-        let ready = ctl.tail.fetch_add(0, Ordering::SeqCst) != self.head;
+        let ready = ctl.tail.load(Ordering::Acquire) != self.head;
         if ready {
             ctl.consumer_sleeping.store(0, Ordering::Relaxed);
         }
@@ -263,11 +265,13 @@ mod tests {
         assert!(!q.prepare_sleep(&c));
         p.reserve(&c).unwrap();
         assert!(p.publish(&c), "sleeping consumer must be woken");
+        q.awake(&c);
         assert!(p.reserve(&c).is_some());
-        assert!(!p.publish(&c), "flag was consumed");
+        assert!(!p.publish(&c), "the consumer is awake");
         assert!(!p.want_space(&c));
         assert_eq!(q.peek(&c), Peek::Ready(0));
         assert!(q.release(&c), "waiting producer must be woken");
+        p.got_space(&c);
     }
 }
 
@@ -340,6 +344,7 @@ mod loom_tests {
                             if !p.want_space(&c2) {
                                 pb.wait();
                             }
+                            p.got_space(&c2);
                         }
                     }
                 }
@@ -371,7 +376,7 @@ mod loom_tests {
     }
 
     #[test]
-    fn loom_single_message() {
+    fn loom_two_messages() {
         run(3, 2);
     }
 

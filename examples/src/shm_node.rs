@@ -1,0 +1,200 @@
+//! A node with one shm NI that serves two portals until its stdin closes:
+//! the peer process of the shm tests and benchmarks.
+//!
+//! * portal 10 (`ECHO_PORTAL`): one 8 MiB MD taking PUTs and serving GETs
+//!   at the offset the initiator names (any match bits);
+//! * portal 11 (`PATTERN_PORTAL`): 1 MiB of `pattern(len, 7)` for GETs.
+//!
+//! Prints `READY <nid> <pid>` once up. On a line `STATS` on stdin it prints
+//! `STATS <counters>` (the LND's [`StatsSnapshot`] in Debug form).
+//! Options: `--addr N` (the NID number, required), `--dir DIR`
+//! (rendezvous directory), `--no-cma`, `--no-pool`, `--pool-md` (both MDs
+//! in the shared pool; the pattern is frozen, so peers may borrow it),
+//! `--busy-poll`, `--pool-size BYTES`.
+//!
+//! With `--verify NID` it is a client instead: `--rounds N` times it PUTs
+//! and GETs 0 B to 1 MiB (at most `--stripe BYTES`) into its own stripe of
+//! the echo MD of the node at NID, checks every byte, prints `VERIFY OK`
+//! and exits 0 (1 on any failure).
+//!
+//! [`StatsSnapshot`]: lnd_loopback::shm::StatsSnapshot
+
+use std::io::{BufRead, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lnd_loopback::LoLnd;
+use lnd_loopback::shm::{ShmConfig, ShmLnd};
+use lnet::{
+    AckReq, EventQueue, InsPos, Lnet, LnetBuilder, Md, MdBuffer, MdOptions, ProcessId, Segment,
+    Threshold, Unlink,
+};
+
+/// Portal of the echo MD.
+pub const ECHO_PORTAL: u32 = 10;
+/// Portal of the pattern MD.
+pub const PATTERN_PORTAL: u32 = 11;
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opt = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let flag = |k: &str| args.iter().any(|a| a == k);
+    let addr: u32 = opt("--addr").ok_or("--addr N is required")?.parse()?;
+    let mut cfg = ShmConfig::new(addr);
+    if let Some(d) = opt("--dir") {
+        cfg = cfg.dir(d);
+    }
+    cfg.use_cma = !flag("--no-cma");
+    cfg.use_pool = !flag("--no-pool");
+    cfg.busy_poll = flag("--busy-poll");
+    if let Some(s) = opt("--pool-size") {
+        cfg.pool_size = s.parse()?;
+    }
+    let shm = Arc::new(ShmLnd::new(cfg)?);
+    let node = LnetBuilder::new(Arc::new(LoLnd::new()))
+        .ni(shm.clone())
+        .response_timeout(Duration::from_secs(20))
+        .build()?;
+    if let Some(peer) = opt("--verify") {
+        let rounds: usize = opt("--rounds").map_or(Ok(1), |r| r.parse())?;
+        let stripe: u32 = opt("--stripe").map_or(Ok(1 << 20), |r| r.parse())?;
+        let peer = ProcessId::new(peer.parse()?, lnet::LNET_PID_LUSTRE);
+        let r = verify(&node, peer, rounds, addr, stripe.clamp(1, 1 << 20));
+        node.shutdown();
+        return match r {
+            Ok(()) => {
+                println!("VERIFY OK");
+                Ok(())
+            }
+            Err(e) => {
+                println!("VERIFY FAILED {e}");
+                std::process::exit(1);
+            }
+        };
+    }
+    let pool_md = flag("--pool-md");
+    let echo: MdBuffer = if pool_md {
+        let pool = shm.pool().ok_or("--pool-md needs a pool")?;
+        let mut b = pool.alloc(8 << 20).ok_or("pool too small")?;
+        b.fill(0);
+        b.into()
+    } else {
+        vec![0u8; 8 << 20].into()
+    };
+    let pat = pattern(1 << 20, 7);
+    let pattern_md: MdBuffer = if pool_md {
+        let pool = shm.pool().ok_or("--pool-md needs a pool")?;
+        let mut b = pool.alloc(pat.len()).ok_or("pool too small")?;
+        b.copy_from_slice(&pat);
+        b.freeze().into()
+    } else {
+        pat.into()
+    };
+    node.attach(
+        ECHO_PORTAL,
+        ProcessId::ANY,
+        0,
+        u64::MAX,
+        Unlink::Retain,
+        InsPos::Tail,
+        Md::new(echo)
+            .options(MdOptions::OP_PUT | MdOptions::OP_GET | MdOptions::MANAGE_REMOTE)
+            .threshold(Threshold::Infinite),
+    )?;
+    node.attach(
+        PATTERN_PORTAL,
+        ProcessId::ANY,
+        0,
+        u64::MAX,
+        Unlink::Retain,
+        InsPos::Tail,
+        Md::new(pattern_md)
+            .options(MdOptions::OP_GET | MdOptions::MANAGE_REMOTE)
+            .threshold(Threshold::Infinite),
+    )?;
+    println!("READY {} {}", shm.nid(), std::process::id());
+    std::io::stdout().flush()?;
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        if line.trim() == "STATS" {
+            println!("STATS {:?}", shm.stats());
+            std::io::stdout().flush()?;
+        }
+    }
+    node.shutdown();
+    Ok(())
+}
+
+fn frags(data: &[u8], piece: usize) -> MdBuffer {
+    if data.is_empty() {
+        return MdBuffer::from(Vec::new());
+    }
+    let segs: Vec<Segment> = data.chunks(piece).map(|c| c.to_vec().into()).collect();
+    MdBuffer::from_frags(segs).expect("at most 256 fragments")
+}
+
+fn wait_final(q: &EventQueue) -> Res<Vec<lnet::Event>> {
+    let mut v = Vec::new();
+    loop {
+        let e = q
+            .recv_timeout(Duration::from_secs(30))
+            .ok_or("no event in 30 s")?;
+        let done = e.unlinked;
+        e.status.clone()?;
+        v.push(e);
+        if done {
+            return Ok(v);
+        }
+    }
+}
+
+fn verify(node: &Lnet, peer: ProcessId, rounds: usize, me: u32, stripe: u32) -> Res<()> {
+    // Each client writes its own stripe of the 8 MiB echo MD (clients
+    // with addresses that differ modulo the stripe count do not collide).
+    let base = (me % ((8 << 20) / stripe)) * stripe;
+    for r in 0..rounds {
+        for (i, &n) in [0usize, 1, 4096, 65536, 1 << 20].iter().enumerate() {
+            let n = n.min(stripe as usize);
+            let data = pattern(n, (me as u8) ^ (r as u8) ^ (i as u8));
+            let q = EventQueue::new();
+            let md = node.md_bind(
+                Md::new(frags(&data, 3 * 4096 + 5))
+                    .threshold(Threshold::Finite(2))
+                    .handler(q.handler()),
+            )?;
+            node.put(md, AckReq::Ack, peer, ECHO_PORTAL, 1, base, 0)?;
+            wait_final(&q)?;
+            let q = EventQueue::new();
+            let md = node.md_bind(
+                Md::new(frags(&vec![0u8; n], 8191))
+                    .threshold(Threshold::Finite(2))
+                    .handler(q.handler()),
+            )?;
+            node.get(md, peer, ECHO_PORTAL, 2, base)?;
+            let mut ev = wait_final(&q)?;
+            let got = ev
+                .iter_mut()
+                .find_map(|e| e.buffer.take())
+                .ok_or("no buffer")?
+                .into_vec();
+            if got != data {
+                return Err(format!("{n} bytes: echo differs").into());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,423 @@
+//! The shm LND between processes: this test process runs one node;
+//! `shm_node` processes are its peers. Each test uses its own rendezvous
+//! directory.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use lnd_loopback::LoLnd;
+use lnd_loopback::shm::{ShmConfig, ShmLnd};
+use lnet::{
+    AckReq, Error, Event, EventKind, EventQueue, Lnet, LnetBuilder, Md, MdBuffer, MdOptions, Nid,
+    ProcessId, Segment, Threshold,
+};
+
+const ECHO: u32 = 10;
+const PATTERN: u32 = 11;
+const T: Duration = Duration::from_secs(30);
+const SIZES: [usize; 6] = [0, 1, 4096, 65536, 300_001, 1 << 20];
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lnet-shm-x-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+struct Server {
+    p: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    nid: Nid,
+}
+
+impl Server {
+    fn start(addr: u32, dir: &Path, extra: &[&str]) -> Server {
+        let mut p = Command::new(env!("CARGO_BIN_EXE_shm_node"))
+            .args(["--addr", &addr.to_string(), "--dir"])
+            .arg(dir)
+            .args(["--pool-size", &(32 << 20).to_string()])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn shm_node");
+        let out = p.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = BufReader::new(out);
+            for l in r.lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let line = rx.recv_timeout(T).expect("READY line");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f.first(), Some(&"READY"), "{line}");
+        Server {
+            nid: f[1].parse().unwrap(),
+            stdin: p.stdin.take(),
+            lines: rx,
+            p,
+        }
+    }
+    fn id(&self) -> ProcessId {
+        ProcessId::new(self.nid, lnet::LNET_PID_LUSTRE)
+    }
+    /// One counter of the server's LND.
+    fn stat(&mut self, name: &str) -> u64 {
+        let i = self.stdin.as_mut().unwrap();
+        writeln!(i, "STATS").unwrap();
+        i.flush().unwrap();
+        let l = self.lines.recv_timeout(T).expect("STATS line");
+        let key = format!("{name}: ");
+        let at = l.find(&key).unwrap_or_else(|| panic!("{name} in {l}")) + key.len();
+        l[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+    fn kill(&mut self) {
+        let _ = self.p.kill();
+        let _ = self.p.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.p.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
+    }
+}
+
+fn client(addr: u32, dir: &Path, tune: impl FnOnce(&mut ShmConfig)) -> (Lnet, Arc<ShmLnd>) {
+    let mut cfg = ShmConfig::new(addr).dir(dir);
+    cfg.pool_size = 32 << 20;
+    tune(&mut cfg);
+    let shm = Arc::new(ShmLnd::new(cfg).unwrap());
+    let l = LnetBuilder::new(Arc::new(LoLnd::new()))
+        .ni(shm.clone())
+        .response_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    (l, shm)
+}
+
+fn finals(q: &EventQueue) -> Vec<Event> {
+    let mut v = Vec::new();
+    loop {
+        let e = q.recv_timeout(T).expect("event");
+        let done = e.unlinked;
+        v.push(e);
+        if done {
+            return v;
+        }
+    }
+}
+
+fn frags(data: &[u8], piece: usize) -> MdBuffer {
+    if data.is_empty() {
+        return MdBuffer::from(Vec::new());
+    }
+    let segs: Vec<Segment> = data.chunks(piece).map(|c| c.to_vec().into()).collect();
+    MdBuffer::from_frags(segs).unwrap()
+}
+
+fn put(l: &Lnet, to: ProcessId, src: MdBuffer, off: u32) -> Result<(), Error> {
+    let q = EventQueue::new();
+    let md = l
+        .md_bind(
+            Md::new(src)
+                .threshold(Threshold::Finite(2))
+                .handler(q.handler()),
+        )
+        .unwrap();
+    l.put(md, AckReq::Ack, to, ECHO, 1, off, 0)?;
+    let ev = finals(&q);
+    for e in &ev {
+        e.status.clone()?;
+    }
+    let mut kinds: Vec<_> = ev.iter().map(|e| e.kind as u8).collect();
+    kinds.sort();
+    assert_eq!(kinds, [EventKind::Ack as u8, EventKind::Send as u8]);
+    Ok(())
+}
+
+fn get(l: &Lnet, to: ProcessId, portal: u32, sink: MdBuffer, off: u32) -> Result<Vec<u8>, Error> {
+    let q = EventQueue::new();
+    let md = l
+        .md_bind(
+            Md::new(sink)
+                .threshold(Threshold::Finite(2))
+                .handler(q.handler()),
+        )
+        .unwrap();
+    l.get(md, to, portal, 2, off)?;
+    let mut ev = finals(&q);
+    for e in &ev {
+        e.status.clone()?;
+    }
+    assert!(ev.iter().any(|e| e.kind == EventKind::Reply));
+    Ok(ev
+        .iter_mut()
+        .find_map(|e| e.buffer.take())
+        .unwrap()
+        .into_vec())
+}
+
+/// PUT then GET back each size; GET the pattern. `src`/`sink` build the
+/// client's buffers.
+fn exchange(
+    l: &Lnet,
+    srv: &Server,
+    src: impl Fn(&[u8]) -> MdBuffer,
+    sink: impl Fn(usize) -> MdBuffer,
+) {
+    let reference = pattern(1 << 20, 7);
+    for (i, &n) in SIZES.iter().enumerate() {
+        let data = pattern(n, i as u8 + 1);
+        let off = (i as u32) << 20;
+        put(l, srv.id(), src(&data), off).unwrap_or_else(|e| panic!("put {n}: {e}"));
+        let back = get(l, srv.id(), ECHO, sink(n), off).unwrap_or_else(|e| panic!("get {n}: {e}"));
+        assert!(back == data, "echo of {n} bytes differs");
+        let p = get(l, srv.id(), PATTERN, sink(n), 0).unwrap();
+        assert!(p == reference[..n], "pattern of {n} bytes differs");
+    }
+}
+
+/// Bulk sizes in SIZES (above the eager size of 8104 bytes).
+const BULK: u64 = 3;
+
+#[test]
+fn cma_path_between_two_processes() {
+    let dir = tmpdir("cma");
+    let mut srv = Server::start(2, &dir, &[]);
+    let (l, shm) = client(1, &dir, |_| {});
+    exchange(
+        &l,
+        &srv,
+        |d| frags(d, 3 * 4096 + 5),
+        |n| frags(&vec![0; n], 8191),
+    );
+    let s = shm.stats();
+    assert_eq!(shm.cma_with(srv.nid), Some(true));
+    // echo and pattern GETs land by CMA here; PUTs by CMA at the server.
+    assert_eq!(s.bulk_cma, 2 * BULK, "{s:?}");
+    assert_eq!(srv.stat("bulk_cma"), BULK);
+    assert_eq!(s.bulk_bounce + s.bulk_pool_read + s.bulk_pool_write, 0);
+    l.shutdown();
+}
+
+#[test]
+fn pool_paths_between_two_processes() {
+    let dir = tmpdir("pool");
+    let mut srv = Server::start(2, &dir, &["--pool-md"]);
+    let (l, shm) = client(1, &dir, |_| {});
+    let pool = shm.pool().unwrap();
+    let in_pool = |d: &[u8]| {
+        let mut b = pool.alloc(d.len()).unwrap();
+        b.copy_from_slice(d);
+        MdBuffer::from(b)
+    };
+    // Sources in our pool (the server copies from its mapping), sinks in
+    // ordinary memory (we copy from the server's pool, where its MDs live).
+    exchange(&l, &srv, in_pool, |n| frags(&vec![0; n], 8191));
+    let s = shm.stats();
+    assert_eq!(s.bulk_pool_read, 2 * BULK, "{s:?}");
+    assert_eq!(srv.stat("bulk_pool_read"), BULK);
+    // Sinks in our pool, sources in the server's ordinary memory: the server
+    // copies into our pool.
+    let plain = Server::start(3, &dir, &[]);
+    exchange(
+        &l,
+        &plain,
+        |d| frags(d, 5000),
+        |n| MdBuffer::from(pool.alloc(n).unwrap()),
+    );
+    let s2 = shm.stats();
+    assert_eq!(s2.bulk_pool_write, 2 * BULK, "{s2:?}");
+    assert_eq!(s2.bulk_cma + s2.bulk_bounce, 0);
+    l.shutdown();
+}
+
+#[test]
+fn bounce_path_between_two_processes() {
+    let dir = tmpdir("bounce");
+    let mut srv = Server::start(2, &dir, &["--no-cma", "--no-pool"]);
+    let (l, shm) = client(1, &dir, |c| {
+        c.use_cma = false;
+        c.use_pool = false;
+    });
+    exchange(
+        &l,
+        &srv,
+        |d| frags(d, 4099 * 2),
+        |n| frags(&vec![0; n], 3 * 4095),
+    );
+    let s = shm.stats();
+    assert_eq!(s.bulk_bounce, 2 * BULK, "{s:?}");
+    assert_eq!(srv.stat("bulk_bounce"), BULK);
+    assert_eq!(s.bulk_cma + s.bulk_pool_read + s.bulk_pool_write, 0);
+    l.shutdown();
+}
+
+#[test]
+fn loans_between_two_processes() {
+    let dir = tmpdir("loan");
+    let mut srv = Server::start(2, &dir, &["--pool-md"]);
+    let (l, shm) = client(1, &dir, |_| {});
+    let reference = pattern(1 << 20, 7);
+    for n in [4096usize, 65536, 1 << 20] {
+        let q = EventQueue::new();
+        let md = l
+            .md_bind(
+                Md::new(MdBuffer::loan_only(n))
+                    .options(MdOptions::LOAN)
+                    .threshold(Threshold::Finite(2))
+                    .handler(q.handler()),
+            )
+            .unwrap();
+        l.get(md, srv.id(), PATTERN, 2, 0).unwrap();
+        let mut ev = finals(&q);
+        let loan = ev.iter_mut().find_map(|e| e.loan.take()).expect("a loan");
+        assert!(loan[..] == reference[..n]);
+    }
+    let s = shm.stats();
+    // 4 KiB travels inline (then copied into a fresh buffer); the two bulk
+    // sizes are borrowed from the server's pool.
+    assert_eq!(s.bulk_loan, 2, "{s:?}");
+    let t0 = Instant::now();
+    while srv.stat("loans_returned") < 2 && t0.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(srv.stat("loans_returned"), 2);
+    l.shutdown();
+}
+
+fn dir_entries(d: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn sigkill_mid_transfer_then_restart() {
+    let dir = tmpdir("kill");
+    let mut srv = Server::start(2, &dir, &["--no-pool"]);
+    let (l, shm) = client(1, &dir, |_| {});
+    put(&l, srv.id(), frags(&[1u8; 10], 10), 0).unwrap();
+    // 4 GiB of 1 MiB PUTs (one shared buffer), as many in flight as
+    // credits allow; the rest queue in the core.
+    let q = EventQueue::new();
+    let n = 4096u64;
+    let buf = bytes::Bytes::from(vec![7u8; 1 << 20]);
+    for i in 0..n {
+        let md = l
+            .md_bind(
+                Md::new(buf.clone())
+                    .threshold(Threshold::Finite(2))
+                    .handler(q.handler())
+                    .user_ptr(i),
+            )
+            .unwrap();
+        l.put(md, AckReq::Ack, srv.id(), ECHO, 1, 0, 0).unwrap();
+    }
+    let mut ended = vec![0u32; n as usize];
+    let (mut ok, mut failed, mut seen) = (0, 0, 0);
+    let t0 = Instant::now();
+    let mut killed = false;
+    while seen < n && t0.elapsed() < Duration::from_secs(120) {
+        let e = q.recv_timeout(T).expect("every operation ends");
+        if e.unlinked {
+            ended[e.user_ptr as usize] += 1;
+            seen += 1;
+            if e.status.is_ok() {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+        }
+        if !killed && ok >= 1 {
+            srv.kill();
+            killed = true;
+        }
+    }
+    assert!(killed);
+    assert!(ended.iter().all(|&c| c == 1), "each ends exactly once");
+    assert!(failed > 0 && ok >= 1, "ok {ok} failed {failed}");
+    // The survivor removed the dead node's socket file; memfds leave nothing.
+    let t1 = Instant::now();
+    while dir_entries(&dir) != ["1@shm.sock"] && t1.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(dir_entries(&dir), ["1@shm.sock"]);
+    assert!(shm.connected_peers().is_empty());
+    assert!(shm.stats().peers_died >= 1);
+    // The peer comes back: traffic resumes without restarting us.
+    let srv2 = Server::start(2, &dir, &[]);
+    let data = pattern(1 << 20, 42);
+    put(&l, srv2.id(), frags(&data, 1 << 16), 0).unwrap();
+    assert!(get(&l, srv2.id(), ECHO, frags(&vec![0; 1 << 20], 1 << 16), 0).unwrap() == data);
+    l.shutdown();
+}
+
+#[test]
+fn sixty_four_peers_at_once() {
+    let dir = tmpdir("many");
+    let srv = Server::start(1000, &dir, &[]);
+    let kids: Vec<Child> = (1..=64u32)
+        .map(|a| {
+            Command::new(env!("CARGO_BIN_EXE_shm_node"))
+                .args(["--addr", &a.to_string(), "--dir"])
+                .arg(&dir)
+                .args(["--pool-size", "1048576", "--verify", &srv.nid.to_string()])
+                .args(["--rounds", "2", "--stripe", "131072"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn client")
+        })
+        .collect();
+    let mut oks = 0;
+    for k in kids {
+        let out = k.wait_with_output().unwrap();
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{s}");
+        if s.contains("VERIFY OK") {
+            oks += 1;
+        }
+    }
+    assert_eq!(oks, 64);
+    drop(srv);
+    // Clients shut down cleanly: their socket files are gone.
+    let t0 = Instant::now();
+    while !dir_entries(&dir).is_empty() && t0.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(dir_entries(&dir).is_empty(), "{:?}", dir_entries(&dir));
+}
