@@ -55,6 +55,9 @@ mod ring;
 mod sys;
 pub mod wire;
 
+#[cfg(all(test, not(lnet_loom)))]
+mod tests;
+
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

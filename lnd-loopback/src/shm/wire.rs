@@ -514,10 +514,27 @@ pub fn encode(out: &mut [u8], kind: Kind, flags: u16, cookie: u64, parts: &[&[u8
 /// Check a bounded fuzz input against every decoder (used by the fuzz
 /// target and the corpus replay): none may panic.
 pub fn fuzz_check(data: &[u8]) {
-    let _ = decode(data);
-    let _ = Hello::decode(data);
-    let _ = SegHeader::decode(data, data.len() as u64, SEG_RING);
-    let _ = SegHeader::decode(data, 1 << 30, SEG_POOL);
+    if let Ok((h, m)) = decode(data) {
+        // What decodes is within the slot and consistent.
+        assert!(SLOT_HDR + h.len as usize <= data.len());
+        match m {
+            Msg::Inline { hdr, payload } => assert_eq!(payload.len(), hdr.payload_length as usize),
+            Msg::Rdv { hdr, frags, .. } => {
+                assert!(frags.len() <= LNET_MAX_IOV);
+                assert!(frags.iter().map(|f| f.1).sum::<u64>() <= u64::from(hdr.payload_length));
+            }
+            _ => {}
+        }
+    }
+    if let Ok(h) = Hello::decode(data) {
+        assert_eq!(&h.encode()[..], data);
+    }
+    for (size, kind) in [(data.len() as u64, SEG_RING), (1 << 30, SEG_POOL)] {
+        if let Ok(h) = SegHeader::decode(data, size, kind) {
+            assert_eq!(&h.encode()[..], &data[..SegHeader::LEN]);
+            assert!(h.data_off <= h.size);
+        }
+    }
 }
 
 #[cfg(test)]
