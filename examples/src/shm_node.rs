@@ -3,10 +3,14 @@
 //!
 //! * portal 10 (`ECHO_PORTAL`): one 8 MiB MD taking PUTs and serving GETs
 //!   at the offset the initiator names (any match bits);
-//! * portal 11 (`PATTERN_PORTAL`): 1 MiB of `pattern(len, 7)` for GETs.
+//! * portal 11 (`PATTERN_PORTAL`): 1 MiB of `pattern(len, 7)` for GETs;
+//! * portal 12 (`LOAN_PORTAL`): PUTs of up to 1 MiB taken as loans (zero
+//!   copy when the sender's buffer is frozen pool memory) and dropped.
 //!
 //! Prints `READY <nid> <pid>` once up. On a line `STATS` on stdin it prints
-//! `STATS <counters>` (the LND's [`StatsSnapshot`] in Debug form).
+//! `STATS <counters>` (the LND's [`StatsSnapshot`] in Debug form); on
+//! `ADDR`, `ADDR <address>` of the pattern's 1 MiB in this process (a
+//! source for a raw `process_vm_readv` baseline).
 //! Options: `--addr N` (the NID number, required), `--dir DIR`
 //! (rendezvous directory), `--no-cma`, `--no-pool`, `--pool-md` (both MDs
 //! in the shared pool; the pattern is frozen, so peers may borrow it),
@@ -34,6 +38,8 @@ use lnet::{
 pub const ECHO_PORTAL: u32 = 10;
 /// Portal of the pattern MD.
 pub const PATTERN_PORTAL: u32 = 11;
+/// Portal of an MD that takes PUTs as loans (and drops them at once).
+pub const LOAN_PORTAL: u32 = 12;
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
@@ -95,12 +101,16 @@ fn main() -> Res<()> {
         vec![0u8; 8 << 20].into()
     };
     let pat = pattern(1 << 20, 7);
+    let pattern_addr;
     let pattern_md: MdBuffer = if pool_md {
         let pool = shm.pool().ok_or("--pool-md needs a pool")?;
         let mut b = pool.alloc(pat.len()).ok_or("pool too small")?;
         b.copy_from_slice(&pat);
-        b.freeze().into()
+        let f = b.freeze();
+        pattern_addr = f.as_ptr() as usize;
+        f.into()
     } else {
+        pattern_addr = pat.as_ptr() as usize;
         pat.into()
     };
     node.attach(
@@ -125,15 +135,28 @@ fn main() -> Res<()> {
             .options(MdOptions::OP_GET | MdOptions::MANAGE_REMOTE)
             .threshold(Threshold::Infinite),
     )?;
+    node.attach(
+        LOAN_PORTAL,
+        ProcessId::ANY,
+        0,
+        u64::MAX,
+        Unlink::Retain,
+        InsPos::Tail,
+        Md::new(MdBuffer::loan_only(1 << 20))
+            .options(MdOptions::OP_PUT | MdOptions::LOAN)
+            .threshold(Threshold::Infinite),
+    )?;
     println!("READY {} {}", shm.nid(), std::process::id());
     std::io::stdout().flush()?;
     let stdin = std::io::stdin();
     for line in stdin.lock().lines() {
         let line = line?;
-        if line.trim() == "STATS" {
-            println!("STATS {:?}", shm.stats());
-            std::io::stdout().flush()?;
+        match line.trim() {
+            "STATS" => println!("STATS {:?}", shm.stats()),
+            "ADDR" => println!("ADDR {pattern_addr}"),
+            _ => {}
         }
+        std::io::stdout().flush()?;
     }
     node.shutdown();
     Ok(())

@@ -105,6 +105,9 @@ impl Drop for RemoteLoan {
     }
 }
 
+/// Smallest frozen pool payload sent by descriptor (so it can be lent).
+const LOAN_MIN: usize = 4096;
+
 const DONE_OK: u32 = 0;
 const DONE_FAILED: u32 = 1;
 
@@ -296,7 +299,16 @@ impl Conn {
             }
         };
         let plen = tx.payload_len();
-        if plen <= self.env.eager {
+        // A frozen pool buffer of a page or more goes by descriptor even
+        // when it would fit a slot: the receiver may borrow it (no copy at
+        // all) or copy it once, instead of twice through the slot.
+        let lendable = plen >= LOAN_MIN
+            && self.env.cfg.use_pool
+            && self.env.pool.as_ref().is_some_and(|p| {
+                tx.payload_bytes()
+                    .is_some_and(|b| p.locate(b.as_ptr() as usize, b.len()).is_some())
+            });
+        if plen <= self.env.eager && !lendable {
             inc(&self.env.stats.tx_inline);
             self.send_inline(tx, &hb, plen);
         } else {

@@ -1,0 +1,463 @@
+//! shm between two processes, each figure beside its bound measured in the
+//! same run on this machine, with the ratio:
+//!
+//! * 1 MiB PUT, source in our shared pool (the peer copies once through its
+//!   mapping) beside a single-thread `memcpy` of 1 MiB;
+//! * 1 MiB PUT between ordinary buffers (`process_vm_readv` by the peer)
+//!   beside a raw `process_vm_readv` of 1 MiB from the same peer process;
+//! * the bounce path (no bound; reported);
+//! * loans at 4 KiB, 64 KiB and 1 MiB beside the one-copy pool path;
+//! * one-way latency of an 8-byte message (half the round trip of an 8-byte
+//!   GET, each issued from the previous one's completion callback) in busy-poll mode beside `ucx_perftest` over UCX's posix
+//!   transport (Debian's `ucx-utils`), and in the default mode beside a
+//!   blocking TCP ping-pong on loopback.
+//!
+//! `cargo bench -p lnet-examples --bench shm` (set `SHM_BENCH_SECS` for
+//! longer runs; 1 s per figure by default).
+
+use std::io::{BufRead, BufReader, IoSliceMut, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lnd_loopback::LoLnd;
+use lnd_loopback::shm::{ShmConfig, ShmLnd};
+use lnet::{AckReq, EventHandler, Lnet, LnetBuilder, Md, ProcessId, Threshold};
+
+const ECHO: u32 = 10;
+const PATTERN: u32 = 11;
+const LOAN: u32 = 12;
+const MIB: usize = 1 << 20;
+
+struct Srv {
+    p: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    id: ProcessId,
+    pid: i32,
+}
+
+impl Srv {
+    fn start(dir: &Path, extra: &[&str]) -> Srv {
+        let mut p = Command::new(env!("CARGO_BIN_EXE_shm_node"))
+            .args(["--addr", "2", "--dir"])
+            .arg(dir)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn shm_node");
+        let out = p.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let l = rx.recv_timeout(Duration::from_secs(30)).expect("READY");
+        let f: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(f[0], "READY", "{l}");
+        Srv {
+            id: ProcessId::new(f[1].parse().unwrap(), lnet::LNET_PID_LUSTRE),
+            pid: f[2].parse().unwrap(),
+            stdin: p.stdin.take().unwrap(),
+            lines: rx,
+            p,
+        }
+    }
+    fn ask(&mut self, cmd: &str) -> String {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        self.lines.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+}
+
+impl Drop for Srv {
+    fn drop(&mut self) {
+        let _ = self.p.kill();
+        let _ = self.p.wait();
+    }
+}
+
+fn client(dir: &Path, tune: impl FnOnce(&mut ShmConfig)) -> (Arc<Lnet>, Arc<ShmLnd>) {
+    let mut cfg = ShmConfig::new(1).dir(dir);
+    tune(&mut cfg);
+    let shm = Arc::new(ShmLnd::new(cfg).unwrap());
+    let l = LnetBuilder::new(Arc::new(LoLnd::new()))
+        .ni(shm.clone())
+        .build()
+        .unwrap();
+    (Arc::new(l), shm)
+}
+
+/// Keeps `depth` PUTs of `src` in flight (no ACK: a PUT ends when the peer
+/// has the payload), each completion issuing the next from the event
+/// callback, on the LND's own thread, as an LNet server would.
+struct Pump {
+    l: Weak<Lnet>,
+    to: ProcessId,
+    portal: u32,
+    src: Bytes,
+    stop: AtomicBool,
+    done: AtomicU64,
+    inflight: AtomicUsize,
+    fin: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+impl Pump {
+    fn issue(self: &Arc<Self>) {
+        let Some(l) = self.l.upgrade() else { return };
+        let me = self.clone();
+        let md = l
+            .md_bind(
+                Md::new(self.src.clone()).handler(EventHandler::callback(move |e| {
+                    assert!(e.status.is_ok(), "{:?}", e.status);
+                    if e.unlinked {
+                        me.done.fetch_add(1, Ordering::Relaxed);
+                        if me.stop.load(Ordering::Relaxed) {
+                            if me.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+                                if let Some(f) = me.fin.lock().unwrap().take() {
+                                    let _ = f.send(());
+                                }
+                            }
+                        } else {
+                            me.issue();
+                        }
+                    }
+                })),
+            )
+            .unwrap();
+        l.put(md, AckReq::NoAck, self.to, self.portal, 1, 0, 0)
+            .unwrap();
+    }
+}
+
+/// Bytes per second of PUTs of `src`, `depth` in flight, for `secs`.
+fn put_bw(l: &Arc<Lnet>, to: ProcessId, portal: u32, src: &Bytes, depth: usize, secs: f64) -> f64 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = Arc::new(Pump {
+        l: Arc::downgrade(l),
+        to,
+        portal,
+        src: src.clone(),
+        stop: AtomicBool::new(false),
+        done: AtomicU64::new(0),
+        inflight: AtomicUsize::new(depth),
+        fin: Mutex::new(Some(tx)),
+    });
+    let t0 = Instant::now();
+    for _ in 0..depth {
+        p.issue();
+    }
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let n = p.done.load(Ordering::Relaxed);
+    let dt = t0.elapsed().as_secs_f64();
+    p.stop.store(true, Ordering::Relaxed);
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("pump drained");
+    n as f64 * src.len() as f64 / dt
+}
+
+fn memcpy_bw(secs: f64) -> f64 {
+    let src = vec![3u8; MIB];
+    let mut dst = vec![0u8; MIB];
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&mut dst);
+        n += 1;
+    }
+    n as f64 * MIB as f64 / t0.elapsed().as_secs_f64()
+}
+
+fn cma_raw_bw(pid: i32, addr: usize, secs: f64) -> f64 {
+    let mut dst = vec![0u8; MIB];
+    let remote = [nix::sys::uio::RemoteIoVec {
+        base: addr,
+        len: MIB,
+    }];
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        let got = nix::sys::uio::process_vm_readv(pid, &mut [IoSliceMut::new(&mut dst)], &remote)
+            .unwrap();
+        assert_eq!(got, MIB);
+        n += 1;
+    }
+    n as f64 * MIB as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// 8-byte GETs one after the other, each issued from the previous one's
+/// completion callback (on the LND's thread, no thread hop).
+struct Pinger {
+    l: Weak<Lnet>,
+    to: ProcessId,
+    left: AtomicUsize,
+    fin: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+impl Pinger {
+    fn fire(self: &Arc<Self>) {
+        let Some(l) = self.l.upgrade() else { return };
+        let me = self.clone();
+        let md = l
+            .md_bind(
+                Md::new(vec![0u8; 8])
+                    .threshold(Threshold::Finite(2))
+                    .handler(EventHandler::callback(move |e| {
+                        assert!(e.status.is_ok(), "{:?}", e.status);
+                        if e.unlinked {
+                            if me.left.fetch_sub(1, Ordering::AcqRel) > 1 {
+                                me.fire();
+                            } else if let Some(f) = me.fin.lock().unwrap().take() {
+                                let _ = f.send(());
+                            }
+                        }
+                    })),
+            )
+            .unwrap();
+        l.get(md, self.to, PATTERN, 2, 0).unwrap();
+    }
+}
+
+/// One-way latency (half the round trip of an 8-byte GET), in µs.
+fn get_lat(l: &Arc<Lnet>, to: ProcessId, n: usize) -> f64 {
+    let run = |n: usize| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = Arc::new(Pinger {
+            l: Arc::downgrade(l),
+            to,
+            left: AtomicUsize::new(n),
+            fin: Mutex::new(Some(tx)),
+        });
+        let t0 = Instant::now();
+        p.fire();
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("pings done");
+        t0.elapsed().as_secs_f64() * 1e6 / n as f64 / 2.0
+    };
+    run(n / 10);
+    run(n)
+}
+
+fn tcp_pingpong_oneway(n: usize) -> f64 {
+    let l = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let at = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut b = [0u8; 8];
+        while s.read_exact(&mut b).is_ok() {
+            if s.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    let mut s = TcpStream::connect(at).unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut v = Vec::with_capacity(n);
+    let mut b = [7u8; 8];
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&b).unwrap();
+        s.read_exact(&mut b).unwrap();
+        v.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
+    }
+    drop(s);
+    h.join().unwrap();
+    median(v)
+}
+
+/// `ucx_perftest` latency (µs, average as it reports it) of `test` with
+/// `args`, server and client on this host.
+fn ucx_perftest(test: &str, args: &[&str], env: &[(&str, &str)]) -> Option<f64> {
+    let port = "13377";
+    let mut srv = Command::new("ucx_perftest")
+        .args(["-t", test, "-p", port])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new("ucx_perftest")
+        .args(["127.0.0.1", "-t", test, "-p", port, "-n", "200000"])
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .ok();
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let text = String::from_utf8_lossy(&out?.stdout).into_owned();
+    let line = text.lines().find(|l| l.starts_with("Final:"))?;
+    // Final: iterations, 50%ile, average, overall, ...
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn gbs(x: f64) -> f64 {
+    x / 1e9
+}
+
+fn tmpdir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lnet-shm-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let secs: f64 = std::env::var("SHM_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let dir = tmpdir();
+    println!("shm between two processes ({secs} s per figure; ratios are ours / bound)");
+
+    // --- pool path and CMA, against memcpy and raw CMA.
+    {
+        let mut srv = Srv::start(&dir, &[]);
+        let (l, shm) = client(&dir, |_| {});
+        let pool = shm.pool().unwrap();
+        let mut chunk = pool.alloc(MIB).unwrap();
+        chunk.fill(5);
+        let in_pool = chunk.freeze();
+        let plain = Bytes::from(vec![5u8; MIB]);
+        put_bw(&l, srv.id, ECHO, &plain, 4, 0.2); // connect and warm up
+        let mut pool_r = Vec::new();
+        let mut copy_r = Vec::new();
+        let mut cma_r = Vec::new();
+        let addr: usize = srv.ask("ADDR")[5..].trim().parse().unwrap();
+        for _ in 0..3 {
+            let p = put_bw(&l, srv.id, ECHO, &in_pool, 4, secs / 3.0);
+            let m = memcpy_bw(secs / 3.0);
+            let c = put_bw(&l, srv.id, ECHO, &plain, 4, secs / 3.0);
+            let r = cma_raw_bw(srv.pid, addr, secs / 3.0);
+            pool_r.push(p / m);
+            cma_r.push(c / r);
+            copy_r.push((p, m, c, r));
+        }
+        let last = copy_r[copy_r.len() - 1];
+        println!(
+            "1 MiB PUT, source in our pool (peer memcpy through its mapping): {:6.2} GB/s   memcpy 1 MiB {:6.2} GB/s   ratio {:.2} (median of 3 interleaved; goal >= 0.9)",
+            gbs(last.0),
+            gbs(last.1),
+            median(pool_r)
+        );
+        println!(
+            "1 MiB PUT, ordinary buffers (process_vm_readv by the peer):     {:6.2} GB/s   raw process_vm_readv {:6.2} GB/s   ratio {:.2} (goal >= 0.9)",
+            gbs(last.2),
+            gbs(last.3),
+            median(cma_r)
+        );
+        println!(
+            "  (raw process_vm_readv / memcpy on this machine: {:.2})",
+            last.3 / last.1
+        );
+
+        // --- loans against the one-copy pool path, same sizes.
+        let mut chunk = pool.alloc(MIB).unwrap();
+        chunk.fill(6);
+        let frozen = chunk.freeze();
+        for size in [4096usize, 65536, MIB] {
+            let src = frozen.slice(..size);
+            let before = shm.stats().tx_rdv;
+            let loan = put_bw(&l, srv.id, LOAN, &src, 16, secs / 2.0);
+            let copy = put_bw(&l, srv.id, ECHO, &src, 16, secs / 2.0);
+            assert!(shm.stats().tx_rdv > before, "sent by descriptor");
+            println!(
+                "loaned PUT {:>7} B: {:9.0} ops/s {:8.2} GB/s   one-copy pool path {:9.0} ops/s {:8.2} GB/s   ratio {:.1}{}",
+                size,
+                loan / size as f64,
+                gbs(loan),
+                copy / size as f64,
+                gbs(copy),
+                loan / copy,
+                if size == MIB {
+                    " (goal >= 10 at 1 MiB, flat in size)"
+                } else {
+                    ""
+                }
+            );
+        }
+        let st = srv.ask("STATS");
+        assert!(st.contains("bulk_loan"), "{st}");
+        l.shutdown();
+    }
+
+    // --- bounce path.
+    {
+        let srv = Srv::start(&dir, &["--no-cma", "--no-pool"]);
+        let (l, _shm) = client(&dir, |c| {
+            c.use_cma = false;
+            c.use_pool = false;
+        });
+        let plain = Bytes::from(vec![5u8; MIB]);
+        put_bw(&l, srv.id, ECHO, &plain, 4, 0.2);
+        let b = put_bw(&l, srv.id, ECHO, &plain, 4, secs);
+        let m = memcpy_bw(secs);
+        println!(
+            "1 MiB PUT, bounce buffers (no CMA, no pool):                    {:6.2} GB/s   (memcpy {:.2} GB/s; ratio {:.2}; no goal)",
+            gbs(b),
+            gbs(m),
+            b / m
+        );
+        l.shutdown();
+    }
+
+    // --- latency, busy-poll.
+    {
+        let srv = Srv::start(&dir, &["--busy-poll"]);
+        let (l, _shm) = client(&dir, |c| c.busy_poll = true);
+        let ours = get_lat(&l, srv.id, 20_000);
+        drop(srv);
+        l.shutdown();
+        let ucp = ucx_perftest("ucp_am_lat", &[], &[("UCX_TLS", "posix")]);
+        let uct = ucx_perftest("am_lat", &["-x", "posix", "-d", "memory"], &[]);
+        match ucp {
+            Some(u) => println!(
+                "8 B one-way latency, busy poll: {ours:6.3} us   ucx_perftest ucp_am_lat UCX_TLS=posix {u:6.3} us   ratio {:.2} (goal <= 1.0){}",
+                ours / u,
+                uct.map(|t| format!("; UCT am_lat posix {t:.3} us"))
+                    .unwrap_or_default()
+            ),
+            None => println!(
+                "8 B one-way latency, busy poll: {ours:6.3} us   ucx_perftest missing: apt-get install ucx-utils"
+            ),
+        }
+    }
+
+    // --- latency, default (adaptive spin, then sleep).
+    {
+        let srv = Srv::start(&dir, &[]);
+        let (l, shm) = client(&dir, |_| {});
+        let ours = get_lat(&l, srv.id, 20_000);
+        let sleeps = shm.stats().sleeps;
+        drop(srv);
+        l.shutdown();
+        let tcp = tcp_pingpong_oneway(20_000);
+        println!(
+            "8 B one-way latency, default mode: {ours:6.3} us   blocking TCP ping-pong {tcp:6.3} us   ratio {:.2} (goal < 1; our progress thread slept {sleeps} times)",
+            ours / tcp
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
