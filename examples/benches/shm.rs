@@ -7,8 +7,8 @@
 //!   beside a raw `process_vm_readv` of 1 MiB from the same peer process;
 //! * the bounce path (no bound; reported);
 //! * loans at 4 KiB, 64 KiB and 1 MiB beside the one-copy pool path;
-//! * one-way latency of an 8-byte message (half the round trip of an 8-byte
-//!   GET, each issued from the previous one's completion callback) in busy-poll mode beside `ucx_perftest` over UCX's posix
+//! * one-way latency of an 8-byte PUT (a ping-pong of PUTs, each answered
+//!   from the event callback of the one before) in busy-poll mode beside `ucx_perftest` over UCX's posix
 //!   transport (Debian's `ucx-utils`), and in the default mode beside a
 //!   blocking TCP ping-pong on loopback.
 //!
@@ -27,11 +27,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use lnd_loopback::LoLnd;
 use lnd_loopback::shm::{ShmConfig, ShmLnd};
-use lnet::{AckReq, EventHandler, Lnet, LnetBuilder, Md, ProcessId, Threshold};
+use lnet::{
+    AckReq, EventHandler, EventKind, InsPos, Lnet, LnetBuilder, Md, MdOptions, ProcessId,
+    Threshold, Unlink,
+};
 
 const ECHO: u32 = 10;
-const PATTERN: u32 = 11;
 const LOAN: u32 = 12;
+const PONG: u32 = 13;
 const MIB: usize = 1 << 20;
 
 struct Srv {
@@ -198,57 +201,57 @@ fn cma_raw_bw(pid: i32, addr: usize, secs: f64) -> f64 {
     n as f64 * MIB as f64 / t0.elapsed().as_secs_f64()
 }
 
-/// 8-byte GETs one after the other, each issued from the previous one's
-/// completion callback (on the LND's thread, no thread hop).
-struct Pinger {
-    l: Weak<Lnet>,
-    to: ProcessId,
-    left: AtomicUsize,
-    fin: Mutex<Option<std::sync::mpsc::Sender<()>>>,
-}
-
-impl Pinger {
-    fn fire(self: &Arc<Self>) {
-        let Some(l) = self.l.upgrade() else { return };
-        let me = self.clone();
-        let md = l
-            .md_bind(
-                Md::new(vec![0u8; 8])
-                    .threshold(Threshold::Finite(2))
-                    .handler(EventHandler::callback(move |e| {
-                        assert!(e.status.is_ok(), "{:?}", e.status);
-                        if e.unlinked {
-                            if me.left.fetch_sub(1, Ordering::AcqRel) > 1 {
-                                me.fire();
-                            } else if let Some(f) = me.fin.lock().unwrap().take() {
-                                let _ = f.send(());
-                            }
+/// One-way latency of an 8-byte PUT, in µs: a ping-pong of PUTs without
+/// ACK, each answered from an event callback on the LND's own thread (the
+/// server's `PONG_PORTAL` answers ours); time / (2 x round trips).
+fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize) -> f64 {
+    let left = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let tx = Mutex::new(tx);
+    let weak = Arc::downgrade(l);
+    let left2 = left.clone();
+    let me = l
+        .attach(
+            PONG,
+            ProcessId::ANY,
+            0,
+            u64::MAX,
+            Unlink::Retain,
+            InsPos::Tail,
+            Md::new(vec![0u8; 8])
+                .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
+                .threshold(Threshold::Infinite)
+                .handler(EventHandler::callback(move |e| {
+                    if e.kind != EventKind::Put {
+                        return;
+                    }
+                    if left2.fetch_sub(1, Ordering::AcqRel) > 1 {
+                        if let Some(l) = weak.upgrade() {
+                            ping(&l, to);
                         }
-                    })),
-            )
-            .unwrap();
-        l.get(md, self.to, PATTERN, 2, 0).unwrap();
-    }
-}
-
-/// One-way latency (half the round trip of an 8-byte GET), in µs.
-fn get_lat(l: &Arc<Lnet>, to: ProcessId, n: usize) -> f64 {
+                    } else {
+                        let _ = tx.lock().unwrap().send(());
+                    }
+                })),
+        )
+        .unwrap();
     let run = |n: usize| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let p = Arc::new(Pinger {
-            l: Arc::downgrade(l),
-            to,
-            left: AtomicUsize::new(n),
-            fin: Mutex::new(Some(tx)),
-        });
+        left.store(n, Ordering::Release);
         let t0 = Instant::now();
-        p.fire();
+        ping(l, to);
         rx.recv_timeout(Duration::from_secs(60))
-            .expect("pings done");
+            .expect("ping-pong done");
         t0.elapsed().as_secs_f64() * 1e6 / n as f64 / 2.0
     };
     run(n / 10);
-    run(n)
+    let r = run(n);
+    let _ = l.me_unlink(me.0);
+    r
+}
+
+fn ping(l: &Lnet, to: ProcessId) {
+    let md = l.md_bind(Md::new(vec![7u8; 8])).unwrap();
+    l.put(md, AckReq::NoAck, to, PONG, 0, 0, 0).unwrap();
 }
 
 fn tcp_pingpong_oneway(n: usize) -> f64 {
@@ -332,8 +335,9 @@ fn main() {
     let dir = tmpdir();
     println!("shm between two processes ({secs} s per figure; ratios are ours / bound)");
 
+    let only_lat = std::env::var("SHM_BENCH_ONLY").is_ok_and(|v| v == "latency");
     // --- pool path and CMA, against memcpy and raw CMA.
-    {
+    if !only_lat {
         let mut srv = Srv::start(&dir, &[]);
         let (l, shm) = client(&dir, |_| {});
         let pool = shm.pool().unwrap();
@@ -404,7 +408,7 @@ fn main() {
     }
 
     // --- bounce path.
-    {
+    if !only_lat {
         let srv = Srv::start(&dir, &["--no-cma", "--no-pool"]);
         let (l, _shm) = client(&dir, |c| {
             c.use_cma = false;
@@ -427,7 +431,7 @@ fn main() {
     {
         let srv = Srv::start(&dir, &["--busy-poll"]);
         let (l, _shm) = client(&dir, |c| c.busy_poll = true);
-        let ours = get_lat(&l, srv.id, 20_000);
+        let ours = put_lat(&l, srv.id, 50_000);
         drop(srv);
         l.shutdown();
         let ucp = ucx_perftest("ucp_am_lat", &[], &[("UCX_TLS", "posix")]);
@@ -449,7 +453,7 @@ fn main() {
     {
         let srv = Srv::start(&dir, &[]);
         let (l, shm) = client(&dir, |_| {});
-        let ours = get_lat(&l, srv.id, 20_000);
+        let ours = put_lat(&l, srv.id, 50_000);
         let sleeps = shm.stats().sleeps;
         drop(srv);
         l.shutdown();

@@ -5,7 +5,9 @@
 //!   at the offset the initiator names (any match bits);
 //! * portal 11 (`PATTERN_PORTAL`): 1 MiB of `pattern(len, 7)` for GETs;
 //! * portal 12 (`LOAN_PORTAL`): PUTs of up to 1 MiB taken as loans (zero
-//!   copy when the sender's buffer is frozen pool memory) and dropped.
+//!   copy when the sender's buffer is frozen pool memory) and dropped;
+//! * portal 13 (`PONG_PORTAL`): each PUT is answered, from the event
+//!   callback, by an 8-byte PUT back to the initiator's portal 13.
 //!
 //! Prints `READY <nid> <pid>` once up. On a line `STATS` on stdin it prints
 //! `STATS <counters>` (the LND's [`StatsSnapshot`] in Debug form); on
@@ -40,6 +42,9 @@ pub const ECHO_PORTAL: u32 = 10;
 pub const PATTERN_PORTAL: u32 = 11;
 /// Portal of an MD that takes PUTs as loans (and drops them at once).
 pub const LOAN_PORTAL: u32 = 12;
+/// Portal that answers each PUT with a PUT of the same 8 bytes back to
+/// the initiator's `PONG_PORTAL` (a latency ping-pong).
+pub const PONG_PORTAL: u32 = 13;
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
@@ -70,10 +75,12 @@ fn main() -> Res<()> {
         cfg.pool_size = s.parse()?;
     }
     let shm = Arc::new(ShmLnd::new(cfg)?);
-    let node = LnetBuilder::new(Arc::new(LoLnd::new()))
-        .ni(shm.clone())
-        .response_timeout(Duration::from_secs(20))
-        .build()?;
+    let node = Arc::new(
+        LnetBuilder::new(Arc::new(LoLnd::new()))
+            .ni(shm.clone())
+            .response_timeout(Duration::from_secs(20))
+            .build()?,
+    );
     if let Some(peer) = opt("--verify") {
         let rounds: usize = opt("--rounds").map_or(Ok(1), |r| r.parse())?;
         let stripe: u32 = opt("--stripe").map_or(Ok(1 << 20), |r| r.parse())?;
@@ -145,6 +152,28 @@ fn main() -> Res<()> {
         Md::new(MdBuffer::loan_only(1 << 20))
             .options(MdOptions::OP_PUT | MdOptions::LOAN)
             .threshold(Threshold::Infinite),
+    )?;
+    let weak = Arc::downgrade(&node);
+    node.attach(
+        PONG_PORTAL,
+        ProcessId::ANY,
+        0,
+        u64::MAX,
+        Unlink::Retain,
+        InsPos::Tail,
+        Md::new(vec![0u8; 8])
+            .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
+            .threshold(Threshold::Infinite)
+            .handler(lnet::EventHandler::callback(move |e| {
+                if e.kind != lnet::EventKind::Put {
+                    return;
+                }
+                if let Some(l) = weak.upgrade() {
+                    if let Ok(md) = l.md_bind(Md::new(vec![0u8; 8])) {
+                        let _ = l.put(md, AckReq::NoAck, e.initiator, PONG_PORTAL, 0, 0, 0);
+                    }
+                }
+            })),
     )?;
     println!("READY {} {}", shm.nid(), std::process::id());
     std::io::stdout().flush()?;

@@ -133,8 +133,9 @@ impl LnetBuilder {
                 .map(|_| Mutex::new(Container::default()))
                 .collect(),
             next_seq: AtomicU64::new(1),
+            shard_hasher: foldhash::fast::RandomState::default(),
             peers: (0..PEER_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
+                .map(|_| Mutex::new(PeerTable::default()))
                 .collect(),
             counters: NodeCounters::default(),
             shutting_down: AtomicBool::new(false),
@@ -240,7 +241,9 @@ struct NiTx {
 }
 
 /// Peer NIs of one shard, by (NI index, peer NID).
-type PeerTable = HashMap<(usize, Nid), PeerNi>;
+/// Seeded per process (foldhash): fast, and a peer cannot choose NIDs
+/// that collide.
+type PeerTable = HashMap<(usize, Nid), PeerNi, foldhash::fast::RandomState>;
 
 struct PeerNi {
     credits: Credits,
@@ -380,7 +383,7 @@ struct Delayed {
 #[derive(Default)]
 struct Container {
     table: MatchTable<MeState>,
-    mds: HashMap<u64, MdState>,
+    mds: HashMap<u64, MdState, foldhash::fast::RandomState>,
     lazy: bool,
     delayed: VecDeque<Delayed>,
     timers: BTreeMap<(Instant, u64), ()>,
@@ -415,6 +418,7 @@ pub(crate) struct Inner {
     containers: Box<[Mutex<Container>]>,
     next_seq: AtomicU64,
     peers: Box<[Mutex<PeerTable>]>,
+    shard_hasher: foldhash::fast::RandomState,
     counters: NodeCounters,
     shutting_down: AtomicBool,
     monitor: Monitor,
@@ -469,9 +473,8 @@ impl Inner {
     }
 
     fn peer_shard(&self, ni: usize, nid: &Nid) -> &Mutex<PeerTable> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (ni, nid).hash(&mut h);
-        &self.peers[(h.finish() as usize) % PEER_SHARDS]
+        let h = self.shard_hasher.hash_one((ni, nid));
+        &self.peers[(h as usize) % PEER_SHARDS]
     }
 
     fn with_peer<R>(&self, ni: usize, nid: Nid, f: impl FnOnce(&mut PeerNi) -> R) -> R {

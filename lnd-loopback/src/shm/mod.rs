@@ -140,7 +140,9 @@ pub struct ShmConfig {
     pub use_cma: bool,
     /// Never sleep: the progress thread polls its rings without pause.
     pub busy_poll: bool,
-    /// How long an idle progress thread spins before it sleeps.
+    /// How long an idle progress thread spins before it sleeps (the
+    /// starting point: it adapts between `spin / 8` and `spin * 4` to how
+    /// soon work arrives after it sleeps).
     pub spin: Duration,
     /// Connection set-up timeout.
     pub connect_timeout: Duration,
@@ -845,7 +847,9 @@ fn progress_loop(sh: &Arc<Shared>) {
     let mut conns: Vec<Arc<Conn>> = Vec::new();
     let mut gen_seen = u64::MAX;
     let mut idle_since = Instant::now();
+    let mut idle_iters = 0u32;
     let mut last_sock_check = Instant::now();
+    let mut spin = sh.cfg.spin;
     let sock_every = Duration::from_millis(2);
     while !sh.stop.load(Ordering::Acquire) {
         let g = sh.conns_gen.load(Ordering::Acquire);
@@ -867,18 +871,27 @@ fn progress_loop(sh: &Arc<Shared>) {
             retire(sh, &c, Error::Network(e.to_string()));
             gen_seen = u64::MAX;
         }
-        let now = Instant::now();
         if work > 0 {
-            idle_since = now;
+            idle_iters = 0;
             continue;
         }
+        // Read the clock only now and then: polling stays a few loads.
+        idle_iters += 1;
+        if idle_iters == 1 {
+            idle_since = Instant::now();
+        }
+        if idle_iters % 64 != 0 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let now = Instant::now();
         if now.duration_since(last_sock_check) >= sock_every {
             last_sock_check = now;
             if check_sockets(sh, &conns, 0) {
                 gen_seen = u64::MAX;
             }
         }
-        if sh.cfg.busy_poll || now.duration_since(idle_since) < sh.cfg.spin {
+        if sh.cfg.busy_poll || now.duration_since(idle_since) < spin {
             std::hint::spin_loop();
             continue;
         }
@@ -897,7 +910,18 @@ fn progress_loop(sh: &Arc<Shared>) {
             c.awake();
         }
         let _ = sh.doorbell.read();
-        idle_since = Instant::now();
+        // Adapt the spin: a wake-up that came soon after we slept says
+        // traffic is steady (spin longer next time); a long sleep says it
+        // is not (spin less), between spin/8 and spin*4.
+        let slept = Instant::now().duration_since(now);
+        spin = if slept < spin {
+            (spin * 2).min(sh.cfg.spin * 4)
+        } else if slept > spin * 16 {
+            (spin / 2).max(sh.cfg.spin / 8)
+        } else {
+            spin
+        };
+        idle_iters = 0;
     }
 }
 

@@ -66,8 +66,8 @@ struct Entry<T> {
 /// One portal's ordered match list, indexed. `T` is the caller's per-ME
 /// state; keys are the caller's ME cookies.
 pub struct MatchTable<T> {
-    entries: HashMap<u64, Entry<T>>,
-    exact: HashMap<u64, Vec<(i64, u64)>>,
+    entries: HashMap<u64, Entry<T>, foldhash::fast::RandomState>,
+    exact: HashMap<u64, Vec<(i64, u64)>, foldhash::fast::RandomState>,
     /// Wildcard MEs by position, with their criteria inline so a walk
     /// touches only this map until something matches.
     wild: BTreeMap<i64, (u64, MatchCriteria)>,
@@ -78,8 +78,8 @@ pub struct MatchTable<T> {
 impl<T> Default for MatchTable<T> {
     fn default() -> Self {
         MatchTable {
-            entries: HashMap::new(),
-            exact: HashMap::new(),
+            entries: HashMap::default(),
+            exact: HashMap::default(),
             wild: BTreeMap::new(),
             head: 0,
             tail: 0,
