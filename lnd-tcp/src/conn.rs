@@ -514,7 +514,18 @@ struct Reader<'a> {
     c: &'a Conn,
     half: Half<OwnedReadHalf>,
     scratch: Vec<u8>,
+    /// Read-ahead: one read takes the ksock header, the LNet header and a
+    /// small payload (often the next message too) instead of one syscall
+    /// each. Large payloads bypass it and land straight in the MD.
+    rbuf: Box<[u8]>,
+    rpos: usize,
+    rlen: usize,
 }
+
+/// Read-ahead buffer size.
+const RBUF: usize = 16 * 1024;
+/// Payload remainders below this are read through the read-ahead buffer.
+const RBUF_SMALL: usize = 4 * 1024;
 
 /// The reader task: until error or close, receive messages.
 pub(crate) async fn reader(
@@ -529,6 +540,9 @@ pub(crate) async fn reader(
         c,
         half,
         scratch: Vec::new(),
+        rbuf: vec![0u8; RBUF].into_boxed_slice(),
+        rpos: 0,
+        rlen: 0,
     };
     let mut limit = NoopLimit {
         tokens: f64::from(sh.cfg.noop_burst),
@@ -548,12 +562,45 @@ impl Reader<'_> {
             .store(self.sh.now_ms(), Ordering::Relaxed);
     }
 
+    /// Refill the (empty) read-ahead buffer with what the socket has, at
+    /// least one byte. `idle`: waiting forever for it is allowed.
+    async fn refill(&mut self, idle: bool) -> Result<(), Reject> {
+        self.rpos = 0;
+        self.rlen = 0;
+        let t = self.sh.cfg.sock_timeout;
+        loop {
+            match self.half.io.try_read(&mut self.rbuf[..]) {
+                Ok(0) => return Err(if idle { Reject::Eof } else { Reject::Truncated }),
+                Ok(n) => {
+                    self.rlen = n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.wait_readable(idle, t).await?;
+        }
+    }
+
+    /// Take up to `b.len()` buffered bytes; returns how many.
+    fn take_buffered(&mut self, b: &mut [u8]) -> usize {
+        let k = (self.rlen - self.rpos).min(b.len());
+        b[..k].copy_from_slice(&self.rbuf[self.rpos..self.rpos + k]);
+        self.rpos += k;
+        k
+    }
+
     /// Fill `b`; `idle` allows waiting forever for the first byte (a
     /// message boundary), after which the socket timeout applies.
     async fn fill(&mut self, b: &mut [u8], idle: bool) -> Result<(), Reject> {
-        let mut done = 0;
+        let mut done = self.take_buffered(b);
         let t = self.sh.cfg.sock_timeout;
         while done < b.len() {
+            if b.len() - done < RBUF {
+                self.refill(idle && done == 0).await?;
+                done += self.take_buffered(&mut b[done..]);
+                continue;
+            }
             match self.half.io.try_read(&mut b[done..]) {
                 Ok(0) => {
                     return Err(if done == 0 && idle {
@@ -610,12 +657,25 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// Read `sink.mlength()` bytes from the socket straight into the sink.
+    /// Read `sink.mlength()` bytes into the sink: what the read-ahead
+    /// already holds, then straight from the socket into the MD's memory
+    /// (small remainders through the read-ahead buffer).
     async fn recv_to_sink(&mut self, sink: &mut Sink) -> Result<(), Reject> {
         let want = sink.mlength();
         let mut done = 0;
         let t = self.sh.cfg.sock_timeout;
         while done < want {
+            if self.rpos < self.rlen {
+                let k = (self.rlen - self.rpos).min(want - done);
+                sink.write_at(done, &self.rbuf[self.rpos..self.rpos + k]);
+                self.rpos += k;
+                done += k;
+                continue;
+            }
+            if want - done < RBUF_SMALL {
+                self.refill(false).await?;
+                continue;
+            }
             let io = &self.half.io;
             let r = sink.with_iov_mut(|iov| {
                 let mut v: &mut [IoSliceMut<'_>] = iov;
