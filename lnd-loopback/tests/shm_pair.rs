@@ -362,3 +362,35 @@ fn many_in_flight_and_a_full_ring() {
     a.l.shutdown();
     b.l.shutdown();
 }
+
+#[test]
+fn simultaneous_connects_settle_on_one_connection() {
+    for round in 0..20u32 {
+        let d = tmpdir(&format!("race{round}"));
+        let a = node(1, &d, |c| c.pool_size = 1 << 20);
+        let b = node(2, &d, |c| c.pool_size = 1 << 20);
+        let qa = target(&a, MdBuffer::from(vec![0u8; 4096]));
+        let qb = target(&b, MdBuffer::from(vec![0u8; 4096]));
+        // Both dial at once: each sends before any connection exists.
+        let barrier = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                barrier.wait();
+                put(&a, &b, frags(&[1u8; 100], 100), 0).unwrap();
+            });
+            s.spawn(|| {
+                barrier.wait();
+                put(&b, &a, frags(&[2u8; 100], 100), 0).unwrap();
+            });
+        });
+        assert!(qa.recv_timeout(T).is_some() && qb.recv_timeout(T).is_some());
+        // One connection each way survives (the higher NID's).
+        assert_eq!(a.shm.connected_peers(), vec![b.shm.nid()], "round {round}");
+        assert_eq!(b.shm.connected_peers(), vec![a.shm.nid()], "round {round}");
+        let (sa, sb) = (a.stats(), b.stats());
+        assert!(sa.conns_up >= 1 && sb.conns_up >= 1);
+        assert_eq!(sa.peers_died + sb.peers_died, 0, "{sa:?} {sb:?}");
+        a.l.shutdown();
+        b.l.shutdown();
+    }
+}

@@ -59,6 +59,8 @@ pub(crate) struct Conn {
     env: Arc<ConnEnv>,
     me: Weak<Conn>,
     pub(crate) peer: Nid,
+    /// The peer's incarnation (from its hello).
+    pub(crate) peer_incarnation: u64,
     peer_pid: nix::unistd::Pid,
     pub(crate) sock: UnixStream,
     out: Arc<Seg>,
@@ -220,6 +222,7 @@ impl Conn {
         Ok(Arc::new_cyclic(|me| Conn {
             me: me.clone(),
             peer,
+            peer_incarnation: hello.incarnation,
             peer_pid,
             sock,
             prod: Mutex::new(ProdState {

@@ -824,10 +824,18 @@ fn accept_one(sh: &Arc<Shared>, s: UnixStream, pool: &Option<Arc<Seg>>) -> Resul
             return Err(e);
         }
     };
-    // Simultaneous connects: the higher NID's connection wins.
+    // Simultaneous connects: the higher NID's connection wins. A second
+    // hello from a live peer we are already connected to (same
+    // incarnation) lost such a race too: keep the connection we have. A
+    // new incarnation means the peer restarted: the new one replaces it.
     {
         let peers = lock(&sh.peers);
-        if matches!(peers.get(&peer), Some(PeerState::Connecting(_))) && sh.nid > peer {
+        let lost = match peers.get(&peer) {
+            Some(PeerState::Connecting(_)) => sh.nid > peer,
+            Some(PeerState::Up(c)) => !c.is_dead() && c.peer_incarnation == h.incarnation,
+            None => false,
+        };
+        if lost {
             drop(peers);
             reject(&s, RejectReason::Race);
             return Ok(());
