@@ -546,3 +546,128 @@ fn a_thousand_concurrent_connections() {
     assert_eq!(tcp.stats().conns_closed, 0);
     l.shutdown();
 }
+
+#[test]
+fn keepalive_pings_then_peer_timeout_closes_a_silent_peer() {
+    let (l, tcp, at) = node("127.0.0.70", |c| {
+        c.keepalive = Some(Duration::from_millis(300));
+        c.peer_timeout = Duration::from_millis(1500);
+    });
+    // A peer that completes its hello (v3, control) and then says nothing
+    // (it does not even answer our keepalives).
+    let t0 = std::time::Instant::now();
+    let (s, _) = dial(at, "127.0.0.71".parse().unwrap(), 3, 1);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = s;
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+        }
+    }
+    let waited = t0.elapsed();
+    // What we sent meanwhile: keepalive NOOPs (ksock header, NOOP type,
+    // the keepalive cookie), nothing else. (Layout from socklnd-idl.h.)
+    const KSOCK_HDR_SIZE: usize = 24;
+    const KSOCK_MSG_NOOP: u32 = 0xc0;
+    const KEEPALIVE_PING: u64 = 1;
+    assert!(
+        got.len() >= KSOCK_HDR_SIZE && got.len() % KSOCK_HDR_SIZE == 0,
+        "{} bytes",
+        got.len()
+    );
+    for f in got.chunks(KSOCK_HDR_SIZE) {
+        assert_eq!(u32le(&f[0..4]), KSOCK_MSG_NOOP);
+        assert_eq!(
+            u64::from_le_bytes(f[16..24].try_into().unwrap()),
+            KEEPALIVE_PING
+        );
+    }
+    // Closed after the peer timeout (the reaper runs every second), and
+    // counted as such.
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "closed after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(8), "closed after {waited:?}");
+    wait_for(|| tcp.stats().peer_timeouts == 1);
+    l.shutdown();
+}
+
+#[test]
+fn simultaneous_connects_between_two_nodes_settle() {
+    // Both nodes listen on the same port at different addresses, so each
+    // can dial the other; each round, both send first, at the same moment.
+    let port = 7989;
+    let mut races = 0;
+    for round in 0..5u8 {
+        let (ip_a, ip_b) = (
+            format!("127.0.0.{}", 90 + 2 * round),
+            format!("127.0.0.{}", 91 + 2 * round),
+        );
+        let tune = |c: &mut TcpConfig| {
+            c.port = port;
+            c.peer_port = port;
+            c.conns_per_peer = ConnsPerPeer::Fixed(1);
+            c.min_reconnect = Duration::from_millis(10);
+            c.max_reconnect = Duration::from_millis(200);
+        };
+        let (la, ta, _) = node(&ip_a, tune);
+        let (lb, tb, _) = node(&ip_b, tune);
+        let (na, nb): (Nid, Nid) = (
+            format!("{ip_a}@tcp").parse().unwrap(),
+            format!("{ip_b}@tcp").parse().unwrap(),
+        );
+        let (qa, qb) = (EventQueue::new(), EventQueue::new());
+        for (l, q) in [(&la, &qa), (&lb, &qb)] {
+            for _ in 0..3 {
+                expect_put(l, 31, 70_000, q);
+            }
+        }
+        let barrier = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                barrier.wait();
+                put_to(&la, nb, vec![1u8; 100]);
+                put_to(&la, nb, vec![2u8; 65_536]);
+            });
+            s.spawn(|| {
+                barrier.wait();
+                put_to(&lb, na, vec![3u8; 100]);
+                put_to(&lb, na, vec![4u8; 65_536]);
+            });
+        });
+        for q in [&qa, &qb] {
+            for _ in 0..2 {
+                let e = q.recv_timeout(T).expect("PUT delivered");
+                assert_eq!(e.kind, EventKind::Put);
+            }
+        }
+        // One full set of typed connections per side, no duplicates: a
+        // control and one bulk each way, whichever side dialled them.
+        let t0 = std::time::Instant::now();
+        while !(ta.conns(nb).len() == 3 && tb.conns(na).len() == 3) && t0.elapsed() < T {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            ta.conns(nb).len() == 3 && tb.conns(na).len() == 3,
+            "round {round}: a {:?} b {:?} races {} {}",
+            ta.conns(nb),
+            tb.conns(na),
+            ta.stats().races,
+            tb.stats().races
+        );
+        let mut types: Vec<u32> = ta.conns(nb).iter().map(|c| c.ctype.to_wire()).collect();
+        types.sort();
+        assert_eq!(types.len(), 3, "round {round}");
+        types.dedup();
+        assert_eq!(types.len(), 3, "round {round}: {:?}", ta.conns(nb));
+        races += ta.stats().races + tb.stats().races;
+        la.shutdown();
+        lb.shutdown();
+    }
+    // The dials did cross (each side refused one), and it settled anyway.
+    assert!(races > 0, "no race happened in 5 rounds");
+}
