@@ -31,6 +31,7 @@ use lnet::{
     AckReq, EventHandler, EventKind, InsPos, Lnet, LnetBuilder, Md, MdOptions, ProcessId,
     Threshold, Unlink,
 };
+use lnet_examples::median;
 
 const ECHO: u32 = 10;
 const LOAN: u32 = 12;
@@ -307,11 +308,6 @@ fn ucx_perftest(test: &str, args: &[&str], env: &[(&str, &str)]) -> Option<f64> 
     let line = text.lines().find(|l| l.starts_with("Final:"))?;
     // Final: iterations, 50%ile, average, overall, ...
     line.split_whitespace().nth(3)?.parse().ok()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn gbs(x: f64) -> f64 {

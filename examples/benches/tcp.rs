@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use lnd_tcp::{AcceptMode, ConnsPerPeer, TcpConfig, TcpLnd};
 use lnet::{AckReq, EventQueue, Lnet, Md, ProcessId, Threshold};
+use lnet_examples::median;
 
 const SRV: &str = "127.0.0.21";
 const CLI: &str = "127.0.0.22";
@@ -194,11 +195,6 @@ fn tcp_pingpong_rtt(n: usize) -> Vec<f64> {
     drop(s);
     h.join().unwrap();
     v
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// iperf3 on the same addresses: bytes per second received.

@@ -32,9 +32,10 @@ use std::time::Duration;
 use lnd_loopback::LoLnd;
 use lnd_loopback::shm::{ShmConfig, ShmLnd};
 use lnet::{
-    AckReq, EventQueue, InsPos, Lnet, LnetBuilder, Md, MdBuffer, MdOptions, ProcessId, Segment,
-    Threshold, Unlink,
+    AckReq, EventQueue, InsPos, Lnet, LnetBuilder, Md, MdBuffer, MdOptions, ProcessId, Threshold,
+    Unlink,
 };
+use lnet_examples::{final_events, frags, pattern};
 
 /// Portal of the echo MD.
 pub const ECHO_PORTAL: u32 = 10;
@@ -45,12 +46,6 @@ pub const LOAN_PORTAL: u32 = 12;
 /// Portal that answers each PUT with a PUT of the same 8 bytes back to
 /// the initiator's `PONG_PORTAL` (a latency ping-pong).
 pub const PONG_PORTAL: u32 = 13;
-
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
-        .collect()
-}
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -191,27 +186,12 @@ fn main() -> Res<()> {
     Ok(())
 }
 
-fn frags(data: &[u8], piece: usize) -> MdBuffer {
-    if data.is_empty() {
-        return MdBuffer::from(Vec::new());
-    }
-    let segs: Vec<Segment> = data.chunks(piece).map(|c| c.to_vec().into()).collect();
-    MdBuffer::from_frags(segs).expect("at most 256 fragments")
-}
-
 fn wait_final(q: &EventQueue) -> Res<Vec<lnet::Event>> {
-    let mut v = Vec::new();
-    loop {
-        let e = q
-            .recv_timeout(Duration::from_secs(30))
-            .ok_or("no event in 30 s")?;
-        let done = e.unlinked;
+    let v = final_events(q, Duration::from_secs(30)).ok_or("no event in 30 s")?;
+    for e in &v {
         e.status.clone()?;
-        v.push(e);
-        if done {
-            return Ok(v);
-        }
     }
+    Ok(v)
 }
 
 fn verify(node: &Lnet, peer: ProcessId, rounds: usize, me: u32, stripe: u32) -> Res<()> {

@@ -21,17 +21,12 @@ use std::time::Duration;
 
 use lnd_tcp::{AcceptMode, ConnsPerPeer, TcpConfig, TcpLnd};
 use lnet::{InsPos, Md, MdOptions, ProcessId, Threshold, Unlink};
+use lnet_examples::pattern;
 
 /// Portal of the echo MD.
 pub const ECHO_PORTAL: u32 = 10;
 /// Portal of the pattern MD.
 pub const PATTERN_PORTAL: u32 = 11;
-
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
-        .collect()
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -12,20 +12,15 @@ use std::time::{Duration, Instant};
 use lnd_loopback::LoLnd;
 use lnd_loopback::shm::{ShmConfig, ShmLnd};
 use lnet::{
-    AckReq, Error, Event, EventKind, EventQueue, Lnet, LnetBuilder, Md, MdBuffer, MdOptions, Nid,
-    ProcessId, Segment, Threshold,
+    AckReq, Error, EventKind, EventQueue, Lnet, LnetBuilder, Md, MdBuffer, MdOptions, Nid,
+    ProcessId, Threshold,
 };
+use lnet_examples::{finals, frags, pattern};
 
 const ECHO: u32 = 10;
 const PATTERN: u32 = 11;
 const T: Duration = Duration::from_secs(30);
 const SIZES: [usize; 6] = [0, 1, 4096, 65536, 300_001, 1 << 20];
-
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
-        .collect()
-}
 
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lnet-shm-x-{}-{name}", std::process::id()));
@@ -122,26 +117,6 @@ fn client(addr: u32, dir: &Path, tune: impl FnOnce(&mut ShmConfig)) -> (Lnet, Ar
         .build()
         .unwrap();
     (l, shm)
-}
-
-fn finals(q: &EventQueue) -> Vec<Event> {
-    let mut v = Vec::new();
-    loop {
-        let e = q.recv_timeout(T).expect("event");
-        let done = e.unlinked;
-        v.push(e);
-        if done {
-            return v;
-        }
-    }
-}
-
-fn frags(data: &[u8], piece: usize) -> MdBuffer {
-    if data.is_empty() {
-        return MdBuffer::from(Vec::new());
-    }
-    let segs: Vec<Segment> = data.chunks(piece).map(|c| c.to_vec().into()).collect();
-    MdBuffer::from_frags(segs).unwrap()
 }
 
 fn put(l: &Lnet, to: ProcessId, src: MdBuffer, off: u32) -> Result<(), Error> {

@@ -10,20 +10,12 @@ use std::time::{Duration, Instant};
 
 use lnd_tcp::proto::ConnType;
 use lnd_tcp::{AcceptMode, ConnsPerPeer, TcpConfig, TcpLnd};
-use lnet::{
-    AckReq, Error, Event, EventKind, EventQueue, Lnet, Md, MdBuffer, Nid, ProcessId, Segment,
-    Threshold,
-};
+use lnet::{AckReq, Error, EventKind, EventQueue, Lnet, Md, Nid, ProcessId, Threshold};
+use lnet_examples::{finals, frags, pattern};
 
 const ECHO: u32 = 10;
 const PATTERN: u32 = 11;
 const T: Duration = Duration::from_secs(30);
-
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
-        .collect()
-}
 
 struct Server {
     p: Child,
@@ -100,32 +92,12 @@ fn client(addr: &str, server: &Server, tune: impl FnOnce(&mut TcpConfig)) -> (Ln
     (l, tcp)
 }
 
-fn finals(q: &EventQueue) -> Vec<Event> {
-    let mut v = Vec::new();
-    loop {
-        let e = q.recv_timeout(T).expect("event");
-        let done = e.unlinked;
-        v.push(e);
-        if done {
-            return v;
-        }
-    }
-}
-
-fn frags(data: Vec<u8>, piece: usize) -> MdBuffer {
-    if data.is_empty() {
-        return MdBuffer::from(Vec::new());
-    }
-    let segs: Vec<Segment> = data.chunks(piece).map(|c| c.to_vec().into()).collect();
-    MdBuffer::from_frags(segs).unwrap()
-}
-
 /// PUT `data` (as fragments) to the echo portal at `off` with an ACK.
 fn put(l: &Lnet, to: ProcessId, data: Vec<u8>, off: u32) -> Result<(), Error> {
     let q = EventQueue::new();
     let md = l
         .md_bind(
-            Md::new(frags(data, 4096 * 3 + 5))
+            Md::new(frags(&data, 4096 * 3 + 5))
                 .threshold(Threshold::Finite(2))
                 .handler(q.handler()),
         )
@@ -147,7 +119,7 @@ fn get(l: &Lnet, to: ProcessId, portal: u32, len: usize, off: u32) -> Result<Vec
     let q = EventQueue::new();
     let md = l
         .md_bind(
-            Md::new(frags(vec![0u8; len], 8191))
+            Md::new(frags(&vec![0u8; len], 8191))
                 .threshold(Threshold::Finite(2))
                 .handler(q.handler()),
         )

@@ -88,24 +88,9 @@ impl From<std::io::Error> for Reject {
     }
 }
 
-macro_rules! stats {
-    ($( $(#[$m:meta])* $name:ident ),* $(,)?) => {
-        /// Counters of the TCP LND (all monotonic).
-        #[derive(Debug, Default)]
-        pub struct Stats { $( $(#[$m])* pub $name: AtomicU64, )* }
-        /// A copy of [`Stats`].
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-        pub struct StatsSnapshot { $( $(#[$m])* pub $name: u64, )* }
-        impl Stats {
-            /// Read every counter.
-            pub fn snapshot(&self) -> StatsSnapshot {
-                StatsSnapshot { $( $name: self.$name.load(Ordering::Relaxed), )* }
-            }
-        }
-    };
-}
-
-stats! {
+lnet::lnd_stats! {
+    /// Counters of the TCP LND (all monotonic).
+    Stats, StatsSnapshot;
     /// Connections accepted by the listener (before any check).
     accepted,
     /// Connections established (either direction).

@@ -175,3 +175,39 @@ impl NodeCounters {
         }
     }
 }
+
+/// Declare an LND's counter block: `Stats` (one monotonic `AtomicU64` per
+/// name) and `StatsSnapshot` (the same fields as `u64`), with
+/// `Stats::snapshot()`. Every LND counts its refusals and data paths this
+/// way.
+///
+/// ```
+/// lnet::lnd_stats! {
+///     /// Counters of an example LND.
+///     Stats, StatsSnapshot;
+///     /// Messages sent.
+///     tx_msgs,
+///     /// Messages received.
+///     rx_msgs,
+/// }
+/// let s = Stats::default();
+/// s.tx_msgs.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+/// assert_eq!(s.snapshot().tx_msgs, 2);
+/// ```
+#[macro_export]
+macro_rules! lnd_stats {
+    ($(#[$sm:meta])* $stats:ident, $snap:ident; $( $(#[$m:meta])* $name:ident ),* $(,)?) => {
+        $(#[$sm])*
+        #[derive(Debug, Default)]
+        pub struct $stats { $( $(#[$m])* pub $name: ::std::sync::atomic::AtomicU64, )* }
+        #[doc = concat!("A copy of [`", stringify!($stats), "`].")]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct $snap { $( $(#[$m])* pub $name: u64, )* }
+        impl $stats {
+            /// Read every counter.
+            pub fn snapshot(&self) -> $snap {
+                $snap { $( $name: self.$name.load(::std::sync::atomic::Ordering::Relaxed), )* }
+            }
+        }
+    };
+}

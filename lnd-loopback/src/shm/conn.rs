@@ -101,7 +101,7 @@ impl Drop for RemoteLoan {
     fn drop(&mut self) {
         if let Some(c) = self.conn.upgrade() {
             if !c.is_dead() {
-                c.post(Kind::Release, 0, self.cookie, &[], None);
+                c.post(Kind::Release, 0, self.cookie, &[]);
             }
         }
     }
@@ -320,61 +320,58 @@ impl Conn {
         }
     }
 
-    fn send_inline(&self, tx: TxMsg, hb: &[u8; HDR_NID4_SIZE], plen: usize) {
-        let wake;
-        {
+    /// Fill and publish the next slot straight in the ring, when nothing
+    /// waits before it and there is room: `fill(slot offset)` writes it
+    /// (false: it could not). `None`: no room, the caller queues.
+    fn write_direct(&self, fill: impl FnOnce(usize) -> bool) -> Option<bool> {
+        let wake = {
             let mut p = lock(&self.prod);
-            let ctl = self.out_ctl();
-            match p.backlog.is_empty().then(|| p.ring.reserve(ctl)).flatten() {
-                Some(idx) => {
-                    let off = self.out_slot(idx);
-                    let ok = self.out.write(off + SLOT_HDR, hb).is_ok()
-                        && tx
-                            .with_payload(|iov| {
-                                self.out.write_vectored(
-                                    off + SLOT_HDR + HDR_NID4_SIZE,
-                                    plen,
-                                    iov,
-                                    0,
-                                )
-                            })
-                            .is_ok_and(|n| n == plen);
-                    let mut sh = [0u8; SLOT_HDR];
-                    SlotHdr {
-                        kind: Kind::Inline,
-                        flags: 0,
-                        len: (HDR_NID4_SIZE + plen) as u32,
-                        cookie: 0,
-                    }
-                    .encode(&mut sh);
-                    if !ok || self.out.write(off, &sh).is_err() {
-                        drop(p);
-                        tx.complete(Err(Error::Network("shm slot write".into())));
-                        return;
-                    }
-                    wake = p.ring.publish(ctl);
-                }
-                None => {
-                    drop(p);
-                    let mut v = vec![0u8; SLOT_HDR + HDR_NID4_SIZE + plen];
-                    v[SLOT_HDR..SLOT_HDR + HDR_NID4_SIZE].copy_from_slice(hb);
-                    tx.copy_payload_to(0, &mut v[SLOT_HDR + HDR_NID4_SIZE..]);
-                    SlotHdr {
-                        kind: Kind::Inline,
-                        flags: 0,
-                        len: (HDR_NID4_SIZE + plen) as u32,
-                        cookie: 0,
-                    }
-                    .encode(&mut v);
-                    self.enqueue(v, Some(tx));
-                    return;
-                }
+            if !p.backlog.is_empty() {
+                return None;
             }
-        }
+            let ctl = self.out_ctl();
+            let idx = p.ring.reserve(ctl)?;
+            if !fill(self.out_slot(idx)) {
+                return Some(false);
+            }
+            p.ring.publish(ctl)
+        };
         if wake {
             self.ring_peer();
         }
-        tx.complete(Ok(()));
+        Some(true)
+    }
+
+    fn send_inline(&self, tx: TxMsg, hb: &[u8; HDR_NID4_SIZE], plen: usize) {
+        let sh = SlotHdr {
+            kind: Kind::Inline,
+            flags: 0,
+            len: (HDR_NID4_SIZE + plen) as u32,
+            cookie: 0,
+        };
+        let direct = self.write_direct(|off| {
+            let mut shb = [0u8; SLOT_HDR];
+            sh.encode(&mut shb);
+            self.out.write(off + SLOT_HDR, hb).is_ok()
+                && tx
+                    .with_payload(|iov| {
+                        self.out
+                            .write_vectored(off + SLOT_HDR + HDR_NID4_SIZE, plen, iov, 0)
+                    })
+                    .is_ok_and(|n| n == plen)
+                && self.out.write(off, &shb).is_ok()
+        });
+        match direct {
+            Some(true) => tx.complete(Ok(())),
+            Some(false) => tx.complete(Err(Error::Network("shm slot write".into()))),
+            None => {
+                let mut v = vec![0u8; SLOT_HDR + HDR_NID4_SIZE + plen];
+                sh.encode(&mut v);
+                v[SLOT_HDR..SLOT_HDR + HDR_NID4_SIZE].copy_from_slice(hb);
+                tx.copy_payload_to(0, &mut v[SLOT_HDR + HDR_NID4_SIZE..]);
+                self.enqueue(v, Some(tx));
+            }
+        }
     }
 
     fn send_rdv(&self, tx: TxMsg, hb: &[u8; HDR_NID4_SIZE]) {
@@ -412,22 +409,39 @@ impl Conn {
             }
             return;
         }
-        self.post(Kind::Rdv, flags, cookie, &[hb, &fb], None);
+        self.post(Kind::Rdv, flags, cookie, &[hb, &fb]);
     }
 
-    /// Post a slot built from `parts`.
-    pub(crate) fn post(
-        &self,
-        kind: Kind,
-        flags: u16,
-        cookie: u64,
-        parts: &[&[u8]],
-        tx: Option<TxMsg>,
-    ) {
+    /// Post a slot built from `parts`: straight into the ring when it can,
+    /// else queued in order.
+    pub(crate) fn post(&self, kind: Kind, flags: u16, cookie: u64, parts: &[&[u8]]) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
+        let sh = SlotHdr {
+            kind,
+            flags,
+            len: len as u32,
+            cookie,
+        };
+        if SLOT_HDR + len <= self.out_h.slot_size as usize {
+            let direct = self.write_direct(|off| {
+                let mut at = off + SLOT_HDR;
+                for p in parts {
+                    if self.out.write(at, p).is_err() {
+                        return false;
+                    }
+                    at += p.len();
+                }
+                let mut shb = [0u8; SLOT_HDR];
+                sh.encode(&mut shb);
+                self.out.write(off, &shb).is_ok()
+            });
+            if direct.is_some() {
+                return;
+            }
+        }
         let mut v = vec![0u8; SLOT_HDR + len];
         wire::encode(&mut v, kind, flags, cookie, parts);
-        self.enqueue(v, tx);
+        self.enqueue(v, None);
     }
 
     fn enqueue(&self, slot: Vec<u8>, tx: Option<TxMsg>) {
@@ -758,7 +772,7 @@ impl Conn {
                             want: mlen,
                         },
                     );
-                    self.post(Kind::WriteReq, 0, cookie, &[&fb], None);
+                    self.post(Kind::WriteReq, 0, cookie, &[&fb]);
                     return;
                 }
             }
@@ -789,13 +803,7 @@ impl Conn {
                 want: mlen,
             },
         );
-        self.post(
-            Kind::BounceReq,
-            0,
-            cookie,
-            &[&(mlen as u32).to_ne_bytes()],
-            None,
-        );
+        self.post(Kind::BounceReq, 0, cookie, &[&(mlen as u32).to_ne_bytes()]);
     }
 
     fn cma_read(&self, sink: &mut Sink, frags: &[(u64, u64)], mlen: usize) -> std::io::Result<()> {
@@ -823,7 +831,7 @@ impl Conn {
 
     fn done(&self, cookie: u64, status: u32, loaned: bool) {
         let flags = if loaned { wire::DONE_LOANED } else { 0 };
-        self.post(Kind::Done, flags, cookie, &[&status.to_ne_bytes()], None);
+        self.post(Kind::Done, flags, cookie, &[&status.to_ne_bytes()]);
     }
 
     /// The receiver asks us to copy our payload into its pool.
@@ -850,7 +858,7 @@ impl Conn {
             Ok(())
         })();
         let status = if r.is_ok() { DONE_OK } else { DONE_FAILED };
-        self.post(Kind::WriteDone, 0, cookie, &[&status.to_ne_bytes()], None);
+        self.post(Kind::WriteDone, 0, cookie, &[&status.to_ne_bytes()]);
         tx.complete(r.map_err(Error::from));
     }
 
@@ -893,7 +901,7 @@ impl Conn {
             body[0..4].copy_from_slice(&idx.to_ne_bytes());
             body[4..8].copy_from_slice(&(n as u32).to_ne_bytes());
             body[8..16].copy_from_slice(&(pos as u64).to_ne_bytes());
-            self.post(Kind::BounceData, 0, cookie, &[&body], None);
+            self.post(Kind::BounceData, 0, cookie, &[&body]);
         }
     }
 
@@ -922,7 +930,7 @@ impl Conn {
                 None => None,
             }
         };
-        self.post(Kind::BounceFree, 0, 0, &[&idx.to_ne_bytes()], None);
+        self.post(Kind::BounceFree, 0, 0, &[&idx.to_ne_bytes()]);
         if let Some(rx) = finished {
             inc(&self.env.stats.bulk_bounce);
             rx.sink.complete(Ok(()));

@@ -181,24 +181,9 @@ impl ShmConfig {
     }
 }
 
-macro_rules! stats {
-    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
-        /// Counters of one shm NI.
-        #[derive(Debug, Default)]
-        pub struct Stats { $( $(#[$m])* pub $name: AtomicU64, )* }
-        /// A copy of [`Stats`].
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-        pub struct StatsSnapshot { $( $(#[$m])* pub $name: u64, )* }
-        impl Stats {
-            /// Read every counter.
-            pub fn snapshot(&self) -> StatsSnapshot {
-                StatsSnapshot { $( $name: self.$name.load(Ordering::Relaxed), )* }
-            }
-        }
-    };
-}
-
-stats! {
+lnet::lnd_stats! {
+    /// Counters of one shm NI (all monotonic).
+    Stats, StatsSnapshot;
     /// Messages sent inline.
     tx_inline,
     /// Messages sent with a bulk descriptor.
