@@ -1,8 +1,19 @@
 //! `lnet-selftest`: LNet's throughput and latency benchmark (the
-//! lst-equivalent), not written yet.
+//! lst-equivalent).
 //!
-//! It will hold the selftest service (brw read/write and ping RPCs on
-//! LNet's selftest portals, wire-compatible with the kernel's
-//! `lnet_selftest`), the `lnet-selftest run|sweep|serve|compare` commands
-//! and an `lst` binary that runs Lustre's lst scripts. Until then the
-//! project's main job is the `lo_events` example.
+//! * [`wire`]: the selftest RPC messages, byte-compatible with the
+//!   kernel's `lnet_selftest`;
+//! * [`bulk`]: bulk buffers and lst's data checks;
+//! * [`server`]: the brw and ping services any node can embed;
+//! * [`client`]: a test's RPC engine (concurrency, loops, latency);
+//! * [`run`]: the `lnet-selftest run` command's nodes and report.
+//!
+//! The `lnet-selftest` binary (`run`, `serve`, `sweep`, `compare`) is
+//! built on these.
+
+pub mod bulk;
+pub mod client;
+pub mod plot;
+pub mod run;
+pub mod server;
+pub mod wire;

@@ -1,0 +1,528 @@
+//! `lnet-selftest`: measure an LNet network.
+//!
+//! * `lnet-selftest run` — with no arguments, a server and a client on this
+//!   host over `shm` (two processes), 1 MiB writes for a few seconds;
+//! * `lnet-selftest serve` — a node with the selftest service until stdin
+//!   closes;
+//! * `lnet-selftest sweep` — sizes from 8 B to 1 MiB, a table and an SVG;
+//! * `lnet-selftest compare` — one transport beside its natural peer.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use lnet::{Nid, ProcessId};
+use lnet_selftest::bulk::Check;
+use lnet_selftest::run::{self, Measurement, Mode, NodeSpec, Params};
+use lnet_selftest::server::{Server, ServerConfig};
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Parser)]
+#[command(
+    name = "lnet-selftest",
+    version,
+    about = "Measure LNet throughput and latency"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a test (by default: server and client on this host over shm).
+    Run(RunArgs),
+    /// Run a node with the selftest service until stdin closes.
+    Serve(NodeArgs),
+    /// Measure sizes from 8 B to 1 MiB on one or more transports.
+    Sweep(SweepArgs),
+}
+
+#[derive(Args, Clone)]
+struct NodeArgs {
+    /// Transport: lo, shm, tcp or rdma.
+    #[arg(long, default_value = "shm")]
+    lnd: String,
+    /// This node's address: the NID number for shm, the IP for tcp.
+    #[arg(long)]
+    addr: Option<String>,
+    /// TCP port to listen on (0: any).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// TCP port the peer listens on.
+    #[arg(long, default_value_t = 988)]
+    peer_port: u16,
+    /// shm rendezvous directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// shm: do not put bulk buffers in the shared pool.
+    #[arg(long)]
+    no_pool: bool,
+    /// shm: never sleep waiting for messages.
+    #[arg(long)]
+    busy_poll: bool,
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// write, read or ping.
+    #[arg(long, default_value = "write")]
+    mode: String,
+    /// Bytes per RPC, with lst's suffixes (4k, 1M); at most 1M.
+    #[arg(long, default_value = "1M")]
+    size: String,
+    /// RPCs in flight.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Data check: none, simple or full.
+    #[arg(long, default_value = "none")]
+    check: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Test the server at this NID (run only the client here).
+    #[arg(long)]
+    server: Option<String>,
+    /// Run only the server here, until stdin closes.
+    #[arg(long)]
+    serve: bool,
+}
+
+#[derive(Args, Clone)]
+struct SweepArgs {
+    /// Transports, comma separated.
+    #[arg(long, default_value = "lo,shm,tcp")]
+    lnds: String,
+    /// write or read.
+    #[arg(long, default_value = "write")]
+    mode: String,
+    /// Seconds per size.
+    #[arg(long, default_value_t = 1.0)]
+    duration: f64,
+    /// RPCs in flight.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Where to write the SVG plot.
+    #[arg(long, default_value = "sweep.svg")]
+    svg: PathBuf,
+    /// Sizes, comma separated (default: 8 B to 1 MiB in powers of 4).
+    #[arg(long)]
+    sizes: Option<String>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        None => run_cmd(RunArgs::parse_default()),
+        Some(Cmd::Run(a)) => run_cmd(a),
+        Some(Cmd::Serve(a)) => serve_cmd(&a),
+        Some(Cmd::Sweep(a)) => sweep_cmd(&a),
+    };
+    if let Err(e) = r {
+        eprintln!("lnet-selftest: {e}");
+        std::process::exit(1);
+    }
+}
+
+impl RunArgs {
+    fn parse_default() -> RunArgs {
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            a: RunArgs,
+        }
+        P::parse_from(["lnet-selftest"]).a
+    }
+    fn params(&self) -> Res<Params> {
+        let mode = Mode::parse(&self.mode).ok_or("--mode is write, read or ping")?;
+        let size = run::parse_size(&self.size).ok_or("bad --size")?;
+        if size == 0 || size > 1 << 20 {
+            return Err("--size must be 1 B ..= 1M".into());
+        }
+        let check = Check::parse(&self.check).ok_or("--check is none, simple or full")?;
+        if !(self.duration > 0.0 && self.duration < 1e6) {
+            return Err("--duration must be positive".into());
+        }
+        let duration = Duration::from_secs_f64(self.duration);
+        Ok(Params {
+            mode,
+            size,
+            offset: 0,
+            concurrency: self.concurrency,
+            duration,
+            warmup: Duration::from_secs_f64((self.duration / 5.0).min(1.0)),
+            check,
+        })
+    }
+}
+
+/// A private rendezvous directory for the two processes of a local run.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Res<TempDir> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let p = base.join(format!("lnet-selftest-{}", std::process::id()));
+        std::fs::create_dir_all(&p)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700))?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn node_spec(a: &NodeArgs, default_addr: &str) -> Res<NodeSpec> {
+    let addr = a.addr.clone().unwrap_or_else(|| default_addr.to_string());
+    Ok(match a.lnd.as_str() {
+        "lo" => NodeSpec::Lo,
+        "shm" => NodeSpec::Shm {
+            addr: addr.parse().map_err(|_| "shm --addr is a number")?,
+            dir: a.dir.clone().unwrap_or_else(lnd_loopback::shm::default_dir),
+            pool: !a.no_pool,
+            busy_poll: a.busy_poll,
+        },
+        "tcp" => NodeSpec::Tcp {
+            addr: addr.parse().map_err(|_| "tcp --addr is an IP address")?,
+            port: a.port,
+            peer_port: a.peer_port,
+        },
+        "rdma" | "o2ib" => {
+            return Err("the rdma transport is not part of this build yet".into());
+        }
+        o => return Err(format!("unknown --lnd {o}: lo, shm, tcp or rdma").into()),
+    })
+}
+
+/// A server child process.
+struct ServerChild {
+    child: Child,
+    nid: Nid,
+    port: u16,
+}
+
+impl ServerChild {
+    fn spawn(args: &[String]) -> Res<ServerChild> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg("serve")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let out = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut l = String::new();
+            let _ = BufReader::new(out).read_line(&mut l);
+            let _ = tx.send(l);
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                return Err("the server process did not start".into());
+            }
+        };
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first() != Some(&"READY") || f.len() < 3 {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("the server process failed: {line:?}").into());
+        }
+        Ok(ServerChild {
+            nid: f[1].parse()?,
+            port: f[2].parse()?,
+            child,
+        })
+    }
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve_cmd(a: &NodeArgs) -> Res<()> {
+    let spec = node_spec(a, "1")?;
+    let b = spec.build()?;
+    let srv = Server::start(
+        &b.node,
+        ServerConfig {
+            pool: b.pool.clone(),
+            ..Default::default()
+        },
+    )?;
+    println!("READY {} {}", b.node.primary_nid(), b.port.unwrap_or(0));
+    std::io::stdout().flush()?;
+    for line in std::io::stdin().lock().lines() {
+        if line?.trim() == "STATS" {
+            println!("STATS {:?}", srv.stats());
+            std::io::stdout().flush()?;
+        }
+    }
+    drop(srv);
+    b.node.shutdown();
+    Ok(())
+}
+
+/// Where the two ends of a local run are, and what keeps them alive.
+struct Pair {
+    client: run::BuiltNode,
+    server: ProcessId,
+    label: (String, String),
+    _server: Option<Server>,
+    _child: Option<ServerChild>,
+    _dir: Option<TempDir>,
+}
+
+fn local_pair(a: &NodeArgs) -> Res<Pair> {
+    match a.lnd.as_str() {
+        "lo" => {
+            let b = NodeSpec::Lo.build()?;
+            let srv = Server::start(&b.node, ServerConfig::default())?;
+            let id = b.node.id();
+            Ok(Pair {
+                label: (id.nid.to_string(), id.nid.to_string()),
+                server: id,
+                client: b,
+                _server: Some(srv),
+                _child: None,
+                _dir: None,
+            })
+        }
+        "shm" => {
+            let dir = match &a.dir {
+                Some(_) => None,
+                None => Some(TempDir::new()?),
+            };
+            let d = a
+                .dir
+                .clone()
+                .or_else(|| dir.as_ref().map(|d| d.0.clone()))
+                .ok_or("no directory")?;
+            let mut args = vec![
+                "--lnd".into(),
+                "shm".into(),
+                "--addr".into(),
+                "1".into(),
+                "--dir".into(),
+                d.display().to_string(),
+            ];
+            if a.no_pool {
+                args.push("--no-pool".into());
+            }
+            if a.busy_poll {
+                args.push("--busy-poll".into());
+            }
+            let child = ServerChild::spawn(&args)?;
+            let mut na = a.clone();
+            na.dir = Some(d);
+            let client = node_spec(&na, "2")?.build()?;
+            Ok(Pair {
+                label: (client.node.primary_nid().to_string(), child.nid.to_string()),
+                server: ProcessId::new(child.nid, lnet::LNET_PID_LUSTRE),
+                client,
+                _server: None,
+                _child: Some(child),
+                _dir: dir,
+            })
+        }
+        "tcp" => {
+            let child = ServerChild::spawn(&[
+                "--lnd".into(),
+                "tcp".into(),
+                "--addr".into(),
+                "127.0.0.2".into(),
+            ])?;
+            let mut na = a.clone();
+            na.peer_port = child.port;
+            na.port = 0;
+            let client = node_spec(&na, "127.0.0.1")?.build()?;
+            Ok(Pair {
+                label: (client.node.primary_nid().to_string(), child.nid.to_string()),
+                server: ProcessId::new(child.nid, lnet::LNET_PID_LUSTRE),
+                client,
+                _server: None,
+                _child: Some(child),
+                _dir: None,
+            })
+        }
+        other => node_spec(a, "").and_then(|_| Err(format!("no local pair for {other}").into())),
+    }
+}
+
+fn progress_bar(hidden: bool) -> ProgressBar {
+    let pb = if hidden {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(1000)
+    };
+    if let Ok(st) = ProgressStyle::with_template("{spinner} [{bar:40}] {elapsed} {msg}") {
+        pb.set_style(st.progress_chars("=> "));
+    }
+    pb
+}
+
+fn measure_with_bar(
+    pair: &Pair,
+    p: &Params,
+    hidden: bool,
+) -> Result<Measurement, Box<dyn std::error::Error + Send + Sync>> {
+    let pb = progress_bar(hidden);
+    pb.set_message(format!("{} {}", p.mode.name(), run::size_name(p.size)));
+    let m = run::measure(
+        &pair.client.node,
+        pair.server,
+        p,
+        pair.client.pool.clone(),
+        |f| pb.set_position((f * 1000.0) as u64),
+    );
+    pb.finish_and_clear();
+    Ok(m?)
+}
+
+fn run_cmd(a: RunArgs) -> Res<()> {
+    let p = a.params()?;
+    if a.serve {
+        return serve_cmd(&a.node);
+    }
+    let pair = if let Some(s) = &a.server {
+        let nid: Nid = s.parse()?;
+        let default = match a.node.lnd.as_str() {
+            "shm" => "2",
+            _ => "127.0.0.1",
+        };
+        let client = node_spec(&a.node, default)?.build()?;
+        Pair {
+            label: (client.node.primary_nid().to_string(), nid.to_string()),
+            server: ProcessId::new(nid, lnet::LNET_PID_LUSTRE),
+            client,
+            _server: None,
+            _child: None,
+            _dir: None,
+        }
+    } else {
+        local_pair(&a.node)?
+    };
+    let m = measure_with_bar(&pair, &p, a.json)?;
+    if a.json {
+        println!(
+            "{}",
+            run::json(&a.node.lnd, &pair.label.0, &pair.label.1, &p, &m)
+        );
+    } else {
+        let title = format!(
+            "lnet-selftest: {} {} over {} ({} -> {}), concurrency {}, check {}, {:.1} s",
+            p.mode.name(),
+            if p.mode == Mode::Ping {
+                String::new()
+            } else {
+                run::size_name(p.size)
+            },
+            a.node.lnd,
+            pair.label.0,
+            pair.label.1,
+            p.concurrency,
+            run::check_name(p.check),
+            m.seconds
+        );
+        print!("{}", run::table(&title, &m));
+    }
+    let errors = m.errors();
+    pair.client.node.shutdown();
+    drop(pair);
+    if errors > 0 {
+        return Err(format!("{errors} errors").into());
+    }
+    Ok(())
+}
+
+fn sweep_cmd(a: &SweepArgs) -> Res<()> {
+    let mode = Mode::parse(&a.mode).ok_or("--mode is write or read")?;
+    let sizes: Vec<u32> = match &a.sizes {
+        Some(s) => s
+            .split(',')
+            .map(|x| run::parse_size(x).ok_or("bad size"))
+            .collect::<Result<_, _>>()?,
+        None => (0..=9).map(|i| 8u32 << (2 * i)).chain([1 << 20]).collect(),
+    };
+    let mut series = Vec::new();
+    for lnd in a.lnds.split(',') {
+        let na = NodeArgs {
+            lnd: lnd.to_string(),
+            addr: None,
+            port: 0,
+            peer_port: 988,
+            dir: None,
+            no_pool: false,
+            busy_poll: false,
+        };
+        let pair = local_pair(&na)?;
+        let mut pts = Vec::new();
+        for &size in &sizes {
+            let p = Params {
+                mode,
+                size: size.min(1 << 20),
+                offset: 0,
+                concurrency: a.concurrency,
+                duration: Duration::from_secs_f64(a.duration),
+                warmup: Duration::from_secs_f64((a.duration / 5.0).min(0.5)),
+                check: Check::None,
+            };
+            let m = measure_with_bar(&pair, &p, false)?;
+            println!(
+                "{lnd:>4} {:>6} {:>10.1} MiB/s {:>10.0} RPC/s p50 {:>9.1} us p99 {:>9.1} us errors {}",
+                run::size_name(p.size),
+                m.mib_s(),
+                m.rpc_s(),
+                m.lat_us[0],
+                m.lat_us[1],
+                m.errors()
+            );
+            pts.push((p.size, m));
+        }
+        pair.client.node.shutdown();
+        series.push((lnd.to_string(), pts));
+    }
+    let svg = lnet_selftest::plot::sweep_svg(mode.name(), &series);
+    std::fs::write(&a.svg, svg)?;
+    println!("plot: {}", a.svg.display());
+    let _ = Arc::new(());
+    Ok(())
+}
