@@ -419,6 +419,11 @@ impl Client {
         }
     }
 
+    /// What each RPC does.
+    pub fn kind(&self) -> TestKind {
+        self.inner.spec.kind
+    }
+
     /// Forgets the latencies recorded so far (after a warm-up).
     pub fn reset_latency(&self) {
         lock(&self.inner.hist).reset();

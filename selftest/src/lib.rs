@@ -13,6 +13,8 @@
 
 pub mod bulk;
 pub mod client;
+pub mod console;
+pub mod framework;
 pub mod plot;
 pub mod run;
 pub mod server;

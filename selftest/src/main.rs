@@ -66,6 +66,9 @@ struct NodeArgs {
     /// shm: never sleep waiting for messages.
     #[arg(long)]
     busy_poll: bool,
+    /// serve: also run the lst console on this Unix socket.
+    #[arg(long)]
+    console: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -288,15 +291,23 @@ fn serve_cmd(a: &NodeArgs) -> Res<()> {
             ..Default::default()
         },
     )?;
+    let fw = lnet_selftest::framework::Framework::start(&b.node, srv, b.pool.clone())?;
+    let _console = match &a.console {
+        Some(p) => Some(lnet_selftest::console::serve_socket(b.node.clone(), p)?),
+        None => None,
+    };
     println!("READY {} {}", b.node.primary_nid(), b.port.unwrap_or(0));
     std::io::stdout().flush()?;
     for line in std::io::stdin().lock().lines() {
         if line?.trim() == "STATS" {
-            println!("STATS {:?}", srv.stats());
+            println!("STATS {:?}", fw.server().stats());
             std::io::stdout().flush()?;
         }
     }
-    drop(srv);
+    drop(fw);
+    if let Some(p) = &a.console {
+        let _ = std::fs::remove_file(p);
+    }
     b.node.shutdown();
     Ok(())
 }
@@ -492,6 +503,7 @@ fn sweep_cmd(a: &SweepArgs) -> Res<()> {
             dir: None,
             no_pool: false,
             busy_poll: false,
+            console: None,
         };
         let pair = local_pair(&na)?;
         let mut pts = Vec::new();

@@ -1052,37 +1052,44 @@ impl SrpcMsg {
 /// A process id as the framework packs it in destination lists
 /// (`struct lnet_process_id_packed`: 8-byte NID, 4-byte pid, packed).
 pub const PACKED_ID_SIZE: usize = 12;
+/// Ids per 4 KiB page of a destination list (`SFW_ID_PER_PAGE`): ids never
+/// straddle a page, the last 4 bytes of each page are unused.
+pub const IDS_PER_PAGE: usize = 4096 / PACKED_ID_SIZE;
 
-/// Encodes a destination list (native little-endian, as an x86 console
-/// writes it).
+/// Encodes a destination list in pages as the console sends it (our byte
+/// order).
 pub fn encode_ids(ids: &[(u64, u32)]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(ids.len() * PACKED_ID_SIZE);
-    for &(nid, pid) in ids {
-        v.extend_from_slice(&nid.to_le_bytes());
-        v.extend_from_slice(&pid.to_le_bytes());
+    let pages = ids.len().div_ceil(IDS_PER_PAGE).max(1);
+    let mut v = vec![0u8; pages * 4096];
+    for (i, &(nid, pid)) in ids.iter().enumerate() {
+        let at = (i / IDS_PER_PAGE) * 4096 + (i % IDS_PER_PAGE) * PACKED_ID_SIZE;
+        v[at..at + 8].copy_from_slice(&nid.to_ne_bytes());
+        v[at + 8..at + 12].copy_from_slice(&pid.to_ne_bytes());
     }
     v
 }
 
-/// Decodes `n` packed ids (swabbed when `be`); `None` when `b` is short.
-pub fn decode_ids(b: &[u8], n: usize, be: bool) -> Option<Vec<(u64, u32)>> {
-    if n.checked_mul(PACKED_ID_SIZE)? > b.len() {
-        return None;
+/// Bytes a list of `n` ids takes in pages.
+pub fn ids_len(n: usize) -> usize {
+    n.div_ceil(IDS_PER_PAGE).max(1) * 4096
+}
+
+/// Decodes `n` ids laid out in pages (swabbed when `swab`); `None` when
+/// `b` is short.
+pub fn decode_ids(b: &[u8], n: usize, swab: bool) -> Option<Vec<(u64, u32)>> {
+    let mut out = Vec::with_capacity(n.min(b.len() / PACKED_ID_SIZE));
+    for i in 0..n {
+        let at = (i / IDS_PER_PAGE).checked_mul(4096)? + (i % IDS_PER_PAGE) * PACKED_ID_SIZE;
+        let c = b.get(at..at + PACKED_ID_SIZE)?;
+        let mut nid = u64::from_ne_bytes(c[..8].try_into().ok()?);
+        let mut pid = u32::from_ne_bytes(c[8..].try_into().ok()?);
+        if swab {
+            nid = nid.swap_bytes();
+            pid = pid.swap_bytes();
+        }
+        out.push((nid, pid));
     }
-    Some(
-        b.chunks_exact(PACKED_ID_SIZE)
-            .take(n)
-            .map(|c| {
-                let nid: [u8; 8] = c[..8].try_into().unwrap_or_default();
-                let pid: [u8; 4] = c[8..].try_into().unwrap_or_default();
-                if be {
-                    (u64::from_be_bytes(nid), u32::from_be_bytes(pid))
-                } else {
-                    (u64::from_le_bytes(nid), u32::from_le_bytes(pid))
-                }
-            })
-            .collect(),
-    )
+    Some(out)
 }
 
 /// The fuzz target's check: decoding any bytes never panics, and what
@@ -1254,8 +1261,14 @@ mod tests {
     fn ids_round_trip() {
         let ids = vec![(0x0002_0000_7f00_0001, 12345), (1, 2)];
         let b = encode_ids(&ids);
-        assert_eq!(b.len(), 24);
+        assert_eq!(b.len(), 4096);
         assert_eq!(decode_ids(&b, 2, false).unwrap(), ids);
-        assert!(decode_ids(&b, 3, false).is_none());
+        // 341 ids per page: the 342nd starts the second page.
+        let many: Vec<_> = (0..342u64).map(|i| (i, 12345)).collect();
+        let b = encode_ids(&many);
+        assert_eq!(b.len(), 8192);
+        assert_eq!(&b[4096..4104], &341u64.to_ne_bytes());
+        assert_eq!(decode_ids(&b, 342, false).unwrap(), many);
+        assert!(decode_ids(&b, 683, false).is_none());
     }
 }

@@ -1,0 +1,142 @@
+//! `lst` scripts against three `lnet-selftest serve` processes on shm: one
+//! holds the console, the console drives the others over LNet with the
+//! kernel's framework RPCs (session, groups, tests, batches, stats).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(dir: &std::path::Path, addr: u32, console: Option<&std::path::Path>) -> Node {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lnet-selftest"));
+    c.args([
+        "serve",
+        "--lnd",
+        "shm",
+        "--addr",
+        &addr.to_string(),
+        "--dir",
+    ])
+    .arg(dir)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped());
+    if let Some(p) = console {
+        c.arg("--console").arg(p);
+    }
+    let mut child = c.spawn().unwrap();
+    let mut l = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut l)
+        .unwrap();
+    assert!(l.starts_with(&format!("READY {addr}@shm")), "{l}");
+    Node(child)
+}
+
+fn lst(sock: &std::path::Path, cmd: &str) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_lst"))
+        .args(cmd.split_whitespace())
+        .env("LST_CONSOLE", sock)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn an_lst_script_runs_a_brw_batch_and_reports() {
+    let dir = std::env::temp_dir().join(format!("lst-script-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let sock = dir.join("console.sock");
+    let _n1 = serve(&dir, 1, Some(&sock));
+    let _n2 = serve(&dir, 2, None);
+    let _n3 = serve(&dir, 3, None);
+    let ok = |cmd: &str| {
+        let (rc, out) = lst(&sock, cmd);
+        assert_eq!(rc, 0, "lst {cmd}: {out}");
+        out
+    };
+    // Commands before a session fail with a reason.
+    let (rc, out) = lst(&sock, "add_group g 2@shm");
+    assert_eq!(rc, 1);
+    assert!(out.contains("new_session"), "{out}");
+    assert!(ok("new_session --timeout 100 demo").contains("SESSION: demo"));
+    assert!(ok("show_session").contains("demo"));
+    ok("add_group servers 2@shm");
+    ok("add_group clients 3@shm");
+    let out = ok("list_group clients");
+    assert!(out.contains("12345-3@shm: Active"), "{out}");
+    assert!(ok("list_group").contains("Total 2 groups"));
+    ok("add_batch bulk");
+    assert!(ok("add_test --batch bulk --loop 50 --concurrency 2 --from clients --to servers brw write size=64k check=full").contains("successfully"));
+    ok("add_test --batch bulk --loop 20 --from clients --to servers brw read size=4k check=simple");
+    ok("add_test --batch bulk --loop 20 --from clients --to servers ping");
+    let out = ok("list_batch bulk");
+    assert!(
+        out.contains("Tests: 3") && out.contains("brw write size=64K"),
+        "{out}"
+    );
+    assert!(ok("run bulk").contains("running"));
+    // The loops end by themselves; stat while (or after) they run.
+    let out = ok("stat --delay 0.5 --count 1 servers clients");
+    for want in [
+        "[LNet Rates of servers]",
+        "[LNet Bandwidth of clients]",
+        "[R] Avg:",
+        "[W] Avg:",
+        "[Aggregate of clients",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    let mut idle = false;
+    for _ in 0..100 {
+        if ok("query bulk").contains("idle") {
+            idle = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(idle, "the batch did not end");
+    let out = ok("show_error clients servers");
+    assert!(out.contains("Total 0 error nodes in clients"), "{out}");
+    assert!(out.contains("Total 0 error nodes in servers"), "{out}");
+    assert!(
+        out.contains("[Session 0 brw errors, 0 ping errors]"),
+        "{out}"
+    );
+    let out = ok("ping servers clients");
+    assert!(out.contains("12345-2@shm: Active [session: demo]"), "{out}");
+    // Latency percentiles of the client's tests (an lnet-rs extension).
+    let out = ok("stat --delay 0.2 --count 1 clients");
+    assert!(
+        out.contains("[Latency of 12345-3@shm] p50:") && out.contains("(140 RPCs)"),
+        "{out}"
+    );
+    // Bad commands are refused with a reason, the console keeps serving.
+    let (rc, out) = lst(
+        &sock,
+        "add_test --batch nope --from clients --to servers ping",
+    );
+    assert_eq!(rc, 1);
+    assert!(out.contains("no batch nope"), "{out}");
+    let (rc, out) = lst(&sock, "fly_to_the_moon");
+    assert_eq!(rc, 1);
+    assert!(out.contains("unknown command"), "{out}");
+    ok("stop bulk");
+    assert!(ok("end_session").contains("ended"));
+    // The nodes left the session.
+    let out = ok("ping --nodes 2@shm");
+    assert!(out.contains("Unknown"), "{out}");
+    drop((_n1, _n2, _n3));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
