@@ -86,9 +86,10 @@ fn every_mode_over_lo_and_shm_with_checks() {
             assert_eq!(v["check"], check);
             if mode == "ping" {
                 assert_eq!(f(&v, "size"), 0.0);
-                // Two LNet messages per ping RPC (request, reply), each
-                // counted once sent and once received on lo.
-                assert!(f(&v, "lnet_msgs") >= 2.0 * f(&v, "rpcs"));
+                // Two LNet messages per ping RPC (request, reply) on the
+                // client node; RPCs in flight at the window's edges (at
+                // most the concurrency, 4) may have only one inside it.
+                assert!(f(&v, "lnet_msgs") >= 2.0 * (f(&v, "rpcs") - 4.0), "{v}");
             } else {
                 let want = if size == "1M" {
                     1048576.0
