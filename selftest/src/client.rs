@@ -38,6 +38,7 @@ use lnet::{
 use tracing::warn;
 
 use crate::bulk::{self, BRW_MAGIC, BRW_POISON, Buf, Check};
+use crate::rpc::{lock, next_matchbits as next_id};
 use crate::wire::{
     Body, BrwReq, LST_BRW_READ, LST_BRW_WRITE, LST_FEAT_BULK_LEN, PingReq, RDMA_PORTAL,
     SRPC_MSG_SIZE, Service, SrpcMsg,
@@ -65,15 +66,6 @@ pub enum TestKind {
 }
 
 impl TestKind {
-    /// LNet messages one RPC of this kind takes: request, bulk (a PUT, or
-    /// a GET and its REPLY) and reply.
-    pub fn messages_per_rpc(&self) -> u64 {
-        match self {
-            TestKind::Brw { write: true, .. } => 4,
-            TestKind::Brw { write: false, .. } => 3,
-            TestKind::Ping => 2,
-        }
-    }
     /// Bulk bytes one RPC moves.
     pub fn bytes_per_rpc(&self) -> u64 {
         match self {
@@ -224,19 +216,6 @@ thread_local! {
 /// A running test.
 pub struct Client {
     inner: Arc<Inner>,
-}
-
-fn next_id() -> u64 {
-    static ID: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        // As the kernel seeds its match bits: seconds in the top 16 bits.
-        let s = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        AtomicU64::new(s << 48)
-    })
-    .fetch_add(1, Relaxed)
-        + 1
 }
 
 impl Client {
@@ -441,10 +420,6 @@ impl Drop for Client {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn note_error(inner: &Inner, msg: String) {
     warn!("selftest: {msg}");
     let mut e = lock(&inner.errors);
@@ -591,7 +566,7 @@ fn start_rpc_inner(inner: &Arc<Inner>, slot: usize, buf: Option<Buf>) {
         Err(e) => {
             fail_now(format!("reply buffer: {e}"));
             lock(&inner.inflight)[slot] = None;
-            finish_counted(inner, &rpc, buf);
+            finish_counted(inner, &rpc);
             return;
         }
     }
@@ -701,13 +676,12 @@ fn start_rpc_inner(inner: &Arc<Inner>, slot: usize, buf: Option<Buf>) {
 }
 
 /// Ends an RPC that never got going.
-fn finish_counted(inner: &Arc<Inner>, rpc: &Rpc, buf: Option<Buf>) {
+fn finish_counted(inner: &Arc<Inner>, rpc: &Rpc) {
     inner.failed.fetch_add(1, Relaxed);
     if let Some(m) = lock(&rpc.failed).clone() {
         note_error(inner, format!("RPC to {} failed: {m}", rpc.dest));
     }
     // Do not spin on a node that cannot post buffers: end the slot.
-    let _ = buf;
     slot_done(inner);
 }
 

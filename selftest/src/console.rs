@@ -30,7 +30,7 @@ use lnet::{Lnet, Nid, NidRange, ProcessId};
 
 use crate::bulk::Check;
 use crate::client::TestKind;
-use crate::framework::{self, EBUSY, LATENCY_SERVICE, call};
+use crate::framework::{EBUSY, LATENCY_SERVICE, call};
 use crate::run::parse_size;
 use crate::wire::{
     self, BATCH_OPC_QUERY, BATCH_OPC_RUN, BATCH_OPC_STOP, BatchReq, Body, LST_BRW_READ,
@@ -927,11 +927,7 @@ impl Console {
                             } else {
                                 "Busy"
                             };
-                            say!(
-                                out,
-                                "\t{id}: {st} [session: {}]",
-                                framework::session_name(&name)
-                            );
+                            say!(out, "\t{id}: {st} [session: {}]", wire::name_str(&name));
                         }
                         b => say!(out, "\t{id}: unexpected reply {b:?}"),
                     },

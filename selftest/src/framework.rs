@@ -27,18 +27,16 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use lnet::pool::MemPool;
-use lnet::{
-    AckReq, EventHandler, EventKind, EventQueue, InsPos, Lnet, Md, MdOptions, Nid, ProcessId,
-    Threshold, Unlink,
-};
-use tracing::{debug, info, warn};
+use lnet::{AckReq, EventQueue, InsPos, Lnet, Md, MdOptions, Nid, ProcessId, Threshold, Unlink};
+use tracing::{info, warn};
 
 use crate::bulk::Check;
 use crate::client::{Client, TestKind, TestSpec};
+use crate::rpc::{self, lock};
 use crate::server::{EINVAL, EPROTO, Server};
 use crate::wire::{
     self, BATCH_OPC_QUERY, BATCH_OPC_RUN, BATCH_OPC_STOP, Body, FRAMEWORK_REQUEST_PORTAL,
-    FwCounters, LST_BRW_WRITE, LST_FEATS_MASK, LnetCounters, Name, RDMA_PORTAL, RpcCounters,
+    FwCounters, LST_BRW_WRITE, LST_FEATS_MASK, LnetCounters, RDMA_PORTAL, RpcCounters,
     SRPC_MSG_SIZE, Service, SessionId, SrpcMsg, StatReply, TestParams, TestReq,
 };
 
@@ -101,10 +99,6 @@ pub struct Framework {
     inner: Arc<Inner>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Framework {
     /// Posts the framework services on `node` beside `server`'s test
     /// services. `pool` is used for the bulk of tests this node runs.
@@ -125,7 +119,13 @@ impl Framework {
         node.set_lazy(FRAMEWORK_REQUEST_PORTAL, true)?;
         for svc in [0u64, 1, 2, 3, 4, 5, LATENCY_SERVICE] {
             for _ in 0..8 {
-                post(&inner, node, svc)?;
+                rpc::post_request_buffer(
+                    node,
+                    &inner,
+                    FRAMEWORK_REQUEST_PORTAL,
+                    svc,
+                    queue_request,
+                )?;
             }
         }
         let w = Arc::downgrade(&inner);
@@ -152,33 +152,10 @@ impl Framework {
     }
 }
 
-fn post(inner: &Arc<Inner>, node: &Lnet, svc: u64) -> lnet::Result<()> {
-    let w = Arc::downgrade(inner);
-    node.attach(
-        FRAMEWORK_REQUEST_PORTAL,
-        ProcessId::ANY,
-        svc,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
-        Md::new(vec![0u8; SRPC_MSG_SIZE])
-            .options(MdOptions::OP_PUT)
-            .threshold(Threshold::Finite(1))
-            .handler(EventHandler::callback(move |mut e| {
-                if e.kind != EventKind::Put || e.status.is_err() {
-                    return;
-                }
-                let Some(i) = w.upgrade() else { return };
-                let Some(node) = i.node.upgrade() else { return };
-                let mut b = e.buffer.take().map(|b| b.into_vec()).unwrap_or_default();
-                b.truncate(e.mlength as usize);
-                if post(&i, &node, svc).is_err() {
-                    debug!("framework buffer not reposted");
-                }
-                let _ = lock(&i.tx).send((svc, b, e.initiator));
-            })),
-    )?;
-    Ok(())
+/// Framework requests may wait on the network (a test's destination
+/// list): they are served one at a time on the framework thread.
+fn queue_request(inner: &Arc<Inner>, _node: &Arc<Lnet>, svc: u64, b: Vec<u8>, peer: ProcessId) {
+    let _ = lock(&inner.tx).send((svc, b, peer));
 }
 
 fn worker(w: Weak<Inner>, rx: Receiver<(u64, Vec<u8>, ProcessId)>) {
@@ -224,15 +201,27 @@ fn harvest(inner: &Inner) {
     }
 }
 
+/// A client test's counters as the framework reports them: RPCs sent,
+/// RPC errors, brw errors, ping errors.
+fn charge(c: &Client) -> [u64; 4] {
+    let p = c.progress();
+    let failed = p.test_errors + p.rpcs_failed;
+    let ping = matches!(c.kind(), TestKind::Ping);
+    [
+        p.rpcs_ok + failed,
+        p.rpcs_failed,
+        if ping { 0 } else { failed },
+        if ping { failed } else { 0 },
+    ]
+}
+
 fn fold(s: &mut Session, c: &Client) {
+    let [sent, errs, brw, ping] = charge(c);
+    s.rpcs_sent += sent;
+    s.rpc_errors += errs;
+    s.brw_errors += brw;
+    s.ping_errors += ping;
     let r = c.report();
-    s.rpcs_sent += r.rpcs_ok + r.rpcs_failed + r.test_errors;
-    s.rpc_errors += r.rpcs_failed;
-    if matches!(c.kind(), TestKind::Ping) {
-        s.ping_errors += r.test_errors + r.rpcs_failed;
-    } else {
-        s.brw_errors += r.test_errors + r.rpcs_failed;
-    }
     match &mut s.hist {
         Some(h) => {
             let _ = h.add(&r.latency);
@@ -250,16 +239,6 @@ fn end_session(s: &mut Option<Session>) {
                 }
             }
         }
-    }
-}
-
-fn reply(node: &Lnet, peer: ProcessId, rpyid: u64, feats: u32, body: Body) {
-    let b = SrpcMsg::new(feats, body).encode(cfg!(target_endian = "big"));
-    let r = node
-        .md_bind(Md::new(b.to_vec()))
-        .and_then(|h| node.put(h, AckReq::NoAck, peer, RDMA_PORTAL, rpyid, 0, 0));
-    if let Err(err) = r {
-        warn!(%peer, %err, "framework reply not sent");
     }
 }
 
@@ -461,7 +440,14 @@ fn handle(inner: &Arc<Inner>, svc: u64, b: &[u8], peer: ProcessId) {
         }
     };
     drop(g);
-    reply(&node, peer, rpyid, feats & LST_FEATS_MASK, body);
+    if let Err(err) = rpc::send_reply(
+        &node,
+        peer,
+        rpyid,
+        SrpcMsg::new(feats & LST_FEATS_MASK, body),
+    ) {
+        warn!(%peer, %err, "framework reply not sent");
+    }
 }
 
 fn stats(inner: &Inner, node: &Lnet, s: Option<&Session>) -> StatReply {
@@ -477,14 +463,11 @@ fn stats(inner: &Inner, node: &Lnet, s: Option<&Session>) -> StatReply {
             let mut running = false;
             for t in tests {
                 if let Some(c) = &t.client {
-                    let p = c.progress();
-                    sent += p.rpcs_ok + p.rpcs_failed + p.test_errors;
-                    errs += p.rpcs_failed;
-                    if matches!(c.kind(), TestKind::Ping) {
-                        ping += p.test_errors + p.rpcs_failed;
-                    } else {
-                        brw += p.test_errors + p.rpcs_failed;
-                    }
+                    let [a, b, c2, d] = charge(c);
+                    sent += a;
+                    errs += b;
+                    brw += c2;
+                    ping += d;
                     running |= c.is_active();
                 }
             }
@@ -699,20 +682,14 @@ pub fn get_bulk(
         return Err(e.into());
     }
     let t = Duration::from_secs(30);
-    let deadline = Instant::now() + t;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Some(mut e) = q.recv_timeout(left) else {
-            let _ = node.md_unlink(h);
-            return Err(CallError::Timeout(t));
-        };
-        if e.unlinked {
-            e.status?;
-            let mut b = e.buffer.take().map(|b| b.into_vec()).unwrap_or_default();
-            b.truncate(e.mlength as usize);
-            return Ok(b);
-        }
-    }
+    let Some(mut e) = rpc::wait_final(&q, Instant::now() + t) else {
+        let _ = node.md_unlink(h);
+        return Err(CallError::Timeout(t));
+    };
+    e.status?;
+    let mut b = e.buffer.take().map(|b| b.into_vec()).unwrap_or_default();
+    b.truncate(e.mlength as usize);
+    Ok(b)
 }
 
 /// One RPC to `peer`'s service `svc`: posts the reply buffer (and `bulk`,
@@ -727,13 +704,8 @@ pub fn call(
     bulk: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<SrpcMsg, CallError> {
-    static ID: AtomicU64 = AtomicU64::new(0);
-    let base = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-        << 48;
-    let rpyid = base | (ID.fetch_add(2, Relaxed) & ((1 << 47) - 1)) | (1 << 47);
-    let bulkid = rpyid + 1;
+    let rpyid = rpc::next_matchbits();
+    let bulkid = rpc::next_matchbits();
     let q = EventQueue::new();
     let (_, rh) = node.attach(
         RDMA_PORTAL,
@@ -786,26 +758,15 @@ pub fn call(
         cleanup(node);
         return Err(e.into());
     }
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Some(mut e) = q.recv_timeout(left) else {
-            cleanup(node);
-            return Err(CallError::Timeout(timeout));
-        };
-        if e.unlinked {
-            if let Some(h) = bh {
-                let _ = node.md_unlink(h);
-            }
-            e.status.clone()?;
-            let mut b = e.buffer.take().map(|b| b.into_vec()).unwrap_or_default();
-            b.truncate(e.mlength as usize);
-            return Ok(SrpcMsg::decode(&b)?);
-        }
+    let Some(mut e) = rpc::wait_final(&q, Instant::now() + timeout) else {
+        cleanup(node);
+        return Err(CallError::Timeout(timeout));
+    };
+    if let Some(h) = bh {
+        let _ = node.md_unlink(h);
     }
-}
-
-/// The name bytes helper re-exported for consoles.
-pub fn session_name(n: &Name) -> String {
-    wire::name_str(n)
+    e.status.clone()?;
+    let mut b = e.buffer.take().map(|b| b.into_vec()).unwrap_or_default();
+    b.truncate(e.mlength as usize);
+    Ok(SrpcMsg::decode(&b)?)
 }

@@ -16,6 +16,7 @@ pub mod client;
 pub mod console;
 pub mod framework;
 pub mod plot;
+mod rpc;
 pub mod run;
 pub mod server;
 pub mod wire;

@@ -10,7 +10,6 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
@@ -535,6 +534,5 @@ fn sweep_cmd(a: &SweepArgs) -> Res<()> {
     let svg = lnet_selftest::plot::sweep_svg(mode.name(), &series);
     std::fs::write(&a.svg, svg)?;
     println!("plot: {}", a.svg.display());
-    let _ = Arc::new(());
     Ok(())
 }

@@ -18,20 +18,18 @@
 //! node.shutdown();
 //! ```
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 
 use lnet::pool::MemPool;
-use lnet::{
-    AckReq, Event, EventHandler, EventKind, InsPos, Lnet, Md, MdOptions, ProcessId, Threshold,
-    Unlink,
-};
+use lnet::{AckReq, Event, EventHandler, Lnet, Md, ProcessId, Threshold};
 use tracing::{debug, warn};
 
 use crate::bulk::{self, BRW_MAGIC, BRW_POISON, Buf, Check, MAX_BULK};
+use crate::rpc;
 use crate::wire::{
-    Body, LST_BRW_READ, LST_BRW_WRITE, LST_FEAT_BULK_LEN, LST_FEATS_MASK, RDMA_PORTAL,
-    SRPC_MSG_SIZE, Service, SrpcMsg,
+    Body, LST_BRW_READ, LST_BRW_WRITE, LST_FEAT_BULK_LEN, LST_FEATS_MASK, RDMA_PORTAL, Service,
+    SrpcMsg,
 };
 
 /// `EINVAL`.
@@ -96,11 +94,10 @@ struct Inner {
     free: Mutex<Vec<Buf>>,
     c: Counters,
     inject: AtomicU64,
-    stopped: AtomicBool,
 }
 
-/// A running test service. Dropping it stops serving new requests
-/// (requests already posted still get their replies).
+/// A running test service. Dropping it stops serving requests (bulk
+/// already started still gets its reply).
 pub struct Server {
     inner: Arc<Inner>,
 }
@@ -114,14 +111,13 @@ impl Server {
             free: Mutex::new(Vec::new()),
             c: Counters::default(),
             inject: AtomicU64::new(0),
-            stopped: AtomicBool::new(false),
         });
         // Requests beyond the posted buffers wait instead of being dropped.
         node.set_lazy(crate::wire::REQUEST_PORTAL, true)?;
         let n = if cfg.buffers == 0 { 256 } else { cfg.buffers };
         for svc in [Service::Brw, Service::Ping] {
             for _ in 0..n {
-                post_request_buffer(&inner, node, svc, vec![0u8; SRPC_MSG_SIZE])?;
+                rpc::post_request_buffer(node, &inner, svc.portal(), svc as u64, on_request)?;
             }
         }
         Ok(Server { inner })
@@ -151,63 +147,13 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.inner.stopped.store(true, Relaxed);
-    }
-}
-
-fn post_request_buffer(
-    inner: &Arc<Inner>,
-    node: &Lnet,
-    svc: Service,
-    buf: Vec<u8>,
-) -> lnet::Result<()> {
-    let weak = Arc::downgrade(inner);
-    node.attach(
-        svc.portal(),
-        ProcessId::ANY,
-        svc as u64,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
-        Md::new(buf)
-            .options(MdOptions::OP_PUT)
-            .threshold(Threshold::Finite(1))
-            .handler(EventHandler::callback(move |e| {
-                if let Some(i) = weak.upgrade() {
-                    on_request(&i, svc, e);
-                }
-            })),
-    )?;
-    Ok(())
-}
-
-fn on_request(inner: &Arc<Inner>, svc: Service, mut e: Event) {
-    if e.kind != EventKind::Put && e.kind != EventKind::Unlink {
-        return;
-    }
-    let Some(node) = inner.node.upgrade() else {
+fn on_request(inner: &Arc<Inner>, node: &Arc<Lnet>, bits: u64, buf: Vec<u8>, peer: ProcessId) {
+    let Some(svc) = Service::from_id(bits as u32) else {
         return;
     };
-    let buf = e.buffer.take().map(|b| b.into_vec());
-    if e.kind != EventKind::Put || e.status.is_err() {
-        return;
-    }
-    let Some(buf) = buf else { return };
     inner.c.rpcs_rcvd.fetch_add(1, Relaxed);
-    let len = (e.mlength as usize).min(buf.len());
-    let decoded = SrpcMsg::decode(&buf[..len]);
+    let decoded = SrpcMsg::decode(&buf);
     let swabbed = SrpcMsg::is_swabbed(&buf);
-    // Post the buffer again before serving, so the service never runs dry.
-    if !inner.stopped.load(Relaxed) {
-        let mut b = buf.clone();
-        b.fill(0);
-        if let Err(err) = post_request_buffer(inner, &node, svc, b) {
-            debug!(%err, "selftest: request buffer not reposted");
-        }
-    }
-    let peer = e.initiator;
     let msg = match decoded {
         Ok(m) => m,
         Err(crate::wire::WireError::Version(v)) => {
@@ -223,7 +169,7 @@ fn on_request(inner: &Arc<Inner>, svc: Service, mut e: Event) {
                 },
                 _ => Body::BrwReply { status: EPROTO },
             };
-            reply(inner, &node, peer, rpyid, SrpcMsg::new(0, body));
+            reply(inner, node, peer, rpyid, SrpcMsg::new(0, body));
             return;
         }
         Err(err) => {
@@ -248,9 +194,9 @@ fn on_request(inner: &Arc<Inner>, svc: Service, mut e: Event) {
                     seq: p.seq,
                 },
             );
-            reply(inner, &node, peer, p.rpyid, r);
+            reply(inner, node, peer, p.rpyid, r);
         }
-        (Service::Brw, Body::BrwReq(b)) => serve_brw(inner, &node, peer, msg.ses_feats, b, swabbed),
+        (Service::Brw, Body::BrwReq(b)) => serve_brw(inner, node, peer, msg.ses_feats, b, swabbed),
         (_, body) => {
             warn!(%peer, ty = body.msg_type(), "selftest request of the wrong type");
             inner.c.rpcs_dropped.fetch_add(1, Relaxed);
@@ -399,7 +345,7 @@ fn serve_brw(
 }
 
 fn take_buf(inner: &Inner, len: usize) -> Buf {
-    let mut free = inner.free.lock().unwrap_or_else(|p| p.into_inner());
+    let mut free = rpc::lock(&inner.free);
     while let Some(mut b) = free.pop() {
         if b.resize(len) {
             return b;
@@ -410,7 +356,7 @@ fn take_buf(inner: &Inner, len: usize) -> Buf {
 }
 
 fn give_buf(inner: &Inner, b: Buf) {
-    let mut free = inner.free.lock().unwrap_or_else(|p| p.into_inner());
+    let mut free = rpc::lock(&inner.free);
     // Bounded by the RPCs served at once; keep at most that many.
     if free.len() < 1024 {
         free.push(b);
@@ -418,13 +364,7 @@ fn give_buf(inner: &Inner, b: Buf) {
 }
 
 fn reply(inner: &Inner, node: &Lnet, peer: ProcessId, rpyid: u64, msg: SrpcMsg) {
-    // Replies go out in our own byte order, as the kernel's do; clients
-    // of either order read both.
-    let bytes = msg.encode(cfg!(target_endian = "big"));
-    let r = node
-        .md_bind(Md::new(bytes.to_vec()).threshold(Threshold::Finite(1)))
-        .and_then(|h| node.put(h, AckReq::NoAck, peer, RDMA_PORTAL, rpyid, 0, 0));
-    match r {
+    match rpc::send_reply(node, peer, rpyid, msg) {
         Ok(()) => {
             inner.c.rpcs_sent.fetch_add(1, Relaxed);
         }
