@@ -1,7 +1,67 @@
-//! `lnd-rdma`: the o2iblnd-equivalent RDMA transport.
-#![allow(missing_docs)]
+//! `lnd-rdma`: the o2iblnd-equivalent RDMA transport (InfiniBand and RoCE)
+//! over verbs and RDMA CM.
+//!
+//! * [`wire`]: o2iblnd's protocol as pure functions (always built).
+//! * [`plan`]: how a source's fragments are RDMA-written into a sink's
+//!   descriptor (always built).
+//! * With the `verbs` feature: [`RdmaLnd`], the LND itself, on the
+//!   system's libibverbs and librdmacm.
+//!
+//! # Bindings, and why these
+//! Verbs come from `ibverbs-sys` (it links the system's libibverbs). RDMA
+//! CM has no maintained Rust binding that shares `ibverbs-sys`'s types, so
+//! `build.rs` generates a minimal one from the system's
+//! `<rdma/rdma_cma.h>` with bindgen (functions `rdma_*` for ids, events,
+//! connect/accept/reject and QP creation), reusing `ibverbs-sys`'s
+//! `ibv_context`, `ibv_pd`, `ibv_qp` and friends; it lives in `cma_sys`.
+//! The safe `ibverbs` crate is not used: its `Context` only wraps devices
+//! it opened itself, while a CM connection's QP must be created on the
+//! context librdmacm opened (see `verbs`, the crate's one unsafe module).
+//! `rdma-core-sys` is not used: it binds rdma-core r14 and needs a musl
+//! cross compiler.
+//!
+//! # Protocol
+//! Kernel o2iblnd's, version 2: CONNREQ/CONNACK with queue depth, max
+//! fragments and max message size in the CM private data on port 987; the
+//! passive side rejects parameters larger than its own with its values
+//! (`MSG_QUEUE_SIZE`, `RDMA_FRAGS`) and the active side retries with them.
+//! Messages up to 4 KiB (header, LNet header and payload, so payloads of
+//! at most [`wire::IMMEDIATE_MAX`] bytes) go IMMEDIATE; larger PUTs use
+//! PUT_REQ → PUT_ACK (sink descriptor) → RDMA WRITE + PUT_DONE; GETs carry
+//! the REPLY sink's descriptor in GET_REQ and the target writes the data
+//! before GET_DONE. Credits: IMMEDIATE, PUT_REQ and GET_REQ spend a peer
+//! credit (requests also a reserved one), the out-of-band replies do not;
+//! credits come back in every message's header and in NOOPs once half the
+//! queue depth is owed.
+//!
+//! # Memory
+//! Receive buffers (2 × queue depth + 2 per connection) and message slots
+//! are registered once per connection; user memory is registered through a
+//! bounded cache keyed by the MD's memory identity ([`lnet::MemKey`]), so a
+//! registration never outlives the memory it pins; pools registered with
+//! `RdmaLnd::register_pool` need nothing per operation. A sink of several
+//! fragments (one key per descriptor) lands in a pre-registered bounce
+//! buffer and is copied out. No buffer is released before the completion
+//! of the work request that uses it.
+#![cfg_attr(
+    feature = "verbs",
+    doc = "\n\nThe LND itself: [`RdmaLnd`], [`RdmaConfig`]."
+)]
+
+pub mod plan;
 pub mod wire;
+
 #[cfg(feature = "verbs")]
-pub mod cma_sys;
+mod cma_sys;
+#[cfg(feature = "verbs")]
+mod lnd;
+#[cfg(feature = "verbs")]
+mod verbs;
+
+#[cfg(feature = "verbs")]
+pub use lnd::{RdmaConfig, RdmaError, RdmaLnd, RdmaStats, RdmaStatsSnapshot};
+#[cfg(feature = "verbs")]
+pub use verbs::device_names;
+
 /// The network type this LND serves.
 pub const NET_TYPE: lnet::NetType = lnet::NetType::O2IBLND;

@@ -233,6 +233,30 @@ pub(crate) fn lock_mem(m: &SharedMem) -> std::sync::MutexGuard<'_, MdBuffer> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// An opaque identity of an MD's memory, for an LND's registration cache
+/// (RDMA memory regions). It is live only while the MD's memory exists,
+/// and while a key is held no other MD can take its identity, so a cached
+/// registration can never be applied to memory freed and allocated again.
+#[derive(Clone)]
+pub struct MemKey(Weak<Mutex<MdBuffer>>);
+
+impl std::fmt::Debug for MemKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemKey({:p}, live {})", self.0.as_ptr(), self.is_live())
+    }
+}
+
+impl MemKey {
+    /// True while the MD's memory exists.
+    pub fn is_live(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+    /// True when both keys name the same MD memory.
+    pub fn same(&self, other: &MemKey) -> bool {
+        Weak::ptr_eq(&self.0, &other.0)
+    }
+}
+
 /// A message to send. Complete it exactly once.
 pub struct TxMsg {
     pub(crate) inner: Arc<Inner>,
@@ -304,6 +328,10 @@ impl TxMsg {
     /// hardware or for `process_vm_*` (valid until completion).
     pub fn raw_fragments(&self) -> Vec<(usize, usize)> {
         self.with_payload(|s| s.iter().map(|x| (x.as_ptr() as usize, x.len())).collect())
+    }
+    /// The identity of the source MD's memory (none without payload).
+    pub fn mem_key(&self) -> Option<MemKey> {
+        self.mem.as_ref().map(|m| MemKey(Arc::downgrade(m)))
     }
     /// Complete the message: it left (or failed to).
     pub fn complete(mut self, status: Result<(), Error>) {
@@ -422,6 +450,24 @@ impl Sink {
                 .map(|x| (x.as_mut_ptr() as usize, x.len()))
                 .collect()
         })
+    }
+    /// The identity of the destination MD's memory (none for a sink that
+    /// allocates its own buffer).
+    pub fn mem_key(&self) -> Option<MemKey> {
+        self.mem.as_ref().map(|m| MemKey(Arc::downgrade(m)))
+    }
+    /// Record that only `n` bytes arrived (an RDMA LND learns a REPLY's
+    /// real length from GET_DONE, after the data landed): the event reports
+    /// `n` as both received and matched length. Larger values are ignored.
+    pub fn set_received(&mut self, n: usize) {
+        if n >= self.mlength {
+            return;
+        }
+        self.mlength = n;
+        self.rlength = n;
+        if let Some(tok) = self.token.as_mut() {
+            tok.set_length(n as u32);
+        }
     }
     /// Complete the receive.
     pub fn complete(mut self, status: Result<(), Error>) {

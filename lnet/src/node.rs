@@ -289,6 +289,17 @@ pub(crate) enum RxToken {
     Reply { md: u64, ev: EvInfo },
 }
 
+impl RxToken {
+    /// Only `n` bytes arrived (the LND learnt it late).
+    pub(crate) fn set_length(&mut self, n: u32) {
+        let ev = match self {
+            RxToken::Put { ev, .. } | RxToken::Reply { ev, .. } => ev,
+        };
+        ev.mlength = ev.mlength.min(n);
+        ev.rlength = ev.rlength.min(n);
+    }
+}
+
 struct Awaiting {
     kind: MsgType,
     deadline: Instant,
