@@ -991,7 +991,14 @@ impl Shared {
 
     /// Queue the RDMA writes of `tx`'s payload into `rd`, then `done`
     /// (PUT_DONE or GET_DONE) carrying the byte count.
-    fn queue_rdma(self: &Arc<Self>, c: &Arc<Conn>, tx: TxMsg, rd: &RdmaDesc, put: bool, cookie: u64) {
+    fn queue_rdma(
+        self: &Arc<Self>,
+        c: &Arc<Conn>,
+        tx: TxMsg,
+        rd: &RdmaDesc,
+        put: bool,
+        cookie: u64,
+    ) {
         let (writes, regs, status) = match self.source_sges(&tx) {
             Ok((sges, regs)) => {
                 let (w, n) = plan_writes(&sges, rd, c.send_cap.min(self.dev().max_sge) as usize);
@@ -1102,9 +1109,14 @@ impl Shared {
         if kind == KIND_RECV {
             lock(&c.st).posted_recvs -= 1;
             if !wc.ok {
-                if lock(&c.st).state != State::Closed {
+                // Flushes of a connection still being set up (rejected or
+                // failed) are expected: the CM event decides its fate.
+                if lock(&c.st).state == State::Established {
                     debug!(target: "net", peer = %c.peer, status = wc.status, "receive failed");
-                    self.close(&c, Error::Network(format!("receive failed (wc {})", wc.status)));
+                    self.close(
+                        &c,
+                        Error::Network(format!("receive failed (wc {})", wc.status)),
+                    );
                 }
                 return;
             }
@@ -1134,8 +1146,11 @@ impl Shared {
             }
         }
         if !wc.ok {
-            if lock(&c.st).state != State::Closed {
-                self.close(&c, Error::Network(format!("send failed (wc {})", wc.status)));
+            if lock(&c.st).state == State::Established {
+                self.close(
+                    &c,
+                    Error::Network(format!("send failed (wc {})", wc.status)),
+                );
             }
         } else {
             self.check_sends(&c);
@@ -1353,7 +1368,13 @@ impl Shared {
                 }
                 Err(e) => {
                     s.complete(Err(e));
-                    self.queue_nocred(c, Body::PutNak { cookie, status: -ENODATA });
+                    self.queue_nocred(
+                        c,
+                        Body::PutNak {
+                            cookie,
+                            status: -ENODATA,
+                        },
+                    );
                     self.give_credit(c);
                 }
             },
@@ -1366,7 +1387,13 @@ impl Shared {
                 if let Delivery::Reply(tx) = other {
                     tx.complete(Err(Error::Network("PUT_REQ carried a GET".into())));
                 }
-                self.queue_nocred(c, Body::PutNak { cookie, status: -ENODATA });
+                self.queue_nocred(
+                    c,
+                    Body::PutNak {
+                        cookie,
+                        status: -ENODATA,
+                    },
+                );
                 self.give_credit(c);
             }
         }
@@ -1377,15 +1404,34 @@ impl Shared {
             Delivery::Reply(tx) => self.queue_rdma(c, tx, &rd, false, cookie),
             Delivery::Receive(s) => {
                 s.complete(Err(Error::Network("GET_REQ delivered as a receive".into())));
-                self.queue_nocred(c, Body::GetDone { cookie, status: -ENODATA });
+                self.queue_nocred(
+                    c,
+                    Body::GetDone {
+                        cookie,
+                        status: -ENODATA,
+                    },
+                );
             }
-            _ => self.queue_nocred(c, Body::GetDone { cookie, status: -ENODATA }),
+            _ => self.queue_nocred(
+                c,
+                Body::GetDone {
+                    cookie,
+                    status: -ENODATA,
+                },
+            ),
         }
     }
 
     // ----------------------------------------------------- connections
 
-    fn new_conn(self: &Arc<Self>, cmid: CmId, id: u32, peer: Nid, params: ConnParams, active: bool) -> Result<Arc<Conn>, String> {
+    fn new_conn(
+        self: &Arc<Self>,
+        cmid: CmId,
+        id: u32,
+        peer: Nid,
+        params: ConnParams,
+        active: bool,
+    ) -> Result<Arc<Conn>, String> {
         let qd = u32::from(params.queue_depth.max(1));
         let nrx = qd * 2 + 2;
         let nslots = qd * 3 + 4;
@@ -1435,7 +1481,9 @@ impl Shared {
             recv_wr: c.nrx,
             send_sge: self.dev().max_sge,
         };
-        c.cmid.create_qp(self.dev(), caps).map_err(|e| e.to_string())?;
+        c.cmid
+            .create_qp(self.dev(), caps)
+            .map_err(|e| e.to_string())?;
         for i in 0..c.nrx {
             if !self.repost(c, i) {
                 return Err("posting receives failed".into());
@@ -1453,29 +1501,34 @@ impl Shared {
         let params = lock(&self.peers)
             .get(&peer)
             .map_or(self.my_params(), |p| p.params);
-        let r = CmId::new(&self.chan, u64::from(id)).and_then(|cmid| {
-            cmid.resolve_addr(
-                SocketAddr::new(self.cfg.addr, 0),
-                SocketAddr::new(ip, self.cfg.port),
-                self.cfg.connect_timeout,
-            )?;
-            Ok(cmid)
-        });
-        let conn = r
+        // The connection is in the maps before resolution starts, so its
+        // first CM event always finds it.
+        let conn = CmId::new(&self.chan, u64::from(id))
             .map_err(|e| e.to_string())
             .and_then(|cmid| self.new_conn(cmid, id, peer, params, true));
-        match conn {
-            Ok(c) => {
-                debug!(target: "net", %peer, conn = id, "connecting");
-                lock(&self.conns).insert(id, c.clone());
-                if let Some(p) = lock(&self.peers).get_mut(&peer) {
-                    p.conn = Some(c);
-                }
-            }
+        let c = match conn {
+            Ok(c) => c,
             Err(e) => {
                 warn!(target: "neterror", %peer, "connect: {e}");
                 self.conn_failed(peer, None, Error::Network(e));
+                return;
             }
+        };
+        debug!(target: "net", %peer, conn = id, "connecting");
+        lock(&self.conns).insert(id, c.clone());
+        if let Some(p) = lock(&self.peers).get_mut(&peer) {
+            p.conn = Some(c.clone());
+        }
+        // Short resolution attempts, retried until the connect timeout: a
+        // neighbour update the CM misses costs one attempt, not the whole
+        // connect timeout.
+        let attempt = self.cfg.connect_timeout.min(Duration::from_secs(1));
+        if let Err(e) = c.cmid.resolve_addr(
+            SocketAddr::new(self.cfg.addr, 0),
+            SocketAddr::new(ip, self.cfg.port),
+            attempt,
+        ) {
+            self.conn_failed(peer, Some(&c), Error::Network(e.to_string()));
         }
     }
 
@@ -1522,7 +1575,8 @@ impl Shared {
                 | CmEventKind::RouteError
                 | CmEventKind::ConnectError
                 | CmEventKind::Unreachable => {
-                    let e = Error::Network(format!("connection failed: {kind:?} (status {status})"));
+                    let e =
+                        Error::Network(format!("connection failed: {kind:?} (status {status})"));
                     self.conn_failed(c.peer, Some(&c), e);
                 }
                 CmEventKind::Disconnected | CmEventKind::DeviceRemoval => {
@@ -1538,10 +1592,7 @@ impl Shared {
         let (params, stamp) = {
             let peers = lock(&self.peers);
             let p = peers.get(&c.peer);
-            (
-                lock(&c.st).params,
-                p.map_or(0, |p| p.incarnation),
-            )
+            (lock(&c.st).params, p.map_or(0, |p| p.incarnation))
         };
         let req = Msg {
             version: wire::VERSION_2,
@@ -1695,12 +1746,20 @@ impl Shared {
                 Ok((m, _)) => m,
                 Err(e) => {
                     inc(&self.stats.protocol_errors);
-                    return self.conn_failed(c.peer, Some(c), Error::Network(format!("bad CONNACK: {e}")));
+                    return self.conn_failed(
+                        c.peer,
+                        Some(c),
+                        Error::Network(format!("bad CONNACK: {e}")),
+                    );
                 }
             };
             let Body::ConnAck(cp) = ack.body else {
                 inc(&self.stats.protocol_errors);
-                return self.conn_failed(c.peer, Some(c), Error::Network("CONNACK expected".into()));
+                return self.conn_failed(
+                    c.peer,
+                    Some(c),
+                    Error::Network("CONNACK expected".into()),
+                );
             };
             let mine = lock(&c.st).params;
             if ack.srcnid != c.peer
@@ -1712,7 +1771,11 @@ impl Shared {
                 || cp.max_msg_size as usize > MSG_SIZE
             {
                 inc(&self.stats.protocol_errors);
-                return self.conn_failed(c.peer, Some(c), Error::Network("CONNACK does not match our request".into()));
+                return self.conn_failed(
+                    c.peer,
+                    Some(c),
+                    Error::Network("CONNACK does not match our request".into()),
+                );
             }
             let restarted = {
                 let mut peers = lock(&self.peers);
@@ -1773,13 +1836,33 @@ impl Shared {
         let rej = Rej::decode(private);
         let mine = lock(&c.st).params;
         let retry_now = match rej {
-            Some((r, true)) if r.why == reject::MSG_QUEUE_SIZE && r.cp.queue_depth > 0 && r.cp.queue_depth < mine.queue_depth => {
+            Some((r, true))
+                if r.why == reject::MSG_QUEUE_SIZE
+                    && r.cp.queue_depth > 0
+                    && r.cp.queue_depth < mine.queue_depth =>
+            {
                 info!(target: "net", peer = %c.peer, theirs = r.cp.queue_depth, "queue depth negotiated down");
-                self.renegotiate(c.peer, ConnParams { queue_depth: r.cp.queue_depth, ..mine });
+                self.renegotiate(
+                    c.peer,
+                    ConnParams {
+                        queue_depth: r.cp.queue_depth,
+                        ..mine
+                    },
+                );
                 true
             }
-            Some((r, true)) if r.why == reject::RDMA_FRAGS && r.cp.max_frags > 0 && r.cp.max_frags < mine.max_frags => {
-                self.renegotiate(c.peer, ConnParams { max_frags: r.cp.max_frags, ..mine });
+            Some((r, true))
+                if r.why == reject::RDMA_FRAGS
+                    && r.cp.max_frags > 0
+                    && r.cp.max_frags < mine.max_frags =>
+            {
+                self.renegotiate(
+                    c.peer,
+                    ConnParams {
+                        max_frags: r.cp.max_frags,
+                        ..mine
+                    },
+                );
                 true
             }
             Some((r, _)) if r.why == reject::CONN_RACE => {
@@ -1823,7 +1906,11 @@ impl Shared {
             }
             self.connect(c.peer);
         } else {
-            self.conn_failed(c.peer, Some(c), Error::PeerDown(format!("{} rejected the connection", c.peer)));
+            self.conn_failed(
+                c.peer,
+                Some(c),
+                Error::PeerDown(format!("{} rejected the connection", c.peer)),
+            );
         }
     }
 
@@ -1842,7 +1929,9 @@ impl Shared {
         }
         let (fail, was_up) = {
             let mut peers = lock(&self.peers);
-            let Some(p) = peers.get_mut(&peer) else { return };
+            let Some(p) = peers.get_mut(&peer) else {
+                return;
+            };
             if c.is_some_and(|c| p.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c))) {
                 p.conn = None;
             }
@@ -1851,7 +1940,7 @@ impl Shared {
             p.next_try = Some(now + p.backoff);
             p.backoff = (p.backoff * 2).min(self.cfg.reconnect_max);
             let was_up = std::mem::replace(&mut p.up, false);
-            let fail: Vec<TxMsg> = if now.duration_since(since) >= self.cfg.connect_timeout || !was_up {
+            let fail: Vec<TxMsg> = if now.duration_since(since) >= self.cfg.connect_timeout {
                 p.queue.drain(..).collect()
             } else {
                 vec![]
@@ -1993,7 +2082,11 @@ impl Shared {
                     warn!(target: "neterror", peer = %c.peer, "operation timed out: closing connection");
                     self.close(&c, Error::Timeout);
                 } else if connecting_too_long {
-                    self.conn_failed(c.peer, Some(&c), Error::Network("connection timed out".into()));
+                    self.conn_failed(
+                        c.peer,
+                        Some(&c),
+                        Error::Network("connection timed out".into()),
+                    );
                 } else if idle {
                     lock(&c.st).force_noop = true;
                     self.check_sends(&c);
@@ -2005,7 +2098,10 @@ impl Shared {
                 let now = Instant::now();
                 let mut due = Vec::new();
                 for (nid, p) in peers.iter_mut() {
-                    if p.conn.is_none() && !p.queue.is_empty() && p.next_try.is_none_or(|t| t <= now) {
+                    if p.conn.is_none()
+                        && !p.queue.is_empty()
+                        && p.next_try.is_none_or(|t| t <= now)
+                    {
                         p.next_try = Some(now + p.backoff);
                         due.push(*nid);
                     }

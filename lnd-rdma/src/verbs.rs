@@ -444,7 +444,10 @@ impl CmId {
     pub(crate) fn connect(&self, private: &[u8]) -> io::Result<()> {
         let mut p = conn_param(private);
         // SAFETY: `p` and the private data outlive the call (copied by it).
-        check(unsafe { cma::rdma_connect(self.id, &mut p) }, "rdma_connect")
+        check(
+            unsafe { cma::rdma_connect(self.id, &mut p) },
+            "rdma_connect",
+        )
     }
     pub(crate) fn accept(&self, private: &[u8]) -> io::Result<()> {
         let mut p = conn_param(private);
@@ -454,7 +457,11 @@ impl CmId {
     pub(crate) fn reject(&self, private: &[u8]) {
         // SAFETY: the private data outlives the call.
         unsafe {
-            cma::rdma_reject(self.id, private.as_ptr() as *const _, private.len().min(255) as u8)
+            cma::rdma_reject(
+                self.id,
+                private.as_ptr() as *const _,
+                private.len().min(255) as u8,
+            )
         };
     }
     pub(crate) fn disconnect(&self) {

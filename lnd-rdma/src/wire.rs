@@ -447,8 +447,8 @@ impl Msg {
             });
         }
         let m = [buf[0], buf[1], buf[2], buf[3]];
-        let order = ByteOrder::detect(m, MAGIC)
-            .ok_or(ProtoError::BadMagic(u32::from_le_bytes(m)))?;
+        let order =
+            ByteOrder::detect(m, MAGIC).ok_or(ProtoError::BadMagic(u32::from_le_bytes(m)))?;
         let mut r = Reader::new(buf, order);
         r.u32()?;
         let version = r.u16()?;
@@ -808,7 +808,10 @@ mod tests {
         .unwrap();
         assert_eq!(n, 128);
         // The LNet header is the 72-byte nid4 header, as socklnd carries it.
-        assert_eq!(&b[48..120], &put_hdr(1 << 20).encode_nid4(ByteOrder::Little).unwrap());
+        assert_eq!(
+            &b[48..120],
+            &put_hdr(1 << 20).encode_nid4(ByteOrder::Little).unwrap()
+        );
         assert_eq!(&b[120..128], &0x99u64.to_le_bytes());
 
         let n = msg(Body::Immediate { hdr: put_hdr(8) })
@@ -891,16 +894,25 @@ mod tests {
     fn refusals() {
         let mut b = [0u8; MSG_SIZE];
         let n = msg(Body::Noop).encode(&mut b, 0, false).unwrap();
-        assert!(matches!(Msg::decode(&b[..5]), Err(ProtoError::Short { .. })));
+        assert!(matches!(
+            Msg::decode(&b[..5]),
+            Err(ProtoError::Short { .. })
+        ));
         let mut bad = b;
         bad[0] = 0;
-        assert!(matches!(Msg::decode(&bad[..n]), Err(ProtoError::BadMagic(_))));
+        assert!(matches!(
+            Msg::decode(&bad[..n]),
+            Err(ProtoError::BadMagic(_))
+        ));
         let mut bad = b;
         bad[4] = 0x13;
         assert_eq!(Msg::decode(&bad[..n]), Err(ProtoError::BadVersion(0x13)));
         let mut bad = b;
         bad[8..12].copy_from_slice(&5000u32.to_le_bytes());
-        assert!(matches!(Msg::decode(&bad[..n]), Err(ProtoError::BadLength { .. })));
+        assert!(matches!(
+            Msg::decode(&bad[..n]),
+            Err(ProtoError::BadLength { .. })
+        ));
         let mut bad = b;
         bad[6] = 0xd9;
         assert_eq!(Msg::decode(&bad[..n]), Err(ProtoError::BadType(0xd9)));
@@ -919,7 +931,10 @@ mod tests {
         .encode(&mut b, 0, false)
         .unwrap();
         b[68..72].copy_from_slice(&2u32.to_le_bytes());
-        assert!(matches!(Msg::decode(&b[..n]), Err(ProtoError::Short { .. })));
+        assert!(matches!(
+            Msg::decode(&b[..n]),
+            Err(ProtoError::Short { .. })
+        ));
         b[68..72].copy_from_slice(&0u32.to_le_bytes());
         assert_eq!(Msg::decode(&b[..n]), Err(ProtoError::BadFrags(0)));
         b[68..72].copy_from_slice(&300u32.to_le_bytes());

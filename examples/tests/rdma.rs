@@ -1,0 +1,353 @@
+//! The RDMA LND between two processes on soft-RoCE: this test process runs
+//! a client node on rxe0 (10.77.0.1); `rdma_node` serves on rxe1
+//! (10.77.0.2). Each test uses its own RDMA CM port.
+//!
+//! These tests need RDMA devices with those addresses, which the project's
+//! soft-RoCE VM provides (`scripts/rxe-vm.sh`, run by `scripts/test-all.sh`
+//! and CI). Outside it they are ignored by `cargo test`; run with
+//! `--ignored` on a machine without the devices they fail saying so.
+#![cfg(feature = "rdma")]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use lnd_rdma::{RdmaConfig, RdmaLnd};
+use lnet::{AckReq, Error, EventKind, EventQueue, Lnet, Md, Nid, ProcessId, Threshold};
+use lnet_examples::{finals, frags, pattern};
+
+const ECHO: u32 = 10;
+const PATTERN: u32 = 11;
+const T: Duration = Duration::from_secs(60);
+const CLIENT: &str = "10.77.0.1";
+const SERVER: &str = "10.77.0.2";
+const WHY: &str = "needs soft-RoCE devices on 10.77.0.1/10.77.0.2: run scripts/rxe-vm.sh";
+
+fn require_devices() {
+    let d = lnd_rdma::device_names();
+    assert!(
+        d.len() >= 2,
+        "no RDMA devices here (found {d:?}); these tests {WHY}"
+    );
+}
+
+struct Server {
+    p: Child,
+    nid: Nid,
+    lines: Receiver<String>,
+}
+
+impl Server {
+    fn start(port: u16, extra: &[&str]) -> Server {
+        require_devices();
+        let mut p = Command::new(env!("CARGO_BIN_EXE_rdma_node"))
+            .args(["--addr", SERVER, "--port", &port.to_string()])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn rdma_node");
+        let out = p.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut l = String::new();
+            while r.read_line(&mut l).unwrap_or(0) > 0 {
+                let _ = tx.send(std::mem::take(&mut l));
+            }
+        });
+        let line = rx.recv_timeout(T).expect("server READY line");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f.first(), Some(&"READY"), "{line}");
+        Server {
+            nid: f[1].parse().unwrap(),
+            p,
+            lines: rx,
+        }
+    }
+    fn id(&self) -> ProcessId {
+        ProcessId::new(self.nid, lnet::LNET_PID_LUSTRE)
+    }
+    fn kill(&mut self) {
+        let _ = self.p.kill();
+        let _ = self.p.wait();
+    }
+    /// Close stdin and return the server's STATS line.
+    fn stop(mut self) -> String {
+        drop(self.p.stdin.take());
+        let l = self.lines.recv_timeout(T).unwrap_or_default();
+        let _ = self.p.wait();
+        l
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut i) = self.p.stdin.take() {
+            let _ = i.flush();
+        }
+        let _ = self.p.kill();
+        let _ = self.p.wait();
+    }
+}
+
+fn client(port: u16, tune: impl FnOnce(&mut RdmaConfig)) -> (Lnet, RdmaLnd) {
+    require_devices();
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
+    let mut cfg = RdmaConfig::new(CLIENT.parse().unwrap());
+    cfg.port = port;
+    cfg.reconnect_min = Duration::from_millis(100);
+    cfg.reconnect_max = Duration::from_millis(500);
+    tune(&mut cfg);
+    let rdma = RdmaLnd::new(cfg).expect("RDMA NI on rxe0");
+    let l = lnd_loopback::builder()
+        .ni(Arc::new(rdma.clone()))
+        .response_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    (l, rdma)
+}
+
+/// PUT `data` (as fragments of `piece`) to the echo portal at `off`, ACKed.
+fn put(l: &Lnet, to: ProcessId, data: &[u8], piece: usize, off: u32) -> Result<(), Error> {
+    let q = EventQueue::new();
+    let md = l
+        .md_bind(
+            Md::new(frags(data, piece))
+                .threshold(Threshold::Finite(2))
+                .handler(q.handler()),
+        )
+        .unwrap();
+    l.put(md, AckReq::Ack, to, ECHO, 1, off, 0)?;
+    let ev = finals(&q);
+    for e in &ev {
+        e.status.clone()?;
+    }
+    let mut kinds: Vec<_> = ev.iter().map(|e| e.kind as u8).collect();
+    kinds.sort();
+    assert_eq!(kinds, [EventKind::Ack as u8, EventKind::Send as u8]);
+    Ok(())
+}
+
+/// GET `len` bytes from `portal` at `off` into an MD of `piece`-byte
+/// fragments (one fragment when `piece >= len`).
+fn get(
+    l: &Lnet,
+    to: ProcessId,
+    portal: u32,
+    len: usize,
+    piece: usize,
+    off: u32,
+) -> Result<Vec<u8>, Error> {
+    let q = EventQueue::new();
+    let md = l
+        .md_bind(
+            Md::new(frags(&vec![0u8; len], piece.max(1)))
+                .threshold(Threshold::Finite(2))
+                .handler(q.handler()),
+        )
+        .unwrap();
+    l.get(md, to, portal, 2, off)?;
+    let mut ev = finals(&q);
+    for e in &ev {
+        e.status.clone()?;
+    }
+    let reply = ev.iter().find(|e| e.kind == EventKind::Reply).unwrap();
+    assert_eq!(reply.mlength as usize, len);
+    let buf = ev.iter_mut().find_map(|e| e.buffer.take()).unwrap();
+    Ok(buf.into_vec())
+}
+
+#[test]
+#[ignore = "needs soft-RoCE devices on 10.77.0.1/10.77.0.2: run scripts/rxe-vm.sh"]
+fn put_and_get_of_every_size_between_two_processes() {
+    let srv = Server::start(21001, &[]);
+    let (l, rdma) = client(21001, |_| {});
+    let imm = lnd_rdma::wire::IMMEDIATE_MAX;
+    for (i, &n) in [0usize, 1, imm, 4096, 4097, 65536, 1 << 20]
+        .iter()
+        .enumerate()
+    {
+        let data = pattern(n, i as u8 + 1);
+        // Fragmented source and, on the server, a one-fragment sink.
+        put(&l, srv.id(), &data, 4096 * 3 + 5, 4096).unwrap_or_else(|e| panic!("PUT {n}: {e}"));
+        // GET back into a one-fragment MD (registered directly) and into a
+        // fragmented one (bounce buffer).
+        let one = get(&l, srv.id(), ECHO, n, n.max(1), 4096).unwrap();
+        assert!(one == data, "GET {n} one fragment: data differs");
+        let many = get(&l, srv.id(), ECHO, n, 8191, 4096).unwrap();
+        assert!(many == data, "GET {n} fragments: data differs");
+    }
+    // GET from the pattern portal at an offset.
+    let got = get(&l, srv.id(), PATTERN, 300_000, 300_000, 4088).unwrap();
+    assert!(got == pattern(1 << 20, 7)[4088..4088 + 300_000]);
+    let s = rdma.stats();
+    assert!(s.rdma_writes > 0, "{s:?}");
+    assert!(s.bounced > 0, "fragmented sinks bounced: {s:?}");
+    assert!(s.reg_misses > 0, "{s:?}");
+    assert_eq!(s.protocol_errors, 0, "{s:?}");
+    assert_eq!(s.conns_established, 1, "{s:?}");
+    l.shutdown();
+    let st = srv.stop();
+    assert!(st.contains("protocol_errors: 0"), "{st}");
+}
+
+#[test]
+#[ignore = "needs soft-RoCE devices on 10.77.0.1/10.77.0.2: run scripts/rxe-vm.sh"]
+fn many_operations_exhaust_and_return_credits() {
+    let srv = Server::start(21002, &["--qd", "4"]);
+    let (l, rdma) = client(21002, |c| c.queue_depth = 4);
+    // One-way IMMEDIATE PUTs without ACKs: the server returns credits only
+    // by NOOP; then PUT_REQs (RDMA) with ACKs, many more than 4 in flight.
+    const N: usize = 600;
+    let q = EventQueue::new();
+    for i in 0..N {
+        let (len, ack) = if i % 2 == 0 {
+            (1000, AckReq::NoAck)
+        } else {
+            (20_000, AckReq::Ack)
+        };
+        let md = l
+            .md_bind(
+                Md::new(pattern(len, i as u8))
+                    .threshold(Threshold::Finite(if ack == AckReq::Ack { 2 } else { 1 }))
+                    .user_ptr(i as u64)
+                    .handler(q.handler()),
+            )
+            .unwrap();
+        l.put(md, ack, srv.id(), ECHO, 0, (i * 1000) as u32, 0)
+            .unwrap();
+    }
+    let mut done = vec![false; N];
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut finished = 0;
+    while finished < N {
+        assert!(
+            Instant::now() < deadline,
+            "only {finished} of {N} ended: {:?}",
+            rdma.stats()
+        );
+        let e = q.recv_timeout(T).expect("event");
+        assert!(e.status.is_ok(), "{:?}", e.status);
+        if e.unlinked {
+            let i = e.user_ptr as usize;
+            assert!(!done[i], "operation {i} ended twice");
+            done[i] = true;
+            finished += 1;
+        }
+    }
+    let s = rdma.stats();
+    assert!(s.credit_waits > 0, "credits were exhausted: {s:?}");
+    assert_eq!(s.conns_closed, 0, "{s:?}");
+    assert_eq!(rdma.conn_queue_depth(srv.nid), Some(4));
+    l.shutdown();
+    let st = srv.stop();
+    let noops: u64 = st
+        .split("noops_sent: ")
+        .nth(1)
+        .and_then(|x| x.split(',').next())
+        .and_then(|x| x.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(noops > 0, "the server returned credits by NOOP: {st}");
+}
+
+#[test]
+#[ignore = "needs soft-RoCE devices on 10.77.0.1/10.77.0.2: run scripts/rxe-vm.sh"]
+fn connection_parameters_are_negotiated_down() {
+    // We offer 16, the server takes at most 4: it rejects with its value
+    // and we retry with it.
+    let srv = Server::start(21003, &["--qd", "4"]);
+    let (l, rdma) = client(21003, |c| c.queue_depth = 16);
+    let data = pattern(100_000, 9);
+    put(&l, srv.id(), &data, 100_000, 0).unwrap_or_else(|e| panic!("{e}: {:?}", rdma.stats()));
+    assert!(get(&l, srv.id(), ECHO, data.len(), 100_000, 0).unwrap() == data);
+    let s = rdma.stats();
+    assert_eq!(s.rejects_received, 1, "{s:?}");
+    assert_eq!(s.renegotiations, 1, "{s:?}");
+    assert_eq!(rdma.conn_queue_depth(srv.nid), Some(4));
+    l.shutdown();
+    drop(srv);
+    // The other way round: we offer 4 to a server that allows 16; it
+    // accepts ours without a reject.
+    let srv = Server::start(21004, &["--qd", "16"]);
+    let (l, rdma) = client(21004, |c| c.queue_depth = 4);
+    put(&l, srv.id(), &data, 100_000, 0).unwrap();
+    assert_eq!(rdma.stats().rejects_received, 0);
+    assert_eq!(rdma.conn_queue_depth(srv.nid), Some(4));
+    l.shutdown();
+}
+
+#[test]
+#[ignore = "needs soft-RoCE devices on 10.77.0.1/10.77.0.2: run scripts/rxe-vm.sh"]
+fn a_peer_killed_mid_transfer_fails_each_operation_once_then_traffic_resumes() {
+    let mut srv = Server::start(21005, &[]);
+    let (l, rdma) = client(21005, |c| c.timeout = Duration::from_secs(10));
+    put(&l, srv.id(), &[1; 10], 10, 0).unwrap();
+    const N: usize = 64;
+    let payload = bytes::Bytes::from(pattern(1 << 20, 3));
+    let q = EventQueue::new();
+    for i in 0..N {
+        let md = l
+            .md_bind(
+                Md::new(payload.clone())
+                    .threshold(Threshold::Finite(2))
+                    .user_ptr(i as u64)
+                    .handler(q.handler()),
+            )
+            .unwrap();
+        l.put(md, AckReq::Ack, srv.id(), ECHO, 0, 0, 0).unwrap();
+    }
+    let mut ended = vec![0u32; N];
+    let mut ok = 0;
+    while ok < 2 {
+        let e = q.recv_timeout(T).expect("event");
+        if e.unlinked {
+            ended[e.user_ptr as usize] += 1;
+            ok += usize::from(e.status.is_ok());
+        }
+    }
+    srv.kill();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut failed = 0;
+    while ended.iter().sum::<u32>() < N as u32 {
+        assert!(
+            Instant::now() < deadline,
+            "operations still pending: {:?}",
+            rdma.stats()
+        );
+        let e = q.recv_timeout(T).expect("every operation ends");
+        if e.unlinked {
+            ended[e.user_ptr as usize] += 1;
+            failed += usize::from(e.status.is_err());
+        }
+    }
+    assert!(ended.iter().all(|&n| n == 1), "each ends exactly once");
+    assert!(failed > 0, "the kill was mid-transfer");
+    assert!(
+        q.recv_timeout(Duration::from_millis(300)).is_none(),
+        "nothing after the final events"
+    );
+    // Restart (new incarnation); the client reconnects, traffic resumes.
+    let srv2 = Server::start(21005, &[]);
+    let data = pattern(200_000, 42);
+    let mut resumed = false;
+    for _ in 0..50 {
+        if put(&l, srv2.id(), &data, 200_000, 0).is_ok() {
+            resumed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(resumed, "traffic did not resume: {:?}", rdma.stats());
+    assert!(get(&l, srv2.id(), ECHO, data.len(), 200_000, 0).unwrap() == data);
+    l.shutdown();
+}
