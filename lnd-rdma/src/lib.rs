@@ -65,3 +65,74 @@ pub use verbs::device_names;
 
 /// The network type this LND serves.
 pub const NET_TYPE: lnet::NetType = lnet::NetType::O2IBLND;
+
+/// The RDMA devices of this host that have an IPv4 address in their GID
+/// table (RoCE), as (device, address), sorted by device name. Read from
+/// sysfs; empty when there is none. `lnet-selftest run --lnd rdma` uses the
+/// first two.
+///
+/// ```
+/// for (dev, ip) in lnd_rdma::roce_ipv4_addrs() {
+///     println!("{dev}: {ip}");
+/// }
+/// ```
+pub fn roce_ipv4_addrs() -> Vec<(String, std::net::IpAddr)> {
+    let mut out = Vec::new();
+    let Ok(devs) = std::fs::read_dir("/sys/class/infiniband") else {
+        return out;
+    };
+    let mut names: Vec<String> = devs
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for d in names {
+        let Ok(ports) = std::fs::read_dir(format!("/sys/class/infiniband/{d}/ports")) else {
+            continue;
+        };
+        let mut found = None;
+        for p in ports.flatten() {
+            let Ok(gids) = std::fs::read_dir(p.path().join("gids")) else {
+                continue;
+            };
+            let mut gids: Vec<_> = gids.flatten().map(|g| g.path()).collect();
+            gids.sort();
+            for g in gids {
+                if let Some(ip) = std::fs::read_to_string(&g)
+                    .ok()
+                    .and_then(|s| mapped_ipv4(s.trim()))
+                {
+                    found = Some(ip);
+                    break;
+                }
+            }
+            if found.is_some() {
+                break;
+            }
+        }
+        if let Some(ip) = found {
+            out.push((d, std::net::IpAddr::V4(ip)));
+        }
+    }
+    out
+}
+
+/// `0000:0000:0000:0000:0000:ffff:0a4d:0001` → 10.77.0.1.
+fn mapped_ipv4(gid: &str) -> Option<std::net::Ipv4Addr> {
+    let v6: std::net::Ipv6Addr = gid.parse().ok()?;
+    v6.to_ipv4_mapped().filter(|ip| !ip.is_unspecified())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn gid_to_ipv4() {
+        assert_eq!(
+            super::mapped_ipv4("0000:0000:0000:0000:0000:ffff:0a4d:0001"),
+            Some(std::net::Ipv4Addr::new(10, 77, 0, 1))
+        );
+        assert_eq!(super::mapped_ipv4("fe80:0000:0000:0000:1234:56ff:fe78:9abc"), None);
+        assert_eq!(super::mapped_ipv4("0000:0000:0000:0000:0000:0000:0000:0000"), None);
+        assert_eq!(super::mapped_ipv4("garbage"), None);
+    }
+}

@@ -215,8 +215,9 @@ enum Waiting {
     /// Our GET_REQ, waiting for GET_DONE.
     GetSink {
         tx: TxMsg,
-        sink: Option<Sink>,
-        reg: Option<Reg>,
+        /// The REPLY's sink and its registration (none when the REPLY
+        /// cannot land).
+        sink: Option<Box<(Sink, Reg)>>,
         since: Instant,
     },
 }
@@ -234,8 +235,8 @@ impl Waiting {
             Waiting::PutSrc { tx, .. } => tx.complete(Err(e.clone())),
             Waiting::PutSink { sink, .. } => sink.complete(Err(e.clone())),
             Waiting::GetSink { tx, sink, .. } => {
-                if let Some(s) = sink {
-                    s.complete(Err(e.clone()));
+                if let Some(b) = sink {
+                    b.0.complete(Err(e.clone()));
                 }
                 tx.complete(Err(e.clone()));
             }
@@ -635,16 +636,16 @@ impl Shared {
                 tx.complete(Err(Error::Shutdown));
                 return;
             };
-            let (sink, reg, rd) = match ni.parse(&rh, tx.peer()) {
+            let (sink, rd) = match ni.parse(&rh, tx.peer()) {
                 Delivery::Receive(mut s) => match self.sink_rd(&mut s) {
-                    Ok((reg, rd)) => (Some(s), Some(reg), rd),
+                    Ok((reg, rd)) => (Some(Box::new((s, reg))), rd),
                     Err(e) => {
                         s.complete(Err(e.clone()));
                         tx.complete(Err(e));
                         return;
                     }
                 },
-                _ => (None, None, RdmaDesc::default()),
+                _ => (None, RdmaDesc::default()),
             };
             let rd = if rd.frags.is_empty() {
                 // Nothing can land (zero-length MD): a descriptor of one
@@ -670,7 +671,6 @@ impl Shared {
                 Waiting::GetSink {
                     tx,
                     sink,
-                    reg,
                     since: Instant::now(),
                 },
             );
@@ -1304,9 +1304,10 @@ impl Shared {
                 let w = lock(&c.st).waiting.remove(&cookie);
                 lock(&c.st).reserved += 1;
                 match w {
-                    Some(Waiting::GetSink { tx, sink, reg, .. }) => {
+                    Some(Waiting::GetSink { tx, sink, .. }) => {
                         tx.complete(Ok(()));
-                        if let (Some(s), Some(r)) = (sink, reg) {
+                        if let Some(b) = sink {
+                            let (s, r) = *b;
                             finish_sink(s, r, status);
                         }
                     }
@@ -1319,7 +1320,7 @@ impl Shared {
                 self.check_sends(c);
             }
             Body::ConnReq(_) | Body::ConnAck(_) => {
-                return self.protocol_error(c, "connection message on an open connection".into());
+                self.protocol_error(c, "connection message on an open connection".into());
             }
         }
     }

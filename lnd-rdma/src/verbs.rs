@@ -433,10 +433,8 @@ impl CmId {
         attr.cap.max_recv_sge = 1;
         // SAFETY: the id is bound to dev's context (checked by the caller);
         // attr is valid for the call.
-        check(
-            unsafe { cma::rdma_create_qp(self.id, dev.pd, &mut attr) },
-            "rdma_create_qp",
-        )?;
+        let rc = unsafe { cma::rdma_create_qp(self.id, dev.pd, &mut attr) };
+        check(rc, "rdma_create_qp")?;
         self.has_qp.store(true, Ordering::Release);
         // SAFETY: rdma_create_qp succeeded, so `qp` is set.
         Ok(unsafe { (*(*self.id).qp).qp_num })

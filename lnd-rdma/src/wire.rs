@@ -840,7 +840,7 @@ mod tests {
         assert_eq!(&b[8..16], &0xfeedu64.to_le_bytes());
         assert_eq!(&b[16..18], &4u16.to_le_bytes());
         assert_eq!(Rej::decode(&b), Some((r, true)));
-        assert_eq!(Rej::decode(&b[..8]).unwrap().1, false);
+        assert!(!Rej::decode(&b[..8]).unwrap().1);
         assert_eq!(Rej::decode(&[0u8; 24]), None);
         // A big-endian peer's reject.
         let mut be = b;

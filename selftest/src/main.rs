@@ -50,7 +50,8 @@ struct NodeArgs {
     /// This node's address: the NID number for shm, the IP for tcp.
     #[arg(long)]
     addr: Option<String>,
-    /// TCP port to listen on (0: any).
+    /// TCP port to listen on (0: any); rdma: the RDMA CM port of both
+    /// ends (0: 987).
     #[arg(long, default_value_t = 0)]
     port: u16,
     /// TCP port the peer listens on.
@@ -198,6 +199,16 @@ impl Drop for TempDir {
     }
 }
 
+#[cfg(feature = "rdma")]
+fn lnd_rdma_addrs() -> Vec<(String, std::net::IpAddr)> {
+    lnd_rdma::roce_ipv4_addrs()
+}
+
+#[cfg(not(feature = "rdma"))]
+fn lnd_rdma_addrs() -> Vec<(String, std::net::IpAddr)> {
+    Vec::new()
+}
+
 fn node_spec(a: &NodeArgs, default_addr: &str) -> Res<NodeSpec> {
     let addr = a.addr.clone().unwrap_or_else(|| default_addr.to_string());
     Ok(match a.lnd.as_str() {
@@ -213,9 +224,12 @@ fn node_spec(a: &NodeArgs, default_addr: &str) -> Res<NodeSpec> {
             port: a.port,
             peer_port: a.peer_port,
         },
-        "rdma" | "o2ib" => {
-            return Err("the rdma transport is not part of this build yet".into());
-        }
+        "rdma" | "o2ib" => NodeSpec::Rdma {
+            addr: addr
+                .parse()
+                .map_err(|_| "rdma --addr is the RDMA interface's IP address")?,
+            port: if a.port == 0 { 987 } else { a.port },
+        },
         o => return Err(format!("unknown --lnd {o}: lo, shm, tcp or rdma").into()),
     })
 }
@@ -384,6 +398,43 @@ fn local_pair(a: &NodeArgs) -> Res<Pair> {
             na.peer_port = child.port;
             na.port = 0;
             let client = node_spec(&na, "127.0.0.1")?.build()?;
+            Ok(Pair {
+                label: (client.node.primary_nid().to_string(), child.nid.to_string()),
+                server: ProcessId::new(child.nid, lnet::LNET_PID_LUSTRE),
+                client,
+                _server: None,
+                _child: Some(child),
+                _dir: None,
+            })
+        }
+        "rdma" | "o2ib" => {
+            // Both ends on this host: the first two RDMA devices with an
+            // IPv4 address (rxe0/rxe1 in the soft-RoCE VM).
+            if !cfg!(feature = "rdma") {
+                return Err("this lnet-selftest was built without RDMA: \
+                            cargo build -p lnet-selftest --features rdma"
+                    .into());
+            }
+            let devs = lnd_rdma_addrs();
+            if devs.len() < 2 {
+                return Err(format!(
+                    "--lnd rdma on one host needs two RDMA devices with IPv4 addresses; found {devs:?}"
+                )
+                .into());
+            }
+            let port = if a.port == 0 { 987 } else { a.port };
+            let child = ServerChild::spawn(&[
+                "--lnd".into(),
+                "rdma".into(),
+                "--addr".into(),
+                devs[1].1.to_string(),
+                "--port".into(),
+                port.to_string(),
+            ])?;
+            let mut na = a.clone();
+            na.port = port;
+            na.addr = Some(devs[0].1.to_string());
+            let client = node_spec(&na, "")?.build()?;
             Ok(Pair {
                 label: (client.node.primary_nid().to_string(), child.nid.to_string()),
                 server: ProcessId::new(child.nid, lnet::LNET_PID_LUSTRE),

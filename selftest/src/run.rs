@@ -254,6 +254,13 @@ pub enum NodeSpec {
         /// Port peers listen on.
         peer_port: u16,
     },
+    /// An `o2ib` NI (RDMA; built with the `rdma` feature).
+    Rdma {
+        /// The RDMA interface's IP address (the NID).
+        addr: std::net::IpAddr,
+        /// RDMA CM port, the same on both ends (o2iblnd: 987).
+        port: u16,
+    },
 }
 
 /// A built node and what it offers the selftest.
@@ -310,6 +317,28 @@ impl NodeSpec {
                     pool: None,
                     port: tcp.listen_addr().map(|a| a.port()),
                 }
+            }
+            #[cfg(feature = "rdma")]
+            NodeSpec::Rdma { addr, port } => {
+                let mut cfg = lnd_rdma::RdmaConfig::new(*addr);
+                cfg.port = *port;
+                let rdma = lnd_rdma::RdmaLnd::new(cfg)?;
+                // Bulk buffers from one pool registered once: no
+                // registration on the data path.
+                let pool = MemPool::heap(256 << 20)?;
+                rdma.register_pool(&pool)?;
+                let node = Arc::new(b.ni(Arc::new(rdma)).build()?);
+                BuiltNode {
+                    node,
+                    pool: Some(pool),
+                    port: Some(*port),
+                }
+            }
+            #[cfg(not(feature = "rdma"))]
+            NodeSpec::Rdma { .. } => {
+                return Err("this lnet-selftest was built without RDMA: \
+                            cargo build -p lnet-selftest --features rdma"
+                    .into());
             }
         })
     }
