@@ -351,3 +351,51 @@ fn a_peer_killed_mid_transfer_fails_each_operation_once_then_traffic_resumes() {
     assert!(get(&l, srv2.id(), ECHO, data.len(), 200_000, 0).unwrap() == data);
     l.shutdown();
 }
+
+#[test]
+#[ignore = "needs soft-RoCE devices on 10.77.0.1/10.77.0.2: run scripts/rxe-vm.sh"]
+fn unmatched_operations_fail_cleanly_and_checksums_are_verified() {
+    let srv = Server::start(21006, &[]);
+    // The client checksums every message it sends; the server verifies.
+    let (l, rdma) = client(21006, |c| c.checksum = true);
+    // Nothing is attached on portal 12: an IMMEDIATE PUT is dropped by the
+    // server (no ACK: the response deadline ends it), a large PUT gets
+    // PUT_NAK, a GET gets GET_DONE with -ENODATA.
+    let q = EventQueue::new();
+    let md = l
+        .md_bind(
+            Md::new(pattern(100_000, 1))
+                .threshold(Threshold::Finite(2))
+                .handler(q.handler()),
+        )
+        .unwrap();
+    l.put(md, AckReq::Ack, srv.id(), 12, 0, 0, 0).unwrap();
+    let ev = finals(&q);
+    assert!(
+        ev.iter().any(|e| e.status.is_err()),
+        "a PUT nobody matched fails: {ev:?}"
+    );
+    let md = l
+        .md_bind(
+            Md::new(vec![0u8; 50_000])
+                .threshold(Threshold::Finite(2))
+                .handler(q.handler()),
+        )
+        .unwrap();
+    l.get(md, srv.id(), 12, 0, 0).unwrap();
+    let ev = finals(&q);
+    assert!(
+        ev.iter().any(|e| e.status.is_err()),
+        "a GET nobody matched fails: {ev:?}"
+    );
+    // The connection survived both; checksummed traffic flows.
+    let data = pattern(2000, 5);
+    put(&l, srv.id(), &data, 2000, 0).unwrap();
+    assert!(get(&l, srv.id(), ECHO, 2000, 2000, 0).unwrap() == data);
+    let s = rdma.stats();
+    assert_eq!(s.conns_closed, 0, "{s:?}");
+    assert_eq!(s.protocol_errors, 0, "{s:?}");
+    l.shutdown();
+    let st = srv.stop();
+    assert!(st.contains("protocol_errors: 0"), "{st}");
+}

@@ -131,8 +131,14 @@ mod tests {
             super::mapped_ipv4("0000:0000:0000:0000:0000:ffff:0a4d:0001"),
             Some(std::net::Ipv4Addr::new(10, 77, 0, 1))
         );
-        assert_eq!(super::mapped_ipv4("fe80:0000:0000:0000:1234:56ff:fe78:9abc"), None);
-        assert_eq!(super::mapped_ipv4("0000:0000:0000:0000:0000:0000:0000:0000"), None);
+        assert_eq!(
+            super::mapped_ipv4("fe80:0000:0000:0000:1234:56ff:fe78:9abc"),
+            None
+        );
+        assert_eq!(
+            super::mapped_ipv4("0000:0000:0000:0000:0000:0000:0000:0000"),
+            None
+        );
         assert_eq!(super::mapped_ipv4("garbage"), None);
     }
 }
