@@ -84,7 +84,8 @@ cat >>"$cache/stage2.sh" <<'STAGE2'
 set -e
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 xfer "$XFER"
 mkdir -p /dev/pts /dev/shm
-mount -t devpts none /dev/pts; mount -t tmpfs none /dev/shm; mount -t tmpfs none /run; mount -t tmpfs none /tmp
+# /tmp stays the host's (under the overlay): the work tree may live there.
+mount -t devpts none /dev/pts; mount -t tmpfs none /dev/shm; mount -t tmpfs none /run
 . "$XFER/env"
 hostname rxe-vm; ip link set lo up
 kv=$(uname -r); mkdir -p "/lib/modules/$kv"; mount --bind "$KDIR/lib/modules/$kv" "/lib/modules/$kv"
@@ -105,10 +106,14 @@ ip route add 10.77.0.1 dev vethB table 202
 rdma link add rxe0 type rxe netdev vethA
 rdma link add rxe1 type rxe netdev vethB
 stty -F /dev/ttyS1 raw -echo
-cd "$(cat "$XFER/cwd")"
 set +e
-bash "$XFER/cmd" </dev/null 2>&1 | cat >/dev/ttyS1
-echo "${PIPESTATUS[0]}" >"$XFER/rc"
+if cd "$(cat "$XFER/cwd")"; then
+  bash "$XFER/cmd" </dev/null 2>&1 | cat >/dev/ttyS1
+  echo "${PIPESTATUS[0]}" >"$XFER/rc"
+else
+  echo "rxe-vm: cannot enter $(cat "$XFER/cwd") in the VM" >/dev/ttyS1
+  echo 125 >"$XFER/rc"
+fi
 sync
 echo o >/proc/sysrq-trigger
 sleep 10

@@ -13,6 +13,7 @@
 
 pub mod bulk;
 pub mod client;
+pub mod compare;
 pub mod console;
 pub mod framework;
 pub mod plot;

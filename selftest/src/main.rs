@@ -40,6 +40,25 @@ enum Cmd {
     Serve(NodeArgs),
     /// Measure sizes from 8 B to 1 MiB on one or more transports.
     Sweep(SweepArgs),
+    /// One transport beside its natural peer (iperf3, memcpy, UCX,
+    /// perftest), in the same run, with the ratios.
+    Compare(CompareArgs),
+}
+
+#[derive(Args, Clone)]
+struct CompareArgs {
+    /// Transport: tcp, shm or rdma.
+    #[arg(long, default_value = "shm")]
+    lnd: String,
+    /// Seconds per bandwidth measurement.
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
+    /// Bytes per RPC for bandwidth.
+    #[arg(long, default_value = "1M")]
+    size: String,
+    /// Concurrency for bandwidth.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
 }
 
 #[derive(Args, Clone)]
@@ -137,6 +156,7 @@ fn main() {
         Some(Cmd::Run(a)) => run_cmd(a),
         Some(Cmd::Serve(a)) => serve_cmd(&a),
         Some(Cmd::Sweep(a)) => sweep_cmd(&a),
+        Some(Cmd::Compare(a)) => compare_cmd(&a),
     };
     if let Err(e) = r {
         eprintln!("lnet-selftest: {e}");
@@ -530,6 +550,125 @@ fn run_cmd(a: RunArgs) -> Res<()> {
     drop(pair);
     if errors > 0 {
         return Err(format!("{errors} errors").into());
+    }
+    Ok(())
+}
+
+fn compare_cmd(a: &CompareArgs) -> Res<()> {
+    use lnet_selftest::compare::{self, Row};
+    let size = run::parse_size(&a.size).ok_or("bad --size")?;
+    if !matches!(a.lnd.as_str(), "tcp" | "shm" | "rdma" | "o2ib") {
+        return Err(format!("compare covers tcp, shm and rdma, not {}", a.lnd).into());
+    }
+    let na = NodeArgs {
+        lnd: a.lnd.clone(),
+        addr: None,
+        port: 0,
+        peer_port: 988,
+        dir: None,
+        no_pool: false,
+        busy_poll: false,
+        console: None,
+    };
+    let pair = local_pair(&na)?;
+    let secs = a.duration.max(0.5);
+    let bw = Params {
+        mode: Mode::Write,
+        size,
+        offset: 0,
+        concurrency: a.concurrency,
+        duration: Duration::from_secs_f64(secs),
+        warmup: Duration::from_secs_f64((secs / 5.0).min(0.5)),
+        check: Check::None,
+    };
+    let ours_bw = measure_with_bar(&pair, &bw, false)?;
+    let lat = Params {
+        mode: Mode::Ping,
+        concurrency: 1,
+        duration: Duration::from_secs_f64((secs / 2.0).max(0.5)),
+        ..bw
+    };
+    let ours_lat = measure_with_bar(&pair, &lat, false)?;
+    let rtt = ours_lat.lat_us[0];
+    let label = format!("{} -> {}", pair.label.0, pair.label.1);
+    pair.client.node.shutdown();
+    drop(pair);
+    let sz = run::size_name(size);
+    let bw_metric = format!("{sz} write bandwidth");
+    let mut rows = Vec::new();
+    match a.lnd.as_str() {
+        "tcp" => {
+            let (s, c) = ("127.0.0.2".parse()?, "127.0.0.1".parse()?);
+            rows.push(Row {
+                metric: bw_metric,
+                unit: "MiB/s",
+                ours: ours_bw.mib_s(),
+                peer_name: "iperf3 -P1 (same addresses)".into(),
+                peer: compare::iperf3_mib_s(s, c, secs.ceil() as u64),
+                higher_is_better: true,
+            });
+            rows.push(Row {
+                metric: "round trip (ping RPC p50)".into(),
+                unit: "us",
+                ours: rtt,
+                peer_name: "TCP ping-pong 8 B (p50)".into(),
+                peer: compare::tcp_pingpong_rtt_us(s, c, 20_000),
+                higher_is_better: false,
+            });
+        }
+        "shm" => {
+            rows.push(Row {
+                metric: bw_metric,
+                unit: "MiB/s",
+                ours: ours_bw.mib_s(),
+                peer_name: format!("memcpy {sz}, one thread"),
+                peer: Ok(compare::memcpy_mib_s(size.max(1) as usize, secs)),
+                higher_is_better: true,
+            });
+            rows.push(Row {
+                metric: "one-way (ping RPC p50 / 2)".into(),
+                unit: "us",
+                ours: rtt / 2.0,
+                peer_name: "ucx_perftest ucp_am_lat posix (avg)".into(),
+                peer: compare::ucx_posix_lat_us(100_000),
+                higher_is_better: false,
+            });
+        }
+        "rdma" | "o2ib" => {
+            let devs = lnd_rdma_addrs();
+            let (cd, sd) = (&devs[0], &devs[1]);
+            rows.push(Row {
+                metric: bw_metric,
+                unit: "MiB/s",
+                ours: ours_bw.mib_s(),
+                peer_name: format!("ib_write_bw {sz} {} -> {}", cd.0, sd.0),
+                peer: compare::ib_write_bw_mib_s(
+                    &sd.0,
+                    &cd.0,
+                    sd.1,
+                    u64::from(size.max(1)),
+                    secs.ceil() as u64,
+                ),
+                higher_is_better: true,
+            });
+            rows.push(Row {
+                metric: "one-way (ping RPC p50 / 2)".into(),
+                unit: "us",
+                ours: rtt / 2.0,
+                peer_name: "ib_write_lat 8 B (typical)".into(),
+                peer: compare::ib_write_lat_us(&sd.0, &cd.0, sd.1, 8, 2000),
+                higher_is_better: false,
+            });
+        }
+        o => return Err(format!("compare covers tcp, shm and rdma, not {o}").into()),
+    }
+    println!("lnet-selftest compare: {} ({label}), same run", a.lnd);
+    for r in &rows {
+        println!("{}", compare::ratio_line(r));
+    }
+    let errors = ours_bw.errors() + ours_lat.errors();
+    if errors > 0 {
+        return Err(format!("{errors} selftest errors").into());
     }
     Ok(())
 }

@@ -183,3 +183,29 @@ fn sweep_writes_a_table_and_a_plot() {
     assert!(s.contains(">lo<") && s.contains(">shm<"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn compare_prints_ours_beside_each_peer_with_a_ratio_or_the_package_to_install() {
+    for (lnd, pkgs) in [("shm", ["ucx-utils"]), ("tcp", ["iperf3"])] {
+        let (rc, out, err) = lst(&["compare", "--lnd", lnd, "--duration", "0.5"]);
+        assert_eq!(rc, 0, "{out}\n{err}");
+        let rows: Vec<&str> = out.lines().filter(|l| l.contains(" ours ")).collect();
+        assert_eq!(rows.len(), 2, "bandwidth and latency rows: {out}");
+        for r in &rows {
+            // Either the peer ran (a ratio) or it is missing and named with
+            // its Debian package; never silently skipped.
+            assert!(
+                r.contains("ratio ")
+                    || pkgs
+                        .iter()
+                        .any(|p| r.contains(&format!("apt-get install {p}"))),
+                "{r}"
+            );
+        }
+        // memcpy and the TCP ping-pong need no tool: always a ratio.
+        assert!(rows.iter().any(|r| r.contains("ratio ")), "{out}");
+    }
+    let (rc, _, err) = lst(&["compare", "--lnd", "lo"]);
+    assert_ne!(rc, 0);
+    assert!(err.contains("tcp, shm and rdma"), "{err}");
+}
