@@ -25,7 +25,7 @@ cache=${RXE_VM_CACHE:-$HOME/.cache/lnet-rs/rxe-vm}
 if [ "${1:-}" = --cache ]; then cache=$2; shift 2; fi
 [ $# -ge 1 ] || { echo "usage: $0 [--cache DIR] CMD [ARGS...]" >&2; exit 2; }
 cache=$(realpath -m "$cache")
-mkdir -p "$cache/xfer"
+mkdir -p "$cache"
 
 need="qemu-system-x86 kmod busybox-static ibverbs-providers ibverbs-utils rdmacm-utils perftest iproute2"
 if ! dpkg -s $need >/dev/null 2>&1; then
@@ -74,13 +74,15 @@ INIT
 fi
 
 # --- per run: the script PID 1 runs inside the VM --------------------------
-xfer="$cache/xfer"
-cat >"$cache/stage2.sh" <<STAGE2
+# Each run has its own exchange directory, so runs can overlap.
+xfer=$(mktemp -d "$cache/run.XXXXXX")
+trap 'rm -rf "$xfer"' EXIT
+cat >"$xfer/stage2.sh" <<STAGE2
 #!/bin/bash
 # Runs as PID 1 in the VM, on the overlay of the host's root.
 XFER="$xfer"; KDIR="$cache/kernel"
 STAGE2
-cat >>"$cache/stage2.sh" <<'STAGE2'
+cat >>"$xfer/stage2.sh" <<'STAGE2'
 set -e
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 xfer "$XFER"
 mkdir -p /dev/pts /dev/shm
@@ -129,7 +131,7 @@ timeout "${RXE_VM_TIMEOUT:-1800}" qemu-system-x86_64 \
   -nic none -display none -monitor none -no-reboot \
   -serial file:"$xfer/console.log" -serial stdio \
   -kernel "$cache/vmlinuz" -initrd "$cache/initrd.img" \
-  -append "console=ttyS0 loglevel=4 panic=-1 LNET_RXE_STAGE2=$cache/stage2.sh" \
+  -append "console=ttyS0 loglevel=4 panic=-1 LNET_RXE_STAGE2=$xfer/stage2.sh" \
   -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap \
   -virtfs local,path="$xfer",mount_tag=xfer,security_model=none </dev/null || true
 
@@ -138,4 +140,5 @@ if [ ! -s "$xfer/rc" ]; then
   tail -40 "$xfer/console.log" >&2 || true
   exit 125
 fi
-exit "$(cat "$xfer/rc")"
+rc=$(cat "$xfer/rc")
+exit "$rc"

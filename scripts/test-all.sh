@@ -23,7 +23,7 @@ fi
 echo "+ RDMA tests on soft-RoCE (QEMU VM)"
 # Build the device tests on the host; the VM runs the binaries as they are.
 tests=$(cargo test -p lnet-examples --features rdma --test rdma --no-run --message-format=json 2>/dev/null |
-  sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
+  grep '"kind":\["test"\]' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
 [ -n "$tests" ] || { echo "no RDMA test binary built" >&2; exit 1; }
 cargo build -p lnet-selftest --features rdma
 scripts/rxe-vm.sh bash scripts/rxe-tests.sh $tests

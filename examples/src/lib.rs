@@ -54,3 +54,174 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
+
+/// Portal of the example nodes' echo MD (PUTs land, GETs read back).
+pub const ECHO_PORTAL: u32 = 10;
+/// Portal of the example nodes' pattern MD (GETs only).
+pub const PATTERN_PORTAL: u32 = 11;
+
+/// Attach the example nodes' two serving MDs: `echo` on [`ECHO_PORTAL`]
+/// (PUT and GET at the initiator's offset, any match bits) and `pattern`
+/// on [`PATTERN_PORTAL`] (GET only). Both stay attached.
+pub fn attach_echo_and_pattern(
+    node: &lnet::Lnet,
+    echo: MdBuffer,
+    pattern: MdBuffer,
+) -> lnet::Result<()> {
+    use lnet::{InsPos, Md, MdOptions, ProcessId, Threshold, Unlink};
+    for (portal, buf, opts) in [
+        (
+            ECHO_PORTAL,
+            echo,
+            MdOptions::OP_PUT | MdOptions::OP_GET | MdOptions::MANAGE_REMOTE,
+        ),
+        (
+            PATTERN_PORTAL,
+            pattern,
+            MdOptions::OP_GET | MdOptions::MANAGE_REMOTE,
+        ),
+    ] {
+        node.attach(
+            portal,
+            ProcessId::ANY,
+            0,
+            u64::MAX,
+            Unlink::Retain,
+            InsPos::Tail,
+            Md::new(buf).options(opts).threshold(Threshold::Infinite),
+        )?;
+    }
+    Ok(())
+}
+
+/// The value after option `key` in `args` (`--port 5` → `Some("5")`).
+pub fn opt(args: &[String], key: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == key)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+/// PUT `src` to `to`'s [`ECHO_PORTAL`] at `off` with an ACK; checks that
+/// both the SEND and the ACK event came (in either order: the ACK may
+/// overtake the send completion).
+pub fn put_echo(l: &lnet::Lnet, to: lnet::ProcessId, src: MdBuffer, off: u32) -> lnet::Result<()> {
+    use lnet::{AckReq, EventKind, Md, Threshold};
+    let q = EventQueue::new();
+    let md = l.md_bind(
+        Md::new(src)
+            .threshold(Threshold::Finite(2))
+            .handler(q.handler()),
+    )?;
+    l.put(md, AckReq::Ack, to, ECHO_PORTAL, 1, off, 0)?;
+    let ev = finals(&q);
+    for e in &ev {
+        e.status.clone()?;
+    }
+    let mut kinds: Vec<_> = ev.iter().map(|e| e.kind as u8).collect();
+    kinds.sort();
+    assert_eq!(kinds, [EventKind::Ack as u8, EventKind::Send as u8]);
+    Ok(())
+}
+
+/// GET from `to`'s `portal` at `off` into `sink`; checks that the REPLY
+/// filled the whole sink and returns its bytes.
+pub fn get_from(
+    l: &lnet::Lnet,
+    to: lnet::ProcessId,
+    portal: u32,
+    sink: MdBuffer,
+    off: u32,
+) -> lnet::Result<Vec<u8>> {
+    use lnet::{EventKind, Md, Threshold};
+    let len = sink.len();
+    let q = EventQueue::new();
+    let md = l.md_bind(
+        Md::new(sink)
+            .threshold(Threshold::Finite(2))
+            .handler(q.handler()),
+    )?;
+    l.get(md, to, portal, 2, off)?;
+    let mut ev = finals(&q);
+    for e in &ev {
+        e.status.clone()?;
+    }
+    let reply = ev
+        .iter()
+        .find(|e| e.kind == EventKind::Reply)
+        .expect("a REPLY event");
+    assert_eq!(reply.mlength as usize, len, "REPLY length");
+    let buf = ev
+        .iter_mut()
+        .find_map(|e| e.buffer.take())
+        .expect("the MD's buffer with its final event");
+    Ok(buf.into_vec())
+}
+
+/// A node running as a child process (the example binaries): spawned
+/// with piped stdin/stdout, its first line must be `READY ...`; the
+/// remaining lines arrive on [`ChildNode::lines`]. Closing stdin asks it
+/// to stop; dropping it kills it.
+pub struct ChildNode {
+    /// The process.
+    pub child: std::process::Child,
+    /// The words of its READY line (after `READY`).
+    pub ready: Vec<String>,
+    /// Its later stdout lines.
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ChildNode {
+    /// Spawn `cmd` and wait up to `timeout` for its READY line.
+    pub fn spawn(cmd: &mut std::process::Command, timeout: Duration) -> ChildNode {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the node");
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let line = rx.recv_timeout(timeout).expect("the node's READY line");
+        let mut f = line.split_whitespace().map(str::to_string);
+        assert_eq!(f.next().as_deref(), Some("READY"), "{line}");
+        ChildNode {
+            child,
+            ready: f.collect(),
+            lines: rx,
+        }
+    }
+    /// SIGKILL it and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// Close its stdin and return its next line (the example nodes print
+    /// their counters on the way out), then reap it.
+    pub fn stop(mut self) -> String {
+        drop(self.child.stdin.take());
+        let l = self
+            .lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_default();
+        let _ = self.child.wait();
+        l
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        self.kill();
+    }
+}

@@ -14,7 +14,6 @@ use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use lnd_rdma::{RdmaConfig, RdmaLnd};
-use lnet::{InsPos, Md, MdOptions, ProcessId, Threshold, Unlink};
 use lnet_examples::pattern;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -47,27 +46,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let node = lnd_loopback::builder()
         .ni(std::sync::Arc::new(rdma.clone()))
         .build()?;
-    node.attach(
-        10,
-        ProcessId::ANY,
-        0,
-        u64::MAX,
-        Unlink::Retain,
-        InsPos::Tail,
-        Md::new(vec![0u8; 8 << 20])
-            .options(MdOptions::OP_PUT | MdOptions::OP_GET | MdOptions::MANAGE_REMOTE)
-            .threshold(Threshold::Infinite),
-    )?;
-    node.attach(
-        11,
-        ProcessId::ANY,
-        0,
-        u64::MAX,
-        Unlink::Retain,
-        InsPos::Tail,
-        Md::new(pattern(1 << 20, 7))
-            .options(MdOptions::OP_GET | MdOptions::MANAGE_REMOTE)
-            .threshold(Threshold::Infinite),
+    lnet_examples::attach_echo_and_pattern(
+        &node,
+        vec![0u8; 8 << 20].into(),
+        pattern(1 << 20, 7).into(),
     )?;
     println!("READY {}", node.primary_nid());
     std::io::stdout().flush()?;

@@ -37,10 +37,7 @@ use lnet::{
 };
 use lnet_examples::{final_events, frags, pattern};
 
-/// Portal of the echo MD.
-pub const ECHO_PORTAL: u32 = 10;
-/// Portal of the pattern MD.
-pub const PATTERN_PORTAL: u32 = 11;
+pub use lnet_examples::{ECHO_PORTAL, PATTERN_PORTAL};
 /// Portal of an MD that takes PUTs as loans (and drops them at once).
 pub const LOAN_PORTAL: u32 = 12;
 /// Portal that answers each PUT with a PUT of the same 8 bytes back to
@@ -115,28 +112,7 @@ fn main() -> Res<()> {
         pattern_addr = pat.as_ptr() as usize;
         pat.into()
     };
-    node.attach(
-        ECHO_PORTAL,
-        ProcessId::ANY,
-        0,
-        u64::MAX,
-        Unlink::Retain,
-        InsPos::Tail,
-        Md::new(echo)
-            .options(MdOptions::OP_PUT | MdOptions::OP_GET | MdOptions::MANAGE_REMOTE)
-            .threshold(Threshold::Infinite),
-    )?;
-    node.attach(
-        PATTERN_PORTAL,
-        ProcessId::ANY,
-        0,
-        u64::MAX,
-        Unlink::Retain,
-        InsPos::Tail,
-        Md::new(pattern_md)
-            .options(MdOptions::OP_GET | MdOptions::MANAGE_REMOTE)
-            .threshold(Threshold::Infinite),
-    )?;
+    lnet_examples::attach_echo_and_pattern(&node, echo, pattern_md)?;
     node.attach(
         LOAN_PORTAL,
         ProcessId::ANY,

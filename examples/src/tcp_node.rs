@@ -20,13 +20,10 @@ use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use lnd_tcp::{AcceptMode, ConnsPerPeer, TcpConfig, TcpLnd};
-use lnet::{InsPos, Md, MdOptions, ProcessId, Threshold, Unlink};
+use lnet::{Md, ProcessId, Threshold};
 use lnet_examples::pattern;
 
-/// Portal of the echo MD.
-pub const ECHO_PORTAL: u32 = 10;
-/// Portal of the pattern MD.
-pub const PATTERN_PORTAL: u32 = 11;
+pub use lnet_examples::{ECHO_PORTAL, PATTERN_PORTAL};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -62,27 +59,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let tcp = TcpLnd::new(cfg);
     let node = lnd_loopback::builder().ni(tcp.clone()).build()?;
-    node.attach(
-        ECHO_PORTAL,
-        ProcessId::ANY,
-        0,
-        u64::MAX,
-        Unlink::Retain,
-        InsPos::Tail,
-        Md::new(vec![0u8; 8 << 20])
-            .options(MdOptions::OP_PUT | MdOptions::OP_GET | MdOptions::MANAGE_REMOTE)
-            .threshold(Threshold::Infinite),
-    )?;
-    node.attach(
-        PATTERN_PORTAL,
-        ProcessId::ANY,
-        0,
-        u64::MAX,
-        Unlink::Retain,
-        InsPos::Tail,
-        Md::new(pattern(1 << 20, 7))
-            .options(MdOptions::OP_GET | MdOptions::MANAGE_REMOTE)
-            .threshold(Threshold::Infinite),
+    lnet_examples::attach_echo_and_pattern(
+        &node,
+        vec![0u8; 8 << 20].into(),
+        pattern(1 << 20, 7).into(),
     )?;
     if let Some(peer) = opt("--verify") {
         return verify(&node, &tcp, peer.parse()?);

@@ -8,18 +8,16 @@
 //! `--ignored` on a machine without the devices they fail saying so.
 #![cfg(feature = "rdma")]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use lnd_rdma::{RdmaConfig, RdmaLnd};
-use lnet::{AckReq, Error, EventKind, EventQueue, Lnet, Md, Nid, ProcessId, Threshold};
-use lnet_examples::{finals, frags, pattern};
-
-const ECHO: u32 = 10;
-const PATTERN: u32 = 11;
+use lnet::{AckReq, Error, EventQueue, Lnet, Md, Nid, ProcessId, Threshold};
+use lnet_examples::{
+    ChildNode, ECHO_PORTAL as ECHO, PATTERN_PORTAL as PATTERN, finals, frags, get_from, pattern,
+    put_echo,
+};
 const T: Duration = Duration::from_secs(60);
 const CLIENT: &str = "10.77.0.1";
 const SERVER: &str = "10.77.0.2";
@@ -34,63 +32,33 @@ fn require_devices() {
 }
 
 struct Server {
-    p: Child,
+    node: ChildNode,
     nid: Nid,
-    lines: Receiver<String>,
 }
 
 impl Server {
     fn start(port: u16, extra: &[&str]) -> Server {
         require_devices();
-        let mut p = Command::new(env!("CARGO_BIN_EXE_rdma_node"))
-            .args(["--addr", SERVER, "--port", &port.to_string()])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn rdma_node");
-        let out = p.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(out);
-            let mut l = String::new();
-            while r.read_line(&mut l).unwrap_or(0) > 0 {
-                let _ = tx.send(std::mem::take(&mut l));
-            }
-        });
-        let line = rx.recv_timeout(T).expect("server READY line");
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(f.first(), Some(&"READY"), "{line}");
+        let node = ChildNode::spawn(
+            Command::new(env!("CARGO_BIN_EXE_rdma_node"))
+                .args(["--addr", SERVER, "--port", &port.to_string()])
+                .args(extra),
+            T,
+        );
         Server {
-            nid: f[1].parse().unwrap(),
-            p,
-            lines: rx,
+            nid: node.ready[0].parse().unwrap(),
+            node,
         }
     }
     fn id(&self) -> ProcessId {
         ProcessId::new(self.nid, lnet::LNET_PID_LUSTRE)
     }
     fn kill(&mut self) {
-        let _ = self.p.kill();
-        let _ = self.p.wait();
+        self.node.kill();
     }
-    /// Close stdin and return the server's STATS line.
-    fn stop(mut self) -> String {
-        drop(self.p.stdin.take());
-        let l = self.lines.recv_timeout(T).unwrap_or_default();
-        let _ = self.p.wait();
-        l
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut i) = self.p.stdin.take() {
-            let _ = i.flush();
-        }
-        let _ = self.p.kill();
-        let _ = self.p.wait();
+    /// Stop it and return its STATS line.
+    fn stop(self) -> String {
+        self.node.stop()
     }
 }
 
@@ -117,25 +85,9 @@ fn client(port: u16, tune: impl FnOnce(&mut RdmaConfig)) -> (Lnet, RdmaLnd) {
     (l, rdma)
 }
 
-/// PUT `data` (as fragments of `piece`) to the echo portal at `off`, ACKed.
+/// PUT `data` (as fragments of `piece`) to the echo portal at `off`.
 fn put(l: &Lnet, to: ProcessId, data: &[u8], piece: usize, off: u32) -> Result<(), Error> {
-    let q = EventQueue::new();
-    let md = l
-        .md_bind(
-            Md::new(frags(data, piece))
-                .threshold(Threshold::Finite(2))
-                .handler(q.handler()),
-        )
-        .unwrap();
-    l.put(md, AckReq::Ack, to, ECHO, 1, off, 0)?;
-    let ev = finals(&q);
-    for e in &ev {
-        e.status.clone()?;
-    }
-    let mut kinds: Vec<_> = ev.iter().map(|e| e.kind as u8).collect();
-    kinds.sort();
-    assert_eq!(kinds, [EventKind::Ack as u8, EventKind::Send as u8]);
-    Ok(())
+    put_echo(l, to, frags(data, piece), off)
 }
 
 /// GET `len` bytes from `portal` at `off` into an MD of `piece`-byte
@@ -148,23 +100,7 @@ fn get(
     piece: usize,
     off: u32,
 ) -> Result<Vec<u8>, Error> {
-    let q = EventQueue::new();
-    let md = l
-        .md_bind(
-            Md::new(frags(&vec![0u8; len], piece.max(1)))
-                .threshold(Threshold::Finite(2))
-                .handler(q.handler()),
-        )
-        .unwrap();
-    l.get(md, to, portal, 2, off)?;
-    let mut ev = finals(&q);
-    for e in &ev {
-        e.status.clone()?;
-    }
-    let reply = ev.iter().find(|e| e.kind == EventKind::Reply).unwrap();
-    assert_eq!(reply.mlength as usize, len);
-    let buf = ev.iter_mut().find_map(|e| e.buffer.take()).unwrap();
-    Ok(buf.into_vec())
+    get_from(l, to, portal, frags(&vec![0u8; len], piece.max(1)), off)
 }
 
 #[test]

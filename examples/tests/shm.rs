@@ -12,13 +12,12 @@ use std::time::{Duration, Instant};
 use lnd_loopback::LoLnd;
 use lnd_loopback::shm::{ShmConfig, ShmLnd};
 use lnet::{
-    AckReq, Error, EventKind, EventQueue, Lnet, LnetBuilder, Md, MdBuffer, MdOptions, Nid,
-    ProcessId, Threshold,
+    AckReq, Error, EventQueue, Lnet, LnetBuilder, Md, MdBuffer, MdOptions, Nid, ProcessId,
+    Threshold,
 };
-use lnet_examples::{finals, frags, pattern};
-
-const ECHO: u32 = 10;
-const PATTERN: u32 = 11;
+use lnet_examples::{
+    ECHO_PORTAL as ECHO, PATTERN_PORTAL as PATTERN, finals, frags, get_from, pattern, put_echo,
+};
 const T: Duration = Duration::from_secs(30);
 const SIZES: [usize; 6] = [0, 1, 4096, 65536, 300_001, 1 << 20];
 
@@ -120,45 +119,11 @@ fn client(addr: u32, dir: &Path, tune: impl FnOnce(&mut ShmConfig)) -> (Lnet, Ar
 }
 
 fn put(l: &Lnet, to: ProcessId, src: MdBuffer, off: u32) -> Result<(), Error> {
-    let q = EventQueue::new();
-    let md = l
-        .md_bind(
-            Md::new(src)
-                .threshold(Threshold::Finite(2))
-                .handler(q.handler()),
-        )
-        .unwrap();
-    l.put(md, AckReq::Ack, to, ECHO, 1, off, 0)?;
-    let ev = finals(&q);
-    for e in &ev {
-        e.status.clone()?;
-    }
-    let mut kinds: Vec<_> = ev.iter().map(|e| e.kind as u8).collect();
-    kinds.sort();
-    assert_eq!(kinds, [EventKind::Ack as u8, EventKind::Send as u8]);
-    Ok(())
+    put_echo(l, to, src, off)
 }
 
 fn get(l: &Lnet, to: ProcessId, portal: u32, sink: MdBuffer, off: u32) -> Result<Vec<u8>, Error> {
-    let q = EventQueue::new();
-    let md = l
-        .md_bind(
-            Md::new(sink)
-                .threshold(Threshold::Finite(2))
-                .handler(q.handler()),
-        )
-        .unwrap();
-    l.get(md, to, portal, 2, off)?;
-    let mut ev = finals(&q);
-    for e in &ev {
-        e.status.clone()?;
-    }
-    assert!(ev.iter().any(|e| e.kind == EventKind::Reply));
-    Ok(ev
-        .iter_mut()
-        .find_map(|e| e.buffer.take())
-        .unwrap()
-        .into_vec())
+    get_from(l, to, portal, sink, off)
 }
 
 /// PUT then GET back each size; GET the pattern. `src`/`sink` build the

@@ -2,23 +2,22 @@
 //! a client node; `tcp_node` (a separate process) serves. Each test uses
 //! its own 127.0.0.x addresses.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lnd_tcp::proto::ConnType;
 use lnd_tcp::{AcceptMode, ConnsPerPeer, TcpConfig, TcpLnd};
-use lnet::{AckReq, Error, EventKind, EventQueue, Lnet, Md, Nid, ProcessId, Threshold};
-use lnet_examples::{finals, frags, pattern};
-
-const ECHO: u32 = 10;
-const PATTERN: u32 = 11;
+use lnet::{AckReq, Error, EventQueue, Lnet, Md, Nid, ProcessId, Threshold};
+use lnet_examples::{
+    ChildNode, ECHO_PORTAL as ECHO, PATTERN_PORTAL as PATTERN, frags, get_from, pattern, put_echo,
+};
 const T: Duration = Duration::from_secs(30);
 
 struct Server {
-    p: Child,
+    node: ChildNode,
     nid: Nid,
     listen: SocketAddr,
     incarnation: u64,
@@ -26,53 +25,24 @@ struct Server {
 
 impl Server {
     fn start(addr: &str, port: u16, extra: &[&str]) -> Server {
-        let mut p = Command::new(env!("CARGO_BIN_EXE_tcp_node"))
-            .args(["--addr", addr, "--port", &port.to_string()])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tcp_node");
-        let out = p.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(out);
-            let mut l = String::new();
-            let _ = r.read_line(&mut l);
-            let _ = tx.send(l);
-            // Keep draining so the child never blocks on stdout.
-            let mut sink = String::new();
-            while r.read_line(&mut sink).unwrap_or(0) > 0 {
-                sink.clear();
-            }
-        });
-        let line = rx.recv_timeout(T).expect("server READY line");
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(f.first(), Some(&"READY"), "{line}");
+        let node = ChildNode::spawn(
+            Command::new(env!("CARGO_BIN_EXE_tcp_node"))
+                .args(["--addr", addr, "--port", &port.to_string()])
+                .args(extra),
+            T,
+        );
         Server {
-            nid: f[1].parse().unwrap(),
-            listen: f[2].parse().unwrap(),
-            incarnation: f[3].parse().unwrap(),
-            p,
+            nid: node.ready[0].parse().unwrap(),
+            listen: node.ready[1].parse().unwrap(),
+            incarnation: node.ready[2].parse().unwrap(),
+            node,
         }
     }
     fn id(&self) -> ProcessId {
         ProcessId::new(self.nid, lnet::LNET_PID_LUSTRE)
     }
     fn kill(&mut self) {
-        let _ = self.p.kill();
-        let _ = self.p.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut i) = self.p.stdin.take() {
-            let _ = i.flush();
-        }
-        let _ = self.p.kill();
-        let _ = self.p.wait();
+        self.node.kill();
     }
 }
 
@@ -94,46 +64,12 @@ fn client(addr: &str, server: &Server, tune: impl FnOnce(&mut TcpConfig)) -> (Ln
 
 /// PUT `data` (as fragments) to the echo portal at `off` with an ACK.
 fn put(l: &Lnet, to: ProcessId, data: Vec<u8>, off: u32) -> Result<(), Error> {
-    let q = EventQueue::new();
-    let md = l
-        .md_bind(
-            Md::new(frags(&data, 4096 * 3 + 5))
-                .threshold(Threshold::Finite(2))
-                .handler(q.handler()),
-        )
-        .unwrap();
-    l.put(md, AckReq::Ack, to, ECHO, 1, off, 0)?;
-    let ev = finals(&q);
-    for e in &ev {
-        e.status.clone()?;
-    }
-    // The ACK may overtake the SEND completion (another connection).
-    let mut kinds: Vec<_> = ev.iter().map(|e| e.kind as u8).collect();
-    kinds.sort();
-    assert_eq!(kinds, [EventKind::Ack as u8, EventKind::Send as u8]);
-    Ok(())
+    put_echo(l, to, frags(&data, 4096 * 3 + 5), off)
 }
 
 /// GET `len` bytes from `portal` at `off` into a fragmented MD.
 fn get(l: &Lnet, to: ProcessId, portal: u32, len: usize, off: u32) -> Result<Vec<u8>, Error> {
-    let q = EventQueue::new();
-    let md = l
-        .md_bind(
-            Md::new(frags(&vec![0u8; len], 8191))
-                .threshold(Threshold::Finite(2))
-                .handler(q.handler()),
-        )
-        .unwrap();
-    l.get(md, to, portal, 2, off)?;
-    let mut ev = finals(&q);
-    for e in &ev {
-        e.status.clone()?;
-    }
-    let reply = ev.iter().find(|e| e.kind == EventKind::Reply).unwrap();
-    assert_eq!(reply.mlength as usize, len);
-    // The buffer comes back with the final event, whichever that is.
-    let buf = ev.iter_mut().find_map(|e| e.buffer.take()).unwrap();
-    Ok(buf.into_vec())
+    get_from(l, to, portal, frags(&vec![0u8; len], 8191), off)
 }
 
 #[test]

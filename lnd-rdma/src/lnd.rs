@@ -578,6 +578,19 @@ impl Shared {
         self.next_cookie.fetch_add(1, Ordering::Relaxed)
     }
 
+    fn new_peer(&self) -> PeerState {
+        PeerState {
+            conn: None,
+            queue: VecDeque::new(),
+            incarnation: 0,
+            params: self.my_params(),
+            backoff: self.cfg.reconnect_min,
+            next_try: None,
+            down_since: None,
+            up: false,
+        }
+    }
+
     fn my_params(&self) -> ConnParams {
         ConnParams {
             queue_depth: self.cfg.queue_depth,
@@ -596,16 +609,7 @@ impl Shared {
         let peer = tx.peer();
         let conn = {
             let mut peers = lock(&self.peers);
-            let p = peers.entry(peer).or_insert_with(|| PeerState {
-                conn: None,
-                queue: VecDeque::new(),
-                incarnation: 0,
-                params: self.my_params(),
-                backoff: self.cfg.reconnect_min,
-                next_try: None,
-                down_since: None,
-                up: false,
-            });
+            let p = peers.entry(peer).or_insert_with(|| self.new_peer());
             match &p.conn {
                 Some(c) if lock(&c.st).state == State::Established => Some(c.clone()),
                 _ => {
@@ -1713,16 +1717,7 @@ impl Shared {
         // Replace whatever we had (a losing active attempt or a stale conn).
         let restarted = {
             let mut peers = lock(&self.peers);
-            let p = peers.entry(peer).or_insert_with(|| PeerState {
-                conn: None,
-                queue: VecDeque::new(),
-                incarnation: 0,
-                params: self.my_params(),
-                backoff: self.cfg.reconnect_min,
-                next_try: None,
-                down_since: None,
-                up: false,
-            });
+            let p = peers.entry(peer).or_insert_with(|| self.new_peer());
             let restarted = p.incarnation != 0 && p.incarnation != req.srcstamp;
             p.incarnation = req.srcstamp;
             p.conn = Some(c.clone());
@@ -1892,7 +1887,10 @@ impl Shared {
                 false
             }
             None => {
-                warn!(target: "neterror", peer = %c.peer, status, "connection rejected (no listener?)");
+                // No o2iblnd record: the CM itself refused (nobody listens
+                // on that port). Retried with backoff; logged at debug so a
+                // peer that is down does not flood the log.
+                debug!(target: "neterror", peer = %c.peer, status, "connection rejected (no listener?)");
                 false
             }
         };

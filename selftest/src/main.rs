@@ -90,6 +90,22 @@ struct NodeArgs {
     console: Option<PathBuf>,
 }
 
+impl NodeArgs {
+    /// Defaults for a transport whose two ends run on this host.
+    fn local(lnd: &str) -> NodeArgs {
+        NodeArgs {
+            lnd: lnd.to_string(),
+            addr: None,
+            port: 0,
+            peer_port: 988,
+            dir: None,
+            no_pool: false,
+            busy_poll: false,
+            console: None,
+        }
+    }
+}
+
 #[derive(Args, Clone)]
 struct RunArgs {
     #[command(flatten)]
@@ -560,16 +576,7 @@ fn compare_cmd(a: &CompareArgs) -> Res<()> {
     if !matches!(a.lnd.as_str(), "tcp" | "shm" | "rdma" | "o2ib") {
         return Err(format!("compare covers tcp, shm and rdma, not {}", a.lnd).into());
     }
-    let na = NodeArgs {
-        lnd: a.lnd.clone(),
-        addr: None,
-        port: 0,
-        peer_port: 988,
-        dir: None,
-        no_pool: false,
-        busy_poll: false,
-        console: None,
-    };
+    let na = NodeArgs::local(&a.lnd);
     let pair = local_pair(&na)?;
     let secs = a.duration.max(0.5);
     let bw = Params {
@@ -684,16 +691,7 @@ fn sweep_cmd(a: &SweepArgs) -> Res<()> {
     };
     let mut series = Vec::new();
     for lnd in a.lnds.split(',') {
-        let na = NodeArgs {
-            lnd: lnd.to_string(),
-            addr: None,
-            port: 0,
-            peer_port: 988,
-            dir: None,
-            no_pool: false,
-            busy_poll: false,
-            console: None,
-        };
+        let na = NodeArgs::local(lnd);
         let pair = local_pair(&na)?;
         let mut pts = Vec::new();
         for &size in &sizes {

@@ -122,6 +122,26 @@ fn an_lst_script_runs_a_brw_batch_and_reports() {
         out.contains("[Latency of 12345-3@shm] p50:") && out.contains("(140 RPCs)"),
         "{out}"
     );
+    // --count N prints N rounds; without it stat repeats until stopped
+    // (here: until its output is closed after three rounds).
+    let out = ok("stat --delay 0.1 --count 3 clients");
+    assert_eq!(out.matches("[LNet Rates of clients]").count(), 3, "{out}");
+    let mut forever = Command::new(env!("CARGO_BIN_EXE_lst"))
+        .args(["stat", "--delay", "0.1", "--rate", "clients"])
+        .env("LST_CONSOLE", &sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut r = BufReader::new(forever.stdout.take().unwrap());
+    let mut rounds = 0;
+    let mut l = String::new();
+    while rounds < 3 && r.read_line(&mut l).unwrap() > 0 {
+        rounds += usize::from(l.contains("[LNet Rates of clients]"));
+        l.clear();
+    }
+    assert_eq!(rounds, 3);
+    let _ = forever.kill();
+    let _ = forever.wait();
     // Bad commands are refused with a reason, the console keeps serving.
     let (rc, out) = lst(
         &sock,

@@ -9,7 +9,7 @@
 //! lst add_batch bulk
 //! lst add_test --batch bulk --from clients --to servers brw write size=1M check=simple
 //! lst run bulk
-//! lst stat --delay 2 --count 1 servers clients
+//! lst stat --delay 2 --count 1 servers clients   # without --count: until Ctrl-C
 //! lst stop bulk
 //! lst end_session
 //! ```
@@ -25,6 +25,39 @@ fn main() {
         );
         return;
     }
+    if args[0] == "stat" {
+        // As lst does, `stat` repeats until interrupted unless `--count N`
+        // says how many times. Each round is one console command, so the
+        // console stays free for other lst commands meanwhile.
+        let mut rest = args.clone();
+        let mut count: Option<u64> = None;
+        if let Some(i) = rest.iter().position(|a| a == "--count") {
+            match rest.get(i + 1).and_then(|v| v.parse().ok()) {
+                Some(n) if n > 0 => count = Some(n),
+                _ => {
+                    eprintln!("lst: --count N (N > 0)");
+                    std::process::exit(1);
+                }
+            }
+            rest.drain(i..i + 2);
+        }
+        rest.extend(["--count".to_string(), "1".to_string()]);
+        let mut done = 0u64;
+        while count.is_none_or(|n| done < n) {
+            let rc = call(&rest);
+            if rc != 0 {
+                std::process::exit(rc);
+            }
+            done += 1;
+        }
+        return;
+    }
+    std::process::exit(call(&args));
+}
+
+/// Send one command to the console and print its output; returns its
+/// status.
+fn call(args: &[String]) -> i32 {
     let path = lnet_selftest::console::default_socket();
     let mut s = match std::os::unix::net::UnixStream::connect(&path) {
         Ok(s) => s,
@@ -52,8 +85,10 @@ fn main() {
             rc = v.trim().parse().unwrap_or(1);
             break;
         }
-        let _ = writeln!(out, "{l}");
-        let _ = out.flush();
+        if writeln!(out, "{l}").and_then(|()| out.flush()).is_err() {
+            // Our reader went away (`lst stat | head`): stop quietly.
+            std::process::exit(0);
+        }
     }
-    std::process::exit(rc);
+    rc
 }
