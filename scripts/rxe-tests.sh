@@ -12,4 +12,4 @@ echo "+ lnet-selftest run --lnd rdma (write, then ping)"
 timeout 300 target/debug/lnet-selftest run --lnd rdma --duration 3 --concurrency 4 --check simple
 timeout 300 target/debug/lnet-selftest run --lnd rdma --mode ping --duration 2
 echo "+ lnet-selftest compare --lnd rdma (beside ib_write_bw / ib_write_lat)"
-timeout 600 target/debug/lnet-selftest compare --lnd rdma --duration 2 --concurrency 4
+timeout 600 target/debug/lnet-selftest compare rdma --duration 2 --concurrency 4

@@ -47,9 +47,11 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct CompareArgs {
-    /// Transport: tcp, shm or rdma.
+    /// Transport: tcp, shm or rdma (also as `compare rdma`).
     #[arg(long, default_value = "shm")]
     lnd: String,
+    /// The transport, positionally (overrides --lnd).
+    transport: Option<String>,
     /// Seconds per bandwidth measurement.
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
@@ -572,6 +574,10 @@ fn run_cmd(a: RunArgs) -> Res<()> {
 
 fn compare_cmd(a: &CompareArgs) -> Res<()> {
     use lnet_selftest::compare::{self, Row};
+    let mut a = a.clone();
+    if let Some(t) = a.transport.take() {
+        a.lnd = t;
+    }
     let size = run::parse_size(&a.size).ok_or("bad --size")?;
     if !matches!(a.lnd.as_str(), "tcp" | "shm" | "rdma" | "o2ib") {
         return Err(format!("compare covers tcp, shm and rdma, not {}", a.lnd).into());

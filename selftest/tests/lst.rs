@@ -160,3 +160,96 @@ fn an_lst_script_runs_a_brw_batch_and_reports() {
     drop((_n1, _n2, _n3));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A `serve` node on tcp at `addr`, listening on `port` and dialling peers
+/// there too (NIDs carry no port).
+fn serve_tcp(addr: &str, port: u16, console: Option<&std::path::Path>) -> Node {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lnet-selftest"));
+    c.args(["serve", "--lnd", "tcp", "--addr", addr])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--peer-port",
+            &port.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    if let Some(p) = console {
+        c.arg("--console").arg(p);
+    }
+    let mut child = c.spawn().unwrap();
+    let mut l = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut l)
+        .unwrap();
+    assert!(l.starts_with(&format!("READY {addr}@tcp")), "{l}");
+    Node(child)
+}
+
+#[test]
+fn an_lst_script_over_tcp_with_a_console_two_servers_and_two_clients() {
+    let dir = std::env::temp_dir().join(format!("lst-tcp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let sock = dir.join("console.sock");
+    const PORT: u16 = 23988;
+    // Five processes: the console's node, two servers, two clients.
+    let _console = serve_tcp("127.0.0.50", PORT, Some(&sock));
+    let _s1 = serve_tcp("127.0.0.51", PORT, None);
+    let _s2 = serve_tcp("127.0.0.52", PORT, None);
+    let _c1 = serve_tcp("127.0.0.53", PORT, None);
+    let _c2 = serve_tcp("127.0.0.54", PORT, None);
+    let ok = |cmd: &str| {
+        let (rc, out) = lst(&sock, cmd);
+        assert_eq!(rc, 0, "lst {cmd}: {out}");
+        out
+    };
+    ok("new_session --timeout 100 tcpdemo");
+    ok("add_group servers 127.0.0.[51-52]@tcp");
+    ok("add_group clients 127.0.0.[53-54]@tcp");
+    let out = ok("list_group servers");
+    assert!(
+        out.contains("12345-127.0.0.51@tcp: Active")
+            && out.contains("12345-127.0.0.52@tcp: Active"),
+        "{out}"
+    );
+    ok("add_batch bulk");
+    ok(
+        "add_test --batch bulk --loop 40 --concurrency 8 --distribute 1:1 --from clients --to servers brw write size=64k check=simple",
+    );
+    ok(
+        "add_test --batch bulk --loop 40 --concurrency 8 --distribute 1:1 --from clients --to servers brw read size=64k check=full",
+    );
+    assert!(ok("run bulk").contains("running"));
+    let out = ok("stat --delay 0.5 --count 2 servers clients");
+    assert_eq!(out.matches("[LNet Rates of servers]").count(), 2, "{out}");
+    assert_eq!(out.matches("[LNet Rates of clients]").count(), 2, "{out}");
+    let mut idle = false;
+    for _ in 0..200 {
+        if ok("query bulk").contains("idle") {
+            idle = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(idle, "the batch did not end");
+    let out = ok("show_error clients servers");
+    assert!(out.contains("Total 0 error nodes in clients"), "{out}");
+    assert!(out.contains("Total 0 error nodes in servers"), "{out}");
+    assert!(
+        out.contains("[Session 0 brw errors, 0 ping errors]"),
+        "{out}"
+    );
+    // Both clients ran every loop: 2 tests x 40 loops x concurrency 8
+    // (each unit of concurrency runs the loop count, as in the kernel).
+    let out = ok("stat --delay 0.1 --count 1 clients");
+    for c in ["127.0.0.53", "127.0.0.54"] {
+        assert!(
+            out.contains(&format!("[Latency of 12345-{c}@tcp] p50:")) && out.contains("(640 RPCs)"),
+            "{c}: {out}"
+        );
+    }
+    assert!(ok("end_session").contains("ended"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
