@@ -296,9 +296,22 @@ struct ConnState {
     txbuf: RegBuf,
 }
 
+/// CQ entries a connection holds; given back when it is dropped.
+struct CqShare {
+    n: u32,
+    used: Arc<AtomicU32>,
+}
+
+impl Drop for CqShare {
+    fn drop(&mut self) {
+        self.used.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
 struct Conn {
     // Field order is drop order: the QP goes before the buffers it used.
     cmid: CmId,
+    _cq: CqShare,
     id: u32,
     peer: Nid,
     rx: RegBuf,
@@ -341,6 +354,8 @@ pub(crate) struct Shared {
     zombies: Mutex<Vec<(Arc<Conn>, Instant)>>,
     next_conn: AtomicU32,
     next_cookie: AtomicU64,
+    /// CQ entries the live connections may fill.
+    cq_used: Arc<AtomicU32>,
     cache: Mutex<(Vec<CacheEntry>, u64)>,
     pools: Mutex<Vec<Arc<Mr>>>,
     bounce: Mutex<Vec<RegBuf>>,
@@ -419,6 +434,7 @@ impl RdmaLnd {
             conns: Mutex::new(HashMap::new()),
             zombies: Mutex::new(Vec::new()),
             next_conn: AtomicU32::new(1),
+            cq_used: Arc::new(AtomicU32::new(0)),
             next_cookie: AtomicU64::new(1),
             cache: Mutex::new((Vec::new(), 0)),
             pools: Mutex::new(Vec::new()),
@@ -1441,11 +1457,26 @@ impl Shared {
         let nrx = qd * 2 + 2;
         let nslots = qd * 3 + 4;
         let dev = self.dev();
+        let send_cap = 256u32.max(qd * 4);
+        // Every work request of every connection must fit the shared CQ:
+        // refuse a connection that could overflow it.
+        let need = send_cap + 8 + nrx;
+        let used = self.cq_used.fetch_add(need, Ordering::AcqRel) + need;
+        let cq = CqShare {
+            n: need,
+            used: self.cq_used.clone(),
+        };
+        if used > dev.cqe {
+            return Err(format!(
+                "completion queue full ({} entries): too many connections",
+                dev.cqe
+            ));
+        }
         let rx = RegBuf::new(dev, nrx as usize * MSG_SIZE).map_err(|e| e.to_string())?;
         let txbuf = RegBuf::new(dev, nslots as usize * MSG_SIZE).map_err(|e| e.to_string())?;
-        let send_cap = 256u32.max(qd * 4);
         Ok(Arc::new(Conn {
             cmid,
+            _cq: cq,
             id,
             peer,
             rx,

@@ -598,6 +598,8 @@ pub(crate) struct Device {
     cq: *mut ibv::ibv_cq,
     /// Largest SGE count per send WR.
     pub max_sge: u32,
+    /// Entries of the CQ (every QP's work requests must fit).
+    pub cqe: u32,
     /// Device name.
     pub name: String,
 }
@@ -650,6 +652,7 @@ impl Device {
                 chan,
                 cq,
                 max_sge: (attr.max_sge.max(1) as u32).min(30),
+                cqe: (*cq).cqe.max(0) as u32,
                 name,
             })
         }
