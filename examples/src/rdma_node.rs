@@ -8,7 +8,8 @@
 //!
 //! Prints `READY <nid>` once up; on stdin EOF prints `STATS <counters>`.
 //! Options: `--addr IP` (the RDMA interface's address, required), `--port
-//! N` (987), `--qd N` (queue depth, 8), `--timeout SECS` (50).
+//! N` (987), `--qd N` (queue depth, 8), `--frags N` (max RDMA fragments,
+//! 257), `--timeout SECS` (50).
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -38,6 +39,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(q) = opt("--qd") {
         cfg.queue_depth = q.parse()?;
+    }
+    if let Some(f) = opt("--frags") {
+        cfg.max_frags = f.parse()?;
     }
     if let Some(t) = opt("--timeout") {
         cfg.timeout = Duration::from_secs(t.parse()?);

@@ -220,6 +220,16 @@ fn connection_parameters_are_negotiated_down() {
     assert_eq!(rdma.stats().rejects_received, 0);
     assert_eq!(rdma.conn_queue_depth(srv.nid), Some(4));
     l.shutdown();
+    drop(srv);
+    // Max fragments: the server takes at most 32; we offer 257, are
+    // rejected with RDMA_FRAGS and its value, and retry with it.
+    let srv = Server::start(21007, &["--frags", "32"]);
+    let (l, rdma) = client(21007, |_| {});
+    put(&l, srv.id(), &data, 4096, 0).unwrap();
+    assert!(get(&l, srv.id(), ECHO, data.len(), 8191, 0).unwrap() == data);
+    let s = rdma.stats();
+    assert_eq!((s.rejects_received, s.renegotiations), (1, 1), "{s:?}");
+    l.shutdown();
 }
 
 #[test]
