@@ -142,12 +142,13 @@ fn put_and_get_of_every_size_between_two_processes() {
 fn many_operations_exhaust_and_return_credits() {
     let srv = Server::start(21002, &["--qd", "4"]);
     let (l, rdma) = client(21002, |c| c.queue_depth = 4);
-    // One-way IMMEDIATE PUTs without ACKs: the server returns credits only
-    // by NOOP; then PUT_REQs (RDMA) with ACKs, many more than 4 in flight.
+    // First one-way IMMEDIATE PUTs without ACKs: the server has nothing to
+    // send back, so it can return credits only by NOOP; then PUT_REQs
+    // (RDMA) with ACKs. Many more than 4 in flight either way.
     const N: usize = 600;
     let q = EventQueue::new();
     for i in 0..N {
-        let (len, ack) = if i % 2 == 0 {
+        let (len, ack) = if i < N / 2 {
             (1000, AckReq::NoAck)
         } else {
             (20_000, AckReq::Ack)

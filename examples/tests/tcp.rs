@@ -246,7 +246,20 @@ fn unsafe_free_is_root() -> bool {
 #[test]
 fn ten_thousand_operations_in_flight_against_one_peer() {
     let srv = Server::start("127.0.0.16", 0, &[]);
-    let (l, tcp) = client("127.0.0.17", &srv, |_| {});
+    // A small send buffer, and the server paused while the PUTs are
+    // issued: the socket fills, sends stay in flight and the peer's
+    // credits must run out (on an idle machine the LND would otherwise
+    // write each message at once and never queue one).
+    let (l, tcp) = client("127.0.0.17", &srv, |c| c.tx_buffer_size = Some(64 << 10));
+    put(&l, srv.id(), vec![0; 8], 0).unwrap();
+    let signal = |sig: &str| {
+        let st = Command::new("kill")
+            .args([sig, &srv.node.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill {sig}");
+    };
+    signal("-STOP");
     const N: usize = 10_000;
     const SZ: usize = 512;
     let q = EventQueue::new();
@@ -262,6 +275,9 @@ fn ten_thousand_operations_in_flight_against_one_peer() {
         l.put(md, AckReq::Ack, srv.id(), ECHO, 0, (i * SZ) as u32, 0)
             .unwrap();
     }
+    let paused = l.peer_credits(srv.nid).unwrap();
+    signal("-CONT");
+    assert!(paused.queued > 0, "messages waited for credits: {paused:?}");
     // Credits bound what is in the LND at once; nothing is lost.
     let mut done = vec![false; N];
     let deadline = Instant::now() + Duration::from_secs(120);
