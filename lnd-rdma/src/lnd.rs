@@ -64,6 +64,11 @@ pub struct RdmaConfig {
     pub reconnect_min: Duration,
     /// Largest reconnect delay.
     pub reconnect_max: Duration,
+    /// The QPs' local ACK timeout exponent (4.096 µs × 2^n before an
+    /// unacknowledged packet is resent, up to 5 times before the
+    /// connection fails); `None` keeps RDMA CM's default. 19 (≈ 2 s)
+    /// tolerates the stalls of emulated (soft-RoCE under QEMU) links.
+    pub ack_timeout: Option<u8>,
 }
 
 impl RdmaConfig {
@@ -83,6 +88,7 @@ impl RdmaConfig {
             bounce_buffers: 4,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(10),
+            ack_timeout: Some(19),
         }
     }
 }
@@ -1126,6 +1132,11 @@ impl Shared {
         let Some(c) = self.conn_by_id(cid) else {
             return;
         };
+        // Status 5 is a flush (the QP already went to error); anything
+        // else is the first sign of trouble and worth an operator's eye.
+        if !wc.ok && wc.status != 5 {
+            warn!(target: "neterror", peer = %c.peer, status = wc.status, recv = kind == KIND_RECV, "work request failed");
+        }
         if kind == KIND_RECV {
             lock(&c.st).posted_recvs -= 1;
             if !wc.ok {
@@ -1641,6 +1652,9 @@ impl Shared {
         };
         let mut b = [0u8; 64];
         let n = req.encode(&mut b, 0, false).map_err(|e| e.to_string())?;
+        if let Some(t) = self.cfg.ack_timeout {
+            c.cmid.set_ack_timeout(t);
+        }
         c.cmid.connect(&b[..n]).map_err(|e| e.to_string())
     }
 
@@ -1740,6 +1754,9 @@ impl Shared {
         let mut b = [0u8; 64];
         let n = ack.encode(&mut b, 0, false).expect("fits");
         lock(&self.conns).insert(id, c.clone());
+        if let Some(t) = self.cfg.ack_timeout {
+            c.cmid.set_ack_timeout(t);
+        }
         if let Err(e) = c.cmid.accept(&b[..n]) {
             warn!(target: "neterror", %peer, "rdma_accept: {e}");
             lock(&self.conns).remove(&id);

@@ -371,6 +371,23 @@ impl CmId {
             );
         }
     }
+    /// The local ACK timeout of the QP (4.096 µs × 2^`exp`): how long an
+    /// unacknowledged packet waits before it is sent again. Set before
+    /// connect/accept.
+    pub(crate) fn set_ack_timeout(&self, exp: u8) {
+        let v: u8 = exp.min(31);
+        // SAFETY: option value points to a live u8, the size the option
+        // takes.
+        unsafe {
+            cma::rdma_set_option(
+                self.id,
+                cma::RDMA_OPTION_ID as c_int,
+                cma::RDMA_OPTION_ID_ACK_TIMEOUT as c_int,
+                &v as *const u8 as *mut _,
+                std::mem::size_of::<u8>(),
+            );
+        }
+    }
     pub(crate) fn bind(&self, addr: SocketAddr) -> io::Result<()> {
         let (mut ss, _) = sockaddr(addr);
         // SAFETY: `ss` is a valid sockaddr for the call.
