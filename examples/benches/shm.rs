@@ -15,8 +15,7 @@
 //! `cargo bench -p lnet-examples --bench shm` (set `SHM_BENCH_SECS` for
 //! longer runs; 1 s per figure by default).
 
-use std::io::{BufRead, BufReader, IoSliceMut, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, IoSliceMut, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -32,6 +31,7 @@ use lnet::{
     Threshold, Unlink,
 };
 use lnet_examples::median;
+use lnet_selftest::compare;
 
 const ECHO: u32 = 10;
 const LOAN: u32 = 12;
@@ -171,19 +171,6 @@ fn put_bw(l: &Arc<Lnet>, to: ProcessId, portal: u32, src: &Bytes, depth: usize, 
     n as f64 * src.len() as f64 / dt
 }
 
-fn memcpy_bw(secs: f64) -> f64 {
-    let src = vec![3u8; MIB];
-    let mut dst = vec![0u8; MIB];
-    let t0 = Instant::now();
-    let mut n = 0u64;
-    while t0.elapsed().as_secs_f64() < secs {
-        dst.copy_from_slice(std::hint::black_box(&src));
-        std::hint::black_box(&mut dst);
-        n += 1;
-    }
-    n as f64 * MIB as f64 / t0.elapsed().as_secs_f64()
-}
-
 fn cma_raw_bw(pid: i32, addr: usize, secs: f64) -> f64 {
     let mut dst = vec![0u8; MIB];
     let remote = [nix::sys::uio::RemoteIoVec {
@@ -255,61 +242,6 @@ fn ping(l: &Lnet, to: ProcessId) {
     l.put(md, AckReq::NoAck, to, PONG, 0, 0, 0).unwrap();
 }
 
-fn tcp_pingpong_oneway(n: usize) -> f64 {
-    let l = TcpListener::bind(("127.0.0.1", 0)).unwrap();
-    let at = l.local_addr().unwrap();
-    let h = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        s.set_nodelay(true).unwrap();
-        let mut b = [0u8; 8];
-        while s.read_exact(&mut b).is_ok() {
-            if s.write_all(&b).is_err() {
-                break;
-            }
-        }
-    });
-    let mut s = TcpStream::connect(at).unwrap();
-    s.set_nodelay(true).unwrap();
-    let mut v = Vec::with_capacity(n);
-    let mut b = [7u8; 8];
-    for _ in 0..n {
-        let t = Instant::now();
-        s.write_all(&b).unwrap();
-        s.read_exact(&mut b).unwrap();
-        v.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
-    }
-    drop(s);
-    h.join().unwrap();
-    median(v)
-}
-
-/// `ucx_perftest` latency (µs, average as it reports it) of `test` with
-/// `args`, server and client on this host.
-fn ucx_perftest(test: &str, args: &[&str], env: &[(&str, &str)]) -> Option<f64> {
-    let port = "13377";
-    let mut srv = Command::new("ucx_perftest")
-        .args(["-t", test, "-p", port])
-        .args(args)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    std::thread::sleep(Duration::from_millis(500));
-    let out = Command::new("ucx_perftest")
-        .args(["127.0.0.1", "-t", test, "-p", port, "-n", "200000"])
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .ok();
-    let _ = srv.kill();
-    let _ = srv.wait();
-    let text = String::from_utf8_lossy(&out?.stdout).into_owned();
-    let line = text.lines().find(|l| l.starts_with("Final:"))?;
-    // Final: iterations, 50%ile, average, overall, ...
-    line.split_whitespace().nth(3)?.parse().ok()
-}
-
 fn gbs(x: f64) -> f64 {
     x / 1e9
 }
@@ -348,7 +280,7 @@ fn main() {
         let addr: usize = srv.ask("ADDR")[5..].trim().parse().unwrap();
         for _ in 0..3 {
             let p = put_bw(&l, srv.id, ECHO, &in_pool, 4, secs / 3.0);
-            let m = memcpy_bw(secs / 3.0);
+            let m = compare::memcpy_mib_s(MIB, secs / 3.0) * MIB as f64;
             let c = put_bw(&l, srv.id, ECHO, &plain, 4, secs / 3.0);
             let r = cma_raw_bw(srv.pid, addr, secs / 3.0);
             pool_r.push(p / m);
@@ -413,7 +345,7 @@ fn main() {
         let plain = Bytes::from(vec![5u8; MIB]);
         put_bw(&l, srv.id, ECHO, &plain, 4, 0.2);
         let b = put_bw(&l, srv.id, ECHO, &plain, 4, secs);
-        let m = memcpy_bw(secs);
+        let m = compare::memcpy_mib_s(MIB, secs) * MIB as f64;
         println!(
             "1 MiB PUT, bounce buffers (no CMA, no pool):                    {:6.2} GB/s   (memcpy {:.2} GB/s; ratio {:.2}; no goal)",
             gbs(b),
@@ -430,18 +362,17 @@ fn main() {
         let ours = put_lat(&l, srv.id, 50_000);
         drop(srv);
         l.shutdown();
-        let ucp = ucx_perftest("ucp_am_lat", &[], &[("UCX_TLS", "posix")]);
-        let uct = ucx_perftest("am_lat", &["-x", "posix", "-d", "memory"], &[]);
+        let ucp = compare::ucx_perftest_lat_us("ucp_am_lat", &[], &[("UCX_TLS", "posix")], 200_000);
+        let uct =
+            compare::ucx_perftest_lat_us("am_lat", &["-x", "posix", "-d", "memory"], &[], 200_000);
         match ucp {
-            Some(u) => println!(
+            Ok(u) => println!(
                 "8 B one-way latency, busy poll: {ours:6.3} us   ucx_perftest ucp_am_lat UCX_TLS=posix {u:6.3} us   ratio {:.2} (goal <= 1.0){}",
                 ours / u,
                 uct.map(|t| format!("; UCT am_lat posix {t:.3} us"))
                     .unwrap_or_default()
             ),
-            None => println!(
-                "8 B one-way latency, busy poll: {ours:6.3} us   ucx_perftest missing: apt-get install ucx-utils"
-            ),
+            Err(e) => println!("8 B one-way latency, busy poll: {ours:6.3} us   ucx_perftest: {e}"),
         }
     }
 
@@ -453,7 +384,8 @@ fn main() {
         let sleeps = shm.stats().sleeps;
         drop(srv);
         l.shutdown();
-        let tcp = tcp_pingpong_oneway(20_000);
+        let lo = std::net::IpAddr::from([127, 0, 0, 1]);
+        let tcp = compare::tcp_pingpong_rtt_us(lo, lo, 20_000).expect("TCP ping-pong") / 2.0;
         println!(
             "8 B one-way latency, default mode: {ours:6.3} us   blocking TCP ping-pong {tcp:6.3} us   ratio {:.2} (goal < 1; our progress thread slept {sleeps} times)",
             ours / tcp

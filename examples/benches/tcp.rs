@@ -6,8 +6,7 @@
 //! `cargo bench -p lnet-examples --bench tcp` (`-- --secs N` to change the
 //! measuring time, 5 s by default). Prints ours, theirs and the ratio.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use std::time::{Duration, Instant};
 use lnd_tcp::{AcceptMode, ConnsPerPeer, TcpConfig, TcpLnd};
 use lnet::{AckReq, EventQueue, Lnet, Md, ProcessId, Threshold};
 use lnet_examples::median;
+use lnet_selftest::compare;
 
 const SRV: &str = "127.0.0.21";
 const CLI: &str = "127.0.0.22";
@@ -165,78 +165,6 @@ fn put_rtt(l: &Lnet, to: ProcessId, n: usize) -> Vec<f64> {
     v
 }
 
-fn tcp_pingpong_rtt(n: usize) -> Vec<f64> {
-    let l = TcpListener::bind((SRV, 0)).unwrap();
-    let at = l.local_addr().unwrap();
-    let h = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        s.set_nodelay(true).unwrap();
-        let mut b = [0u8; 8];
-        while s.read_exact(&mut b).is_ok() {
-            if s.write_all(&b).is_err() {
-                break;
-            }
-        }
-    });
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 22], 0)).into())
-        .unwrap();
-    sock.connect(&at.into()).unwrap();
-    let mut s: TcpStream = sock.into();
-    s.set_nodelay(true).unwrap();
-    let mut v = Vec::with_capacity(n);
-    let mut b = [7u8; 8];
-    for _ in 0..n {
-        let t = Instant::now();
-        s.write_all(&b).unwrap();
-        s.read_exact(&mut b).unwrap();
-        v.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    drop(s);
-    h.join().unwrap();
-    v
-}
-
-/// iperf3 on the same addresses: bytes per second received.
-fn iperf3(streams: usize, secs: f64) -> Option<f64> {
-    let port = {
-        let l = TcpListener::bind((SRV, 0)).ok()?;
-        l.local_addr().ok()?.port()
-    };
-    let mut s = match Command::new("iperf3")
-        .args(["-s", "-1", "-B", SRV, "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(s) => s,
-        Err(_) => {
-            println!(
-                "iperf3 not found: install Debian's `iperf3` package (apt-get install iperf3)"
-            );
-            return None;
-        }
-    };
-    std::thread::sleep(Duration::from_millis(300));
-    let out = Command::new("iperf3")
-        .args(["-c", SRV, "-B", CLI, "-p", &port.to_string(), "-J"])
-        .args(["-t", &format!("{}", secs.max(1.0) as u64)])
-        .args(["-P", &streams.to_string()])
-        .output()
-        .ok()?;
-    let _ = s.wait();
-    let j = String::from_utf8_lossy(&out.stdout);
-    let at = j.find("\"sum_received\"")?;
-    let rest = &j[at..];
-    let k = rest.find("\"bits_per_second\"")?;
-    let num: String = rest[k + 17..]
-        .chars()
-        .skip_while(|c| *c == ':' || c.is_whitespace())
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == 'e' || *c == '+')
-        .collect();
-    num.parse::<f64>().ok().map(|b| b / 8.0)
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
@@ -257,8 +185,18 @@ fn main() {
     let conns = tcp.conns(srv.1.nid).len();
     let gb = 1e9;
     let ours = put_bw(&l, srv.1, 8, secs);
-    let theirs1 = iperf3(1, secs);
-    let theirs_n = iperf3(conns, secs);
+    let iperf3 = |streams: usize| {
+        let (srv, cli) = (SRV.parse().unwrap(), CLI.parse().unwrap());
+        match compare::iperf3_mib_s(srv, cli, streams, secs.max(1.0) as u64) {
+            Ok(m) => Some(m * (1 << 20) as f64),
+            Err(e) => {
+                println!("{e}");
+                None
+            }
+        }
+    };
+    let theirs1 = iperf3(1);
+    let theirs_n = iperf3(conns);
     println!("tcp 1 MiB PUT+ACK, 8 in flight, {conns} connections (1 bulk each way)");
     println!("  lnet-rs        {:8.3} GB/s", ours / gb);
     if let Some(t) = theirs1 {
@@ -278,7 +216,8 @@ fn main() {
     let n = 2000;
     let _ = put_rtt(&l, srv.1, 200);
     let ours = median(put_rtt(&l, srv.1, n));
-    let plain = median(tcp_pingpong_rtt(n));
+    let plain = compare::tcp_pingpong_rtt_us(SRV.parse().unwrap(), CLI.parse().unwrap(), n)
+        .expect("TCP ping-pong");
     let _ = put_rtt_cb(&l, srv.1, 200);
     let chained = put_rtt_cb(&l, srv.1, n);
     println!("8-byte round trip");

@@ -225,3 +225,66 @@ impl Drop for ChildNode {
         self.kill();
     }
 }
+
+/// The peer-killed-mid-transfer check shared by the transports' tests:
+/// `n` ACKed PUTs of `payload` to `to`'s echo portal; once two have
+/// succeeded, `kill` runs (SIGKILL of the peer). Asserts that every
+/// operation ends exactly once within `limit`, that some failed (the kill
+/// was mid-transfer) and that nothing comes after the final events.
+/// `pending` describes the LND's state for the timeout message.
+pub fn puts_across_a_peer_kill(
+    l: &lnet::Lnet,
+    to: lnet::ProcessId,
+    payload: &bytes::Bytes,
+    n: usize,
+    limit: Duration,
+    kill: impl FnOnce(),
+    pending: impl Fn() -> String,
+) {
+    use lnet::{AckReq, Md, Threshold};
+    let t = Duration::from_secs(60);
+    let q = EventQueue::new();
+    for i in 0..n {
+        let md = l
+            .md_bind(
+                Md::new(payload.clone())
+                    .threshold(Threshold::Finite(2))
+                    .user_ptr(i as u64)
+                    .handler(q.handler()),
+            )
+            .expect("bind");
+        l.put(md, AckReq::Ack, to, ECHO_PORTAL, 0, 0, 0)
+            .expect("put");
+    }
+    // Let a few complete, then kill the peer mid-stream.
+    let mut ended = vec![0u32; n];
+    let mut ok = 0;
+    while ok < 2 {
+        let e = q.recv_timeout(t).expect("event");
+        if e.unlinked {
+            ended[e.user_ptr as usize] += 1;
+            ok += usize::from(e.status.is_ok());
+        }
+    }
+    kill();
+    let deadline = std::time::Instant::now() + limit;
+    let mut failed = 0;
+    while ended.iter().sum::<u32>() < n as u32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "operations still pending: {}",
+            pending()
+        );
+        let e = q.recv_timeout(t).expect("every operation ends");
+        if e.unlinked {
+            ended[e.user_ptr as usize] += 1;
+            failed += usize::from(e.status.is_err());
+        }
+    }
+    assert!(ended.iter().all(|&k| k == 1), "each ends exactly once");
+    assert!(failed > 0, "the kill was mid-transfer");
+    assert!(
+        q.recv_timeout(Duration::from_millis(300)).is_none(),
+        "nothing after the final events"
+    );
+}

@@ -26,12 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let opt = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let opt = |k: &str| lnet_examples::opt(&args, k);
     let addr = opt("--addr").ok_or("--addr IP is required")?.parse()?;
     let mut cfg = RdmaConfig::new(addr);
     if let Some(p) = opt("--port") {

@@ -48,12 +48,7 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let opt = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let opt = |k: &str| lnet_examples::opt(&args, k);
     let flag = |k: &str| args.iter().any(|a| a == k);
     let addr: u32 = opt("--addr").ok_or("--addr N is required")?.parse()?;
     let mut cfg = ShmConfig::new(addr);

@@ -27,12 +27,7 @@ pub use lnet_examples::{ECHO_PORTAL, PATTERN_PORTAL};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let opt = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let opt = |k: &str| lnet_examples::opt(&args, k);
     let addr = opt("--addr")
         .unwrap_or_else(|| "127.0.0.1".into())
         .parse()?;

@@ -16,7 +16,7 @@ use lnd_rdma::{RdmaConfig, RdmaLnd};
 use lnet::{AckReq, Error, EventQueue, Lnet, Md, Nid, ProcessId, Threshold};
 use lnet_examples::{
     ChildNode, ECHO_PORTAL as ECHO, PATTERN_PORTAL as PATTERN, finals, frags, get_from, pattern,
-    put_echo,
+    put_echo, puts_across_a_peer_kill,
 };
 const T: Duration = Duration::from_secs(60);
 const CLIENT: &str = "10.77.0.1";
@@ -239,49 +239,15 @@ fn a_peer_killed_mid_transfer_fails_each_operation_once_then_traffic_resumes() {
     let mut srv = Server::start(21005, &[]);
     let (l, rdma) = client(21005, |c| c.timeout = Duration::from_secs(10));
     put(&l, srv.id(), &[1; 10], 10, 0).unwrap();
-    const N: usize = 64;
     let payload = bytes::Bytes::from(pattern(1 << 20, 3));
-    let q = EventQueue::new();
-    for i in 0..N {
-        let md = l
-            .md_bind(
-                Md::new(payload.clone())
-                    .threshold(Threshold::Finite(2))
-                    .user_ptr(i as u64)
-                    .handler(q.handler()),
-            )
-            .unwrap();
-        l.put(md, AckReq::Ack, srv.id(), ECHO, 0, 0, 0).unwrap();
-    }
-    let mut ended = vec![0u32; N];
-    let mut ok = 0;
-    while ok < 2 {
-        let e = q.recv_timeout(T).expect("event");
-        if e.unlinked {
-            ended[e.user_ptr as usize] += 1;
-            ok += usize::from(e.status.is_ok());
-        }
-    }
-    srv.kill();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut failed = 0;
-    while ended.iter().sum::<u32>() < N as u32 {
-        assert!(
-            Instant::now() < deadline,
-            "operations still pending: {:?}",
-            rdma.stats()
-        );
-        let e = q.recv_timeout(T).expect("every operation ends");
-        if e.unlinked {
-            ended[e.user_ptr as usize] += 1;
-            failed += usize::from(e.status.is_err());
-        }
-    }
-    assert!(ended.iter().all(|&n| n == 1), "each ends exactly once");
-    assert!(failed > 0, "the kill was mid-transfer");
-    assert!(
-        q.recv_timeout(Duration::from_millis(300)).is_none(),
-        "nothing after the final events"
+    puts_across_a_peer_kill(
+        &l,
+        srv.id(),
+        &payload,
+        64,
+        Duration::from_secs(120),
+        || srv.kill(),
+        || format!("{:?}", rdma.stats()),
     );
     // Restart (new incarnation); the client reconnects, traffic resumes.
     let srv2 = Server::start(21005, &[]);

@@ -13,6 +13,7 @@ use lnd_tcp::{AcceptMode, ConnsPerPeer, TcpConfig, TcpLnd};
 use lnet::{AckReq, Error, EventQueue, Lnet, Md, Nid, ProcessId, Threshold};
 use lnet_examples::{
     ChildNode, ECHO_PORTAL as ECHO, PATTERN_PORTAL as PATTERN, frags, get_from, pattern, put_echo,
+    puts_across_a_peer_kill,
 };
 const T: Duration = Duration::from_secs(30);
 
@@ -320,46 +321,15 @@ fn a_peer_killed_mid_transfer_fails_each_operation_once_then_traffic_resumes() {
     });
     put(&l, srv.id(), vec![1; 10], 0).unwrap();
     // Enough data (1 GiB, one shared buffer) that the kill lands mid-stream.
-    const N: usize = 1024;
     let payload = bytes::Bytes::from(pattern(1 << 20, 3));
-    let q = EventQueue::new();
-    for i in 0..N {
-        let md = l
-            .md_bind(
-                Md::new(payload.clone())
-                    .threshold(Threshold::Finite(2))
-                    .user_ptr(i as u64)
-                    .handler(q.handler()),
-            )
-            .unwrap();
-        l.put(md, AckReq::Ack, srv.id(), ECHO, 0, 0, 0).unwrap();
-    }
-    // Let a few complete, then SIGKILL the server mid-stream.
-    let mut ended = vec![0u32; N];
-    let mut ok = 0;
-    while ok < 2 {
-        let e = q.recv_timeout(T).expect("event");
-        if e.unlinked {
-            ended[e.user_ptr as usize] += 1;
-            ok += usize::from(e.status.is_ok());
-        }
-    }
-    srv.kill();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut failed = 0;
-    while ended.iter().sum::<u32>() < N as u32 {
-        assert!(Instant::now() < deadline, "operations still pending");
-        let e = q.recv_timeout(T).expect("every operation ends");
-        if e.unlinked {
-            ended[e.user_ptr as usize] += 1;
-            failed += usize::from(e.status.is_err());
-        }
-    }
-    assert!(ended.iter().all(|&n| n == 1), "each ends exactly once");
-    assert!(failed > 0, "the kill was mid-transfer");
-    assert!(
-        q.recv_timeout(Duration::from_millis(200)).is_none(),
-        "nothing after the final events"
+    puts_across_a_peer_kill(
+        &l,
+        srv.id(),
+        &payload,
+        1024,
+        Duration::from_secs(60),
+        || srv.kill(),
+        String::new,
     );
     // The server restarts on the same port with a new incarnation; the
     // client, never restarted, reconnects and traffic resumes.

@@ -1103,13 +1103,13 @@ impl Shared {
     }
 
     fn poll_cq_once(self: &Arc<Self>) -> usize {
-        let mut wcs = Vec::with_capacity(32);
-        let n = self.dev().poll(&mut wcs, 32).unwrap_or(0);
+        let mut wcs = [Completion::default(); 32];
+        let n = self.dev().poll(&mut wcs).unwrap_or(0);
         if n == 0 {
             return 0;
         }
-        for wc in wcs {
-            self.completion(wc);
+        for wc in &wcs[..n] {
+            self.completion(*wc);
         }
         self.reap(false);
         n
@@ -1214,13 +1214,47 @@ impl Shared {
         self.close(c, Error::Network(format!("protocol error: {why}")));
     }
 
+    /// The operation `cookie` names, if `fits` accepts it; otherwise a
+    /// protocol error (the connection closes) and `None`. `rsrvd`: the
+    /// message gives back a reserved credit (PUT_ACK, PUT_NAK, GET_DONE).
+    fn take_waiting(
+        self: &Arc<Self>,
+        c: &Arc<Conn>,
+        cookie: u64,
+        rsrvd: bool,
+        what: &str,
+        fits: fn(&Waiting) -> bool,
+    ) -> Option<Waiting> {
+        let w = {
+            let mut st = lock(&c.st);
+            if rsrvd {
+                st.reserved += 1;
+            }
+            st.waiting.remove(&cookie)
+        };
+        match w {
+            Some(w) if fits(&w) => Some(w),
+            Some(other) => {
+                other.fail(&Error::Network(format!("unexpected {what}")));
+                self.protocol_error(c, format!("{what} for another kind of operation"));
+                None
+            }
+            None => {
+                self.protocol_error(c, format!("{what} with unknown cookie"));
+                None
+            }
+        }
+    }
+
+    /// One received message, read in place from its receive buffer. The
+    /// buffer is reposted as soon as what we need of it is taken: at once
+    /// after decoding, or for IMMEDIATE after its payload went straight
+    /// into the matched MD (copied only when a lazy portal defers it);
+    /// credits are given back only after the repost.
     fn handle_rx(self: &Arc<Self>, c: &Arc<Conn>, idx: u32, len: usize) {
         let off = idx as usize * MSG_SIZE;
-        let raw = c.rx.buf[off..off + len.min(MSG_SIZE)].to_vec();
-        if !self.repost(c, idx) {
-            return;
-        }
-        let (msg, prange) = match Msg::decode(&raw) {
+        let buf = &c.rx.buf[off..off + len.min(MSG_SIZE)];
+        let (msg, prange) = match Msg::decode(buf) {
             Ok(m) => m,
             Err(e) => return self.protocol_error(c, e.to_string()),
         };
@@ -1246,21 +1280,27 @@ impl Shared {
             self.check_sends(c);
         }
         let Some(ni) = self.ni().cloned() else { return };
-        match msg.body {
-            Body::Noop => {}
-            Body::Immediate { hdr } => {
-                let payload = &raw[prange];
-                if payload.len() < hdr.payload_length as usize {
-                    return self.protocol_error(c, "IMMEDIATE shorter than its header".into());
+        if let Body::Immediate { hdr } = &msg.body {
+            let Some(payload) = buf[prange].get(..hdr.payload_length as usize) else {
+                return self.protocol_error(c, "IMMEDIATE shorter than its header".into());
+            };
+            match ni.parse(hdr, c.peer) {
+                Delivery::Deferred(w) => {
+                    let (sh, conn, p) = (self.clone(), c.clone(), payload.to_vec());
+                    w.on_ready(move |d| sh.immediate_delivery(&conn, d, &p));
                 }
-                let payload = payload[..hdr.payload_length as usize].to_vec();
-                let sh = self.clone();
-                let conn = c.clone();
-                deliver(ni.parse(&hdr, c.peer), move |d| {
-                    sh.immediate_delivery(&conn, d, &payload)
-                });
+                d => self.immediate_delivery(c, d, payload),
+            }
+            if self.repost(c, idx) {
                 self.give_credit(c);
             }
+            return;
+        }
+        if !self.repost(c, idx) {
+            return;
+        }
+        match msg.body {
+            Body::Noop | Body::Immediate { .. } => {}
             Body::PutReq { hdr, cookie } => {
                 let sh = self.clone();
                 let conn = c.clone();
@@ -1273,51 +1313,44 @@ impl Shared {
                 dst_cookie,
                 rd,
             } => {
-                let w = lock(&c.st).waiting.remove(&src_cookie);
-                lock(&c.st).reserved += 1;
-                match w {
-                    Some(Waiting::PutSrc { tx, .. }) => {
-                        if rd.frags.len() > usize::from(self.cfg.max_frags) {
-                            tx.complete(Err(Error::Network("sink descriptor too large".into())));
-                            return self.protocol_error(c, "PUT_ACK with too many frags".into());
-                        }
-                        self.queue_rdma(c, tx, &rd, true, dst_cookie);
-                    }
-                    Some(other) => {
-                        other.fail(&Error::Network("unexpected PUT_ACK".into()));
-                        return self.protocol_error(c, "PUT_ACK for a non-PUT".into());
-                    }
-                    None => return self.protocol_error(c, "PUT_ACK with unknown cookie".into()),
+                let Some(Waiting::PutSrc { tx, .. }) =
+                    self.take_waiting(c, src_cookie, true, "PUT_ACK", |w| {
+                        matches!(w, Waiting::PutSrc { .. })
+                    })
+                else {
+                    return;
+                };
+                if rd.frags.len() > usize::from(self.cfg.max_frags) {
+                    tx.complete(Err(Error::Network("sink descriptor too large".into())));
+                    return self.protocol_error(c, "PUT_ACK with too many frags".into());
                 }
+                self.queue_rdma(c, tx, &rd, true, dst_cookie);
                 self.check_sends(c);
             }
             Body::PutNak { cookie, status } => {
-                let w = lock(&c.st).waiting.remove(&cookie);
-                lock(&c.st).reserved += 1;
-                match w {
-                    Some(Waiting::PutSrc { tx, .. }) => tx.complete(if status >= 0 {
-                        Ok(())
-                    } else {
-                        Err(errno_err(status, "PUT refused"))
-                    }),
-                    Some(other) => {
-                        other.fail(&Error::Network("unexpected PUT_NAK".into()));
-                        return self.protocol_error(c, "PUT_NAK for a non-PUT".into());
-                    }
-                    None => return self.protocol_error(c, "PUT_NAK with unknown cookie".into()),
-                }
+                let Some(Waiting::PutSrc { tx, .. }) =
+                    self.take_waiting(c, cookie, true, "PUT_NAK", |w| {
+                        matches!(w, Waiting::PutSrc { .. })
+                    })
+                else {
+                    return;
+                };
+                tx.complete(if status >= 0 {
+                    Ok(())
+                } else {
+                    Err(errno_err(status, "PUT refused"))
+                });
                 self.check_sends(c);
             }
             Body::PutDone { cookie, status } => {
-                let w = lock(&c.st).waiting.remove(&cookie);
-                match w {
-                    Some(Waiting::PutSink { sink, reg, .. }) => finish_sink(sink, reg, status),
-                    Some(other) => {
-                        other.fail(&Error::Network("unexpected PUT_DONE".into()));
-                        return self.protocol_error(c, "PUT_DONE for a non-PUT".into());
-                    }
-                    None => return self.protocol_error(c, "PUT_DONE with unknown cookie".into()),
-                }
+                let Some(Waiting::PutSink { sink, reg, .. }) =
+                    self.take_waiting(c, cookie, false, "PUT_DONE", |w| {
+                        matches!(w, Waiting::PutSink { .. })
+                    })
+                else {
+                    return;
+                };
+                finish_sink(sink, reg, status);
                 self.give_credit(c);
             }
             Body::GetReq { hdr, cookie, rd } => {
@@ -1332,21 +1365,17 @@ impl Shared {
                 self.give_credit(c);
             }
             Body::GetDone { cookie, status } => {
-                let w = lock(&c.st).waiting.remove(&cookie);
-                lock(&c.st).reserved += 1;
-                match w {
-                    Some(Waiting::GetSink { tx, sink, .. }) => {
-                        tx.complete(Ok(()));
-                        if let Some(b) = sink {
-                            let (s, r) = *b;
-                            finish_sink(s, r, status);
-                        }
-                    }
-                    Some(other) => {
-                        other.fail(&Error::Network("unexpected GET_DONE".into()));
-                        return self.protocol_error(c, "GET_DONE for a non-GET".into());
-                    }
-                    None => return self.protocol_error(c, "GET_DONE with unknown cookie".into()),
+                let Some(Waiting::GetSink { tx, sink, .. }) =
+                    self.take_waiting(c, cookie, true, "GET_DONE", |w| {
+                        matches!(w, Waiting::GetSink { .. })
+                    })
+                else {
+                    return;
+                };
+                tx.complete(Ok(()));
+                if let Some(b) = sink {
+                    let (s, r) = *b;
+                    finish_sink(s, r, status);
                 }
                 self.check_sends(c);
             }

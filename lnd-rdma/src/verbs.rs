@@ -46,6 +46,20 @@ fn check(rc: c_int, what: &str) -> io::Result<()> {
     }
 }
 
+/// A C string from librdmacm/libibverbs as an owned string (`None` for
+/// null).
+///
+/// # Safety
+/// `p` is null or points to a NUL-terminated string that lives for the
+/// call.
+unsafe fn owned(p: *const std::os::raw::c_char) -> Option<String> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-null and NUL-terminated by the caller's guarantee.
+    Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
 /// Wait until `fd` is readable or `timeout` passes. True when readable.
 pub(crate) fn wait_readable(fd: c_int, timeout: Duration) -> bool {
     let mut p = libc::pollfd {
@@ -234,11 +248,7 @@ impl CmEvent {
         // SAFETY: rdma_event_str returns a static string for any value.
         unsafe {
             let s = cma::rdma_event_str((*self.0).event);
-            if s.is_null() {
-                "?".into()
-            } else {
-                CStr::from_ptr(s).to_string_lossy().into_owned()
-            }
+            owned(s).unwrap_or_else(|| "?".into())
         }
     }
     pub(crate) fn status(&self) -> i32 {
@@ -599,7 +609,7 @@ pub(crate) struct SendWr<'a> {
 }
 
 /// A completion.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Completion {
     pub wr_id: u64,
     pub ok: bool,
@@ -642,9 +652,7 @@ impl Device {
         unsafe {
             let mut attr: ibv::ibv_device_attr = std::mem::zeroed();
             check(ibv::ibv_query_device(ctx, &mut attr), "ibv_query_device")?;
-            let name = CStr::from_ptr(ibv::ibv_get_device_name((*ctx).device))
-                .to_string_lossy()
-                .into_owned();
+            let name = owned(ibv::ibv_get_device_name((*ctx).device)).unwrap_or_default();
             let pd = ibv::ibv_alloc_pd(ctx);
             if pd.is_null() {
                 return Err(last_err("ibv_alloc_pd"));
@@ -700,9 +708,11 @@ impl Device {
         })
     }
 
-    /// Poll up to `out.len()` completions.
-    pub(crate) fn poll(&self, out: &mut Vec<Completion>, max: usize) -> io::Result<usize> {
-        let mut wcs = vec![ibv::ibv_wc::default(); max];
+    /// Poll up to `out.len()` (at most 32) completions into `out`; no
+    /// allocation, so the completion thread can spin on it.
+    pub(crate) fn poll(&self, out: &mut [Completion]) -> io::Result<usize> {
+        let mut wcs = [ibv::ibv_wc::default(); 32];
+        let max = out.len().min(wcs.len());
         // SAFETY: `wcs` has room for `max` entries; the CQ is live.
         let n = unsafe {
             let f = (*self.ctx).ops.poll_cq.expect("poll_cq op");
@@ -711,17 +721,17 @@ impl Device {
         if n < 0 {
             return Err(io::Error::other("ibv_poll_cq failed"));
         }
-        for wc in &wcs[..n as usize] {
+        for (wc, o) in wcs[..n as usize].iter().zip(out.iter_mut()) {
             let (ok, status) = match wc.error() {
                 None => (true, 0),
                 Some((s, _)) => (false, s),
             };
-            out.push(Completion {
+            *o = Completion {
                 wr_id: wc.wr_id(),
                 ok,
                 status,
                 len: wc.len() as u32,
-            });
+            };
         }
         Ok(n as usize)
     }
@@ -767,11 +777,7 @@ impl Device {
                     break;
                 }
                 let s = ibv::ibv_event_type_str(ev.event_type);
-                v.push(if s.is_null() {
-                    format!("event {}", ev.event_type)
-                } else {
-                    CStr::from_ptr(s).to_string_lossy().into_owned()
-                });
+                v.push(owned(s).unwrap_or_else(|| format!("event {}", ev.event_type)));
                 ibv::ibv_ack_async_event(&mut ev);
             }
         }
@@ -837,11 +843,7 @@ pub fn device_names() -> Vec<String> {
             return Vec::new();
         }
         let v = (0..n as usize)
-            .map(|i| {
-                CStr::from_ptr(ibv::ibv_get_device_name(*list.add(i)))
-                    .to_string_lossy()
-                    .into_owned()
-            })
+            .map(|i| owned(ibv::ibv_get_device_name(*list.add(i))).unwrap_or_default())
             .collect();
         ibv::ibv_free_device_list(list);
         v

@@ -141,6 +141,15 @@ fn spawn_tool(
         })
 }
 
+/// The median of `v` (0 when empty).
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Single-thread `memcpy` bandwidth of `size`-byte copies, MiB/s.
 pub fn memcpy_mib_s(size: usize, secs: f64) -> f64 {
     let src = vec![3u8; size];
@@ -184,8 +193,7 @@ pub fn tcp_pingpong_rtt_us(server: IpAddr, client: IpAddr, n: usize) -> Result<f
     }
     drop(s);
     let _ = h.join();
-    v.sort_by(f64::total_cmp);
-    Ok(v[v.len() / 2])
+    Ok(median(&mut v))
 }
 
 fn socket_bound(addr: IpAddr) -> std::io::Result<socket2::Socket> {
@@ -200,8 +208,14 @@ fn socket_bound(addr: IpAddr) -> std::io::Result<socket2::Socket> {
     Ok(s)
 }
 
-/// `iperf3` bandwidth of one stream from `client` to `server`, MiB/s.
-pub fn iperf3_mib_s(server: IpAddr, client: IpAddr, secs: u64) -> Result<f64, PeerError> {
+/// `iperf3` bandwidth of `streams` parallel streams from `client` to
+/// `server`, MiB/s.
+pub fn iperf3_mib_s(
+    server: IpAddr,
+    client: IpAddr,
+    streams: usize,
+    secs: u64,
+) -> Result<f64, PeerError> {
     let port = TcpListener::bind((server, 0))
         .and_then(|l| l.local_addr())
         .map_err(|e| PeerError::Failed(e.to_string()))?
@@ -226,6 +240,8 @@ pub fn iperf3_mib_s(server: IpAddr, client: IpAddr, secs: u64) -> Result<f64, Pe
             "-J",
             "-t",
             &secs.max(1).to_string(),
+            "-P",
+            &streams.max(1).to_string(),
         ]),
     );
     let _ = srv.kill();
@@ -251,27 +267,44 @@ pub fn iperf3_mib_s(server: IpAddr, client: IpAddr, secs: u64) -> Result<f64, Pe
 /// `ucx_perftest ucp_am_lat` over `UCX_TLS=posix` (plus `self`), one-way
 /// latency as it reports it (average), µs.
 pub fn ucx_posix_lat_us(iters: u64) -> Result<f64, PeerError> {
+    ucx_perftest_lat_us(
+        "ucp_am_lat",
+        &[],
+        &[("UCX_TLS", "posix,self,tcp"), ("UCX_NET_DEVICES", "lo")],
+        iters,
+    )
+}
+
+/// `ucx_perftest -t test` with `args` and `env`, server and client on this
+/// host: the average latency its `Final:` line reports, µs.
+pub fn ucx_perftest_lat_us(
+    test: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    iters: u64,
+) -> Result<f64, PeerError> {
     let port = TcpListener::bind(("127.0.0.1", 0))
         .and_then(|l| l.local_addr())
         .map_err(|e| PeerError::Failed(e.to_string()))?
         .port()
         .to_string();
-    let env = [("UCX_TLS", "posix,self,tcp"), ("UCX_NET_DEVICES", "lo")];
     let mut srv = spawn_tool(
         "ucx_perftest",
         "ucx-utils",
         Command::new("ucx_perftest")
-            .args(["-t", "ucp_am_lat", "-p", &port])
-            .envs(env),
+            .args(["-t", test, "-p", &port])
+            .args(args)
+            .envs(env.iter().copied()),
     )?;
     std::thread::sleep(Duration::from_millis(500));
     let out = run_tool(
         "ucx_perftest",
         "ucx-utils",
         Command::new("ucx_perftest")
-            .args(["127.0.0.1", "-t", "ucp_am_lat", "-p", &port])
+            .args(["127.0.0.1", "-t", test, "-p", &port])
             .args(["-n", &iters.to_string()])
-            .envs(env),
+            .args(args)
+            .envs(env.iter().copied()),
     );
     let _ = srv.kill();
     let _ = srv.wait();

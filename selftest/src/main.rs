@@ -373,6 +373,31 @@ struct Pair {
     _dir: Option<TempDir>,
 }
 
+/// A server child process started with `server_args` and a client node
+/// built here from `client` (`default_addr` when it names none). The
+/// client dials the port the child reports (tcp).
+fn child_pair(
+    server_args: &[String],
+    client: &NodeArgs,
+    default_addr: &str,
+    dir: Option<TempDir>,
+) -> Res<Pair> {
+    let child = ServerChild::spawn(server_args)?;
+    let mut na = client.clone();
+    if na.lnd == "tcp" {
+        na.peer_port = child.port;
+    }
+    let client = node_spec(&na, default_addr)?.build()?;
+    Ok(Pair {
+        label: (client.node.primary_nid().to_string(), child.nid.to_string()),
+        server: ProcessId::new(child.nid, lnet::LNET_PID_LUSTRE),
+        client,
+        _server: None,
+        _child: Some(child),
+        _dir: dir,
+    })
+}
+
 fn local_pair(a: &NodeArgs) -> Res<Pair> {
     match a.lnd.as_str() {
         "lo" => {
@@ -412,38 +437,25 @@ fn local_pair(a: &NodeArgs) -> Res<Pair> {
             if a.busy_poll {
                 args.push("--busy-poll".into());
             }
-            let child = ServerChild::spawn(&args)?;
             let mut na = a.clone();
             na.dir = Some(d);
-            let client = node_spec(&na, "2")?.build()?;
-            Ok(Pair {
-                label: (client.node.primary_nid().to_string(), child.nid.to_string()),
-                server: ProcessId::new(child.nid, lnet::LNET_PID_LUSTRE),
-                client,
-                _server: None,
-                _child: Some(child),
-                _dir: dir,
-            })
+            child_pair(&args, &na, "2", dir)
         }
         "tcp" => {
-            let child = ServerChild::spawn(&[
-                "--lnd".into(),
-                "tcp".into(),
-                "--addr".into(),
-                "127.0.0.2".into(),
-            ])?;
+            // The server listens on any port; the client dials that one.
             let mut na = a.clone();
-            na.peer_port = child.port;
             na.port = 0;
-            let client = node_spec(&na, "127.0.0.1")?.build()?;
-            Ok(Pair {
-                label: (client.node.primary_nid().to_string(), child.nid.to_string()),
-                server: ProcessId::new(child.nid, lnet::LNET_PID_LUSTRE),
-                client,
-                _server: None,
-                _child: Some(child),
-                _dir: None,
-            })
+            child_pair(
+                &[
+                    "--lnd".into(),
+                    "tcp".into(),
+                    "--addr".into(),
+                    "127.0.0.2".into(),
+                ],
+                &na,
+                "127.0.0.1",
+                None,
+            )
         }
         "rdma" | "o2ib" => {
             // Both ends on this host: the first two RDMA devices with an
@@ -461,26 +473,22 @@ fn local_pair(a: &NodeArgs) -> Res<Pair> {
                 .into());
             }
             let port = if a.port == 0 { 987 } else { a.port };
-            let child = ServerChild::spawn(&[
-                "--lnd".into(),
-                "rdma".into(),
-                "--addr".into(),
-                devs[1].1.to_string(),
-                "--port".into(),
-                port.to_string(),
-            ])?;
             let mut na = a.clone();
             na.port = port;
             na.addr = Some(devs[0].1.to_string());
-            let client = node_spec(&na, "")?.build()?;
-            Ok(Pair {
-                label: (client.node.primary_nid().to_string(), child.nid.to_string()),
-                server: ProcessId::new(child.nid, lnet::LNET_PID_LUSTRE),
-                client,
-                _server: None,
-                _child: Some(child),
-                _dir: None,
-            })
+            child_pair(
+                &[
+                    "--lnd".into(),
+                    "rdma".into(),
+                    "--addr".into(),
+                    devs[1].1.to_string(),
+                    "--port".into(),
+                    port.to_string(),
+                ],
+                &na,
+                "",
+                None,
+            )
         }
         other => node_spec(a, "").and_then(|_| Err(format!("no local pair for {other}").into())),
     }
@@ -617,7 +625,7 @@ fn compare_cmd(a: &CompareArgs) -> Res<()> {
                 unit: "MiB/s",
                 ours: ours_bw.mib_s(),
                 peer_name: "iperf3 -P1 (same addresses)".into(),
-                peer: compare::iperf3_mib_s(s, c, secs.ceil() as u64),
+                peer: compare::iperf3_mib_s(s, c, 1, secs.ceil() as u64),
                 higher_is_better: true,
             });
             rows.push(Row {

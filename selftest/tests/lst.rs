@@ -14,19 +14,14 @@ impl Drop for Node {
     }
 }
 
-fn serve(dir: &std::path::Path, addr: u32, console: Option<&std::path::Path>) -> Node {
+/// A `lnet-selftest serve` process with `args`, optionally holding the
+/// console; waits for its READY line, which must name `nid`.
+fn serve_node(args: &[&str], console: Option<&std::path::Path>, nid: &str) -> Node {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lnet-selftest"));
-    c.args([
-        "serve",
-        "--lnd",
-        "shm",
-        "--addr",
-        &addr.to_string(),
-        "--dir",
-    ])
-    .arg(dir)
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped());
+    c.arg("serve")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
     if let Some(p) = console {
         c.arg("--console").arg(p);
     }
@@ -35,8 +30,17 @@ fn serve(dir: &std::path::Path, addr: u32, console: Option<&std::path::Path>) ->
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut l)
         .unwrap();
-    assert!(l.starts_with(&format!("READY {addr}@shm")), "{l}");
+    assert!(l.starts_with(&format!("READY {nid}")), "{l}");
     Node(child)
+}
+
+fn serve(dir: &std::path::Path, addr: u32, console: Option<&std::path::Path>) -> Node {
+    let (a, d) = (addr.to_string(), dir.display().to_string());
+    serve_node(
+        &["--lnd", "shm", "--addr", &a, "--dir", &d],
+        console,
+        &format!("{addr}@shm"),
+    )
 }
 
 fn lst(sock: &std::path::Path, cmd: &str) -> (i32, String) {
@@ -164,26 +168,21 @@ fn an_lst_script_runs_a_brw_batch_and_reports() {
 /// A `serve` node on tcp at `addr`, listening on `port` and dialling peers
 /// there too (NIDs carry no port).
 fn serve_tcp(addr: &str, port: u16, console: Option<&std::path::Path>) -> Node {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lnet-selftest"));
-    c.args(["serve", "--lnd", "tcp", "--addr", addr])
-        .args([
+    let p = port.to_string();
+    serve_node(
+        &[
+            "--lnd",
+            "tcp",
+            "--addr",
+            addr,
             "--port",
-            &port.to_string(),
+            &p,
             "--peer-port",
-            &port.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    if let Some(p) = console {
-        c.arg("--console").arg(p);
-    }
-    let mut child = c.spawn().unwrap();
-    let mut l = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut l)
-        .unwrap();
-    assert!(l.starts_with(&format!("READY {addr}@tcp")), "{l}");
-    Node(child)
+            &p,
+        ],
+        console,
+        &format!("{addr}@tcp"),
+    )
 }
 
 #[test]
