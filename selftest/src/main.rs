@@ -61,6 +61,10 @@ struct CompareArgs {
     /// Concurrency for bandwidth.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Bandwidth rounds, ours and the peer's interleaved; each figure is
+    /// the median.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(Args, Clone)]
@@ -581,18 +585,62 @@ fn run_cmd(a: RunArgs) -> Res<()> {
 }
 
 fn compare_cmd(a: &CompareArgs) -> Res<()> {
-    use lnet_selftest::compare::{self, Row};
+    use lnet_selftest::compare::{self, PeerError, Row};
+    type Peer = Box<dyn Fn() -> Result<f64, PeerError>>;
     let mut a = a.clone();
     if let Some(t) = a.transport.take() {
         a.lnd = t;
     }
     let size = run::parse_size(&a.size).ok_or("bad --size")?;
-    if !matches!(a.lnd.as_str(), "tcp" | "shm" | "rdma" | "o2ib") {
-        return Err(format!("compare covers tcp, shm and rdma, not {}", a.lnd).into());
-    }
-    let na = NodeArgs::local(&a.lnd);
-    let pair = local_pair(&na)?;
     let secs = a.duration.max(0.5);
+    let whole = secs.ceil() as u64;
+    let sz = run::size_name(size);
+    // Per transport: the peer's bandwidth and latency measurements, and
+    // whether its latency is one-way (compared with half our round trip).
+    let (bw_name, peer_bw, lat_name, peer_lat, one_way): (String, Peer, &str, Peer, bool) = match a
+        .lnd
+        .as_str()
+    {
+        "tcp" => {
+            let (s, c) = ("127.0.0.2".parse()?, "127.0.0.1".parse()?);
+            (
+                "iperf3 -P1 (same addresses)".into(),
+                Box::new(move || compare::iperf3_mib_s(s, c, 1, whole)),
+                "TCP ping-pong 8 B (p50)",
+                Box::new(move || compare::tcp_pingpong_rtt_us(s, c, 20_000)),
+                false,
+            )
+        }
+        "shm" => {
+            let n = size.max(1) as usize;
+            (
+                format!("memcpy {sz}, one thread"),
+                Box::new(move || Ok(compare::memcpy_mib_s(n, secs))),
+                "ucx_perftest ucp_am_lat posix (avg)",
+                Box::new(|| compare::ucx_posix_lat_us(100_000)),
+                true,
+            )
+        }
+        "rdma" | "o2ib" => {
+            let devs = lnd_rdma_addrs();
+            if devs.len() < 2 {
+                return Err(format!("compare rdma needs two RDMA devices; found {devs:?}").into());
+            }
+            let (cd, sd) = (devs[0].clone(), devs[1].clone());
+            let name = format!("ib_write_bw {sz} {} -> {}", cd.0, sd.0);
+            let (cd2, sd2) = (cd.clone(), sd.clone());
+            let bytes = u64::from(size.max(1));
+            (
+                name,
+                Box::new(move || compare::ib_write_bw_mib_s(&sd.0, &cd.0, sd.1, bytes, whole)),
+                "ib_write_lat 8 B (typical)",
+                Box::new(move || compare::ib_write_lat_us(&sd2.0, &cd2.0, sd2.1, 8, 2000)),
+                true,
+            )
+        }
+        o => return Err(format!("compare covers tcp, shm and rdma, not {o}").into()),
+    };
+    let pair = local_pair(&NodeArgs::local(&a.lnd))?;
     let bw = Params {
         mode: Mode::Write,
         size,
@@ -602,7 +650,19 @@ fn compare_cmd(a: &CompareArgs) -> Res<()> {
         warmup: Duration::from_secs_f64((secs / 5.0).min(0.5)),
         check: Check::None,
     };
-    let ours_bw = measure_with_bar(&pair, &bw, false)?;
+    // Bandwidth in interleaved rounds, each side's figure the median: a
+    // shared or emulated link drifts between two back-to-back runs.
+    let rounds = a.rounds.max(1);
+    let (mut ours_v, mut peer_v, mut peer_err, mut errors) = (vec![], vec![], None, 0);
+    for _ in 0..rounds {
+        let m = measure_with_bar(&pair, &bw, false)?;
+        errors += m.errors();
+        ours_v.push(m.mib_s());
+        match peer_bw() {
+            Ok(v) => peer_v.push(v),
+            Err(e) => peer_err = Some(e),
+        }
+    }
     let lat = Params {
         mode: Mode::Ping,
         concurrency: 1,
@@ -610,84 +670,43 @@ fn compare_cmd(a: &CompareArgs) -> Res<()> {
         ..bw
     };
     let ours_lat = measure_with_bar(&pair, &lat, false)?;
+    errors += ours_lat.errors();
     let rtt = ours_lat.lat_us[0];
     let label = format!("{} -> {}", pair.label.0, pair.label.1);
     pair.client.node.shutdown();
     drop(pair);
-    let sz = run::size_name(size);
-    let bw_metric = format!("{sz} write bandwidth");
-    let mut rows = Vec::new();
-    match a.lnd.as_str() {
-        "tcp" => {
-            let (s, c) = ("127.0.0.2".parse()?, "127.0.0.1".parse()?);
-            rows.push(Row {
-                metric: bw_metric,
-                unit: "MiB/s",
-                ours: ours_bw.mib_s(),
-                peer_name: "iperf3 -P1 (same addresses)".into(),
-                peer: compare::iperf3_mib_s(s, c, 1, secs.ceil() as u64),
-                higher_is_better: true,
-            });
-            rows.push(Row {
-                metric: "round trip (ping RPC p50)".into(),
-                unit: "us",
-                ours: rtt,
-                peer_name: "TCP ping-pong 8 B (p50)".into(),
-                peer: compare::tcp_pingpong_rtt_us(s, c, 20_000),
-                higher_is_better: false,
-            });
-        }
-        "shm" => {
-            rows.push(Row {
-                metric: bw_metric,
-                unit: "MiB/s",
-                ours: ours_bw.mib_s(),
-                peer_name: format!("memcpy {sz}, one thread"),
-                peer: Ok(compare::memcpy_mib_s(size.max(1) as usize, secs)),
-                higher_is_better: true,
-            });
-            rows.push(Row {
-                metric: "one-way (ping RPC p50 / 2)".into(),
-                unit: "us",
-                ours: rtt / 2.0,
-                peer_name: "ucx_perftest ucp_am_lat posix (avg)".into(),
-                peer: compare::ucx_posix_lat_us(100_000),
-                higher_is_better: false,
-            });
-        }
-        "rdma" | "o2ib" => {
-            let devs = lnd_rdma_addrs();
-            let (cd, sd) = (&devs[0], &devs[1]);
-            rows.push(Row {
-                metric: bw_metric,
-                unit: "MiB/s",
-                ours: ours_bw.mib_s(),
-                peer_name: format!("ib_write_bw {sz} {} -> {}", cd.0, sd.0),
-                peer: compare::ib_write_bw_mib_s(
-                    &sd.0,
-                    &cd.0,
-                    sd.1,
-                    u64::from(size.max(1)),
-                    secs.ceil() as u64,
-                ),
-                higher_is_better: true,
-            });
-            rows.push(Row {
-                metric: "one-way (ping RPC p50 / 2)".into(),
-                unit: "us",
-                ours: rtt / 2.0,
-                peer_name: "ib_write_lat 8 B (typical)".into(),
-                peer: compare::ib_write_lat_us(&sd.0, &cd.0, sd.1, 8, 2000),
-                higher_is_better: false,
-            });
-        }
-        o => return Err(format!("compare covers tcp, shm and rdma, not {o}").into()),
-    }
-    println!("lnet-selftest compare: {} ({label}), same run", a.lnd);
+    let rows = [
+        Row {
+            metric: format!("{sz} write bandwidth"),
+            unit: "MiB/s",
+            ours: compare::median(&mut ours_v),
+            peer_name: bw_name,
+            peer: match peer_err {
+                Some(e) if peer_v.is_empty() => Err(e),
+                _ => Ok(compare::median(&mut peer_v)),
+            },
+            higher_is_better: true,
+        },
+        Row {
+            metric: if one_way {
+                "one-way (ping RPC p50 / 2)".into()
+            } else {
+                "round trip (ping RPC p50)".into()
+            },
+            unit: "us",
+            ours: if one_way { rtt / 2.0 } else { rtt },
+            peer_name: lat_name.into(),
+            peer: peer_lat(),
+            higher_is_better: false,
+        },
+    ];
+    println!(
+        "lnet-selftest compare: {} ({label}), same run; bandwidth: median of {rounds} interleaved rounds",
+        a.lnd
+    );
     for r in &rows {
         println!("{}", compare::ratio_line(r));
     }
-    let errors = ours_bw.errors() + ours_lat.errors();
     if errors > 0 {
         return Err(format!("{errors} selftest errors").into());
     }
