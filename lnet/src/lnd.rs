@@ -258,7 +258,14 @@ impl MemKey {
 }
 
 /// A message to send. Complete it exactly once.
-pub struct TxMsg {
+///
+/// Boxed: it travels by value through the core, the LND and back, and a
+/// pointer is cheaper to move than the state.
+pub struct TxMsg(Box<TxState>);
+
+/// The state behind a [`TxMsg`] (opaque outside the core).
+#[doc(hidden)]
+pub struct TxState {
     pub(crate) inner: Arc<Inner>,
     pub(crate) hdr: Header,
     pub(crate) peer: Nid,
@@ -280,7 +287,33 @@ impl std::fmt::Debug for TxMsg {
     }
 }
 
+impl std::ops::Deref for TxMsg {
+    type Target = TxState;
+    fn deref(&self) -> &TxState {
+        &self.0
+    }
+}
+impl std::ops::DerefMut for TxMsg {
+    fn deref_mut(&mut self) -> &mut TxState {
+        &mut self.0
+    }
+}
+impl std::ops::Deref for Sink {
+    type Target = SinkState;
+    fn deref(&self) -> &SinkState {
+        &self.0
+    }
+}
+impl std::ops::DerefMut for Sink {
+    fn deref_mut(&mut self) -> &mut SinkState {
+        &mut self.0
+    }
+}
+
 impl TxMsg {
+    pub(crate) fn new(s: TxState) -> Self {
+        TxMsg(Box::new(s))
+    }
     /// The LNet header.
     pub fn header(&self) -> &Header {
         &self.hdr
@@ -356,13 +389,21 @@ impl TxMsg {
 
 impl Drop for TxMsg {
     fn drop(&mut self) {
-        self.finish(Err(Error::Network("message dropped by the LND".into())));
+        if self.token.is_some() {
+            self.finish(Err(Error::Network("message dropped by the LND".into())));
+        }
     }
 }
 
 /// Where an arriving payload goes: a range of the matched MD. Complete it
 /// exactly once.
-pub struct Sink {
+///
+/// Boxed, like [`TxMsg`].
+pub struct Sink(Box<SinkState>);
+
+/// The state behind a [`Sink`] (opaque outside the core).
+#[doc(hidden)]
+pub struct SinkState {
     pub(crate) inner: Arc<Inner>,
     pub(crate) mem: Option<SharedMem>,
     pub(crate) offset: usize,
@@ -384,6 +425,9 @@ impl std::fmt::Debug for Sink {
 }
 
 impl Sink {
+    pub(crate) fn new(s: SinkState) -> Self {
+        Sink(Box::new(s))
+    }
     /// Bytes that go into the MD.
     pub fn mlength(&self) -> usize {
         self.mlength
@@ -416,9 +460,8 @@ impl Sink {
                 f(&mut v)
             }
             None => {
-                let a = self
-                    .alloc
-                    .get_or_insert_with(|| BytesMut::zeroed(self.mlength));
+                let st = &mut *self.0;
+                let a = st.alloc.get_or_insert_with(|| BytesMut::zeroed(st.mlength));
                 let mut v = [IoSliceMut::new(&mut a[..])];
                 f(&mut v)
             }
@@ -433,9 +476,8 @@ impl Sink {
         match &self.mem {
             Some(m) => lock_mem(m).copy_in(self.offset + off, &src[..n]),
             None => {
-                let a = self
-                    .alloc
-                    .get_or_insert_with(|| BytesMut::zeroed(self.mlength));
+                let st = &mut *self.0;
+                let a = st.alloc.get_or_insert_with(|| BytesMut::zeroed(st.mlength));
                 a[off..off + n].copy_from_slice(&src[..n]);
                 n
             }
@@ -488,7 +530,9 @@ impl Sink {
 
 impl Drop for Sink {
     fn drop(&mut self) {
-        self.finish(Err(Error::Network("receive dropped by the LND".into())));
+        if self.token.is_some() {
+            self.finish(Err(Error::Network("receive dropped by the LND".into())));
+        }
     }
 }
 

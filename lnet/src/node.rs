@@ -26,7 +26,8 @@ use crate::counters::{
 use crate::credits::{CreditSnapshot, Credits};
 use crate::error::{Error, Result};
 use crate::lnd::{
-    Deferred, DeferredSender, Delivery, Lnd, LndInfo, NiContext, PeerEvent, SharedMem, Sink, TxMsg,
+    Deferred, DeferredSender, Delivery, Lnd, LndInfo, NiContext, PeerEvent, SharedMem, Sink,
+    SinkState, TxMsg, TxState,
 };
 use crate::nid::{LNET_PID_LUSTRE, Nid, Pid, ProcessId};
 use crate::portals::event::{Event, EventHandler, EventKind};
@@ -310,30 +311,56 @@ struct Awaiting {
 /// thread at a time, outside every core lock.
 struct EventPipe {
     handler: EventHandler,
-    q: Mutex<(VecDeque<Event>, bool)>,
+    q: Mutex<PipeQ>,
+}
+
+/// Events waiting for delivery. Most MDs see one event at a time, so the
+/// first waits inline and only a backlog allocates.
+#[derive(Default)]
+struct PipeQ {
+    first: Option<Event>,
+    rest: VecDeque<Event>,
+    busy: bool,
+}
+
+impl PipeQ {
+    fn push(&mut self, e: Event) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(e);
+        } else {
+            self.rest.push_back(e);
+        }
+    }
+    fn pop(&mut self) -> Option<Event> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
 }
 
 impl EventPipe {
     fn drain(&self) {
-        {
+        let mut next = {
             let mut g = lock(&self.q);
-            if g.1 {
+            if g.busy {
                 return;
             }
-            g.1 = true;
-        }
-        loop {
-            let ev = {
-                let mut g = lock(&self.q);
-                match g.0.pop_front() {
-                    Some(e) => e,
-                    None => {
-                        g.1 = false;
-                        return;
-                    }
+            match g.pop() {
+                Some(e) => {
+                    g.busy = true;
+                    e
                 }
-            };
-            self.handler.deliver(ev);
+                None => return,
+            }
+        };
+        loop {
+            self.handler.deliver(next);
+            let mut g = lock(&self.q);
+            match g.pop() {
+                Some(e) => next = e,
+                None => {
+                    g.busy = false;
+                    return;
+                }
+            }
         }
     }
 }
@@ -342,7 +369,8 @@ struct MdState {
     view: MdView,
     mem: Option<SharedMem>,
     loan_only: bool,
-    pipe: Arc<EventPipe>,
+    /// None when the MD has no handler: its events go nowhere.
+    pipe: Option<Arc<EventPipe>>,
     user_ptr: u64,
     me: Option<u64>,
     pending: u32,
@@ -361,7 +389,7 @@ impl MdState {
         rlength: u32,
         tok: RxToken,
     ) -> Sink {
-        Sink {
+        Sink::new(SinkState {
             inner: inner.clone(),
             mem: if self.loan_only {
                 None
@@ -375,7 +403,7 @@ impl MdState {
             loan: None,
             alloc: None,
             token: Some(tok),
-        }
+        })
     }
 }
 
@@ -403,21 +431,40 @@ struct Container {
 /// Things to do once the container lock is released.
 #[derive(Default)]
 struct After {
+    /// The usual single pipe to drain, without allocating.
+    pipe: Option<Arc<EventPipe>>,
     pipes: Vec<Arc<EventPipe>>,
     sends: Vec<TxMsg>,
     fires: Vec<(DeferredSender, Delivery)>,
 }
 
 impl After {
+    fn push_pipe(&mut self, p: Arc<EventPipe>) {
+        match &self.pipe {
+            None => self.pipe = Some(p),
+            Some(q) if Arc::ptr_eq(q, &p) => {}
+            Some(_) => self.pipes.push(p),
+        }
+    }
+
     fn run(self, inner: &Arc<Inner>) {
-        for p in self.pipes {
+        if let Some(p) = self.pipe {
             p.drain();
         }
-        for (tx, d) in self.fires {
-            tx.fire(d);
+        if !self.pipes.is_empty() {
+            for p in self.pipes {
+                p.drain();
+            }
         }
-        for t in self.sends {
-            inner.send(t);
+        if !self.fires.is_empty() {
+            for (tx, d) in self.fires {
+                tx.fire(d);
+            }
+        }
+        if !self.sends.is_empty() {
+            for t in self.sends {
+                inner.send(t);
+            }
         }
     }
 }
@@ -890,7 +937,7 @@ impl Inner {
         ev.offset = offset;
         let mem = c.mds[&md].mem.clone();
         drop(c);
-        let reply = TxMsg {
+        let reply = TxMsg::new(TxState {
             inner: self.clone(),
             hdr: Header {
                 dest_nid: hdr.src_nid,
@@ -909,7 +956,7 @@ impl Inner {
             len: mlength as usize,
             credits_held: false,
             token: Some(TxToken::Reply { md, ev }),
-        };
+        });
         if inline {
             Delivery::Reply(reply)
         } else {
@@ -1035,7 +1082,7 @@ impl Inner {
                 emit(&mut c, md, EventKind::Put, &ev, status, loan, &mut after);
                 drop(c);
                 if let (true, Some((wmd, ni, peer))) = (ok, ack) {
-                    after.sends.push(TxMsg {
+                    after.sends.push(TxMsg::new(TxState {
                         inner: self.clone(),
                         hdr: Header {
                             dest_nid: ev.initiator.nid,
@@ -1056,7 +1103,7 @@ impl Inner {
                         len: 0,
                         credits_held: false,
                         token: Some(TxToken::Ack),
-                    });
+                    }));
                 }
             }
             RxToken::Reply { md, ev } => {
@@ -1204,6 +1251,10 @@ fn emit(
     after: &mut After,
 ) {
     let Some(m) = c.mds.get(&md) else { return };
+    if m.pipe.is_none() {
+        finish_if_done(c, md, None, after);
+        return;
+    }
     let event = Event {
         kind,
         target: ev.target,
@@ -1229,11 +1280,22 @@ fn emit(
 fn finish_if_done(c: &mut Container, md: u64, event: Option<Event>, after: &mut After) {
     let Some(m) = c.mds.get(&md) else { return };
     let done = (m.unlinking || m.view.exhausted()) && m.pending == 0 && m.awaiting.is_none();
-    let pipe = m.pipe.clone();
+    let Some(pipe) = m.pipe.clone() else {
+        // No handler: no events; the buffer is simply released when done.
+        if done {
+            detach(c, md);
+            if let Some(m) = c.mds.remove(&md) {
+                if m.mem.is_some_and(|a| Arc::strong_count(&a) > 1) {
+                    warn!(target: "neterror", md, "MD memory still referenced at unlink");
+                }
+            }
+        }
+        return;
+    };
     if !done {
         if let Some(e) = event {
-            lock(&pipe.q).0.push_back(e);
-            after.pipes.push(pipe);
+            lock(&pipe.q).push(e);
+            after.push_pipe(pipe);
         }
         return;
     }
@@ -1255,7 +1317,7 @@ fn finish_if_done(c: &mut Container, md: u64, event: Option<Event>, after: &mut 
         }
         (e, abort) => {
             if let Some(e) = e {
-                q.0.push_back(e);
+                q.push(e);
             }
             Event {
                 kind: EventKind::Unlink,
@@ -1278,9 +1340,9 @@ fn finish_if_done(c: &mut Container, md: u64, event: Option<Event>, after: &mut 
             }
         }
     };
-    q.0.push_back(last);
+    q.push(last);
     drop(q);
-    after.pipes.push(pipe);
+    after.push_pipe(pipe);
 }
 
 // ------------------------------------------------------------- public API
@@ -1340,9 +1402,11 @@ impl Lnet {
             },
             mem: Some(Arc::new(Mutex::new(md.buffer))),
             loan_only,
-            pipe: Arc::new(EventPipe {
-                handler: md.handler,
-                q: Mutex::new((VecDeque::new(), false)),
+            pipe: (!matches!(md.handler, EventHandler::None)).then(|| {
+                Arc::new(EventPipe {
+                    handler: md.handler,
+                    q: Mutex::new(PipeQ::default()),
+                })
             }),
             user_ptr: md.user_ptr,
             me,
@@ -1672,7 +1736,7 @@ impl Lnet {
                 MsgType::Get
             },
         };
-        let tx = TxMsg {
+        let tx = TxMsg::new(TxState {
             inner: inner.clone(),
             hdr: Header {
                 dest_nid: target.nid,
@@ -1689,7 +1753,7 @@ impl Lnet {
             len: plen as usize,
             credits_held: false,
             token: Some(TxToken::Initiator { md: mdh.0, ev }),
-        };
+        });
         drop(c);
         match route {
             Some(_) => inner.send(tx),

@@ -130,10 +130,51 @@ impl Segment {
 /// ```
 #[derive(Debug, Default)]
 pub struct MdBuffer {
-    segs: Vec<Segment>,
+    segs: Segs,
     len: usize,
     /// For loan-only MDs: how much they accept (they own no memory).
     loan_capacity: usize,
+}
+
+/// The segments of an MD: most MDs have one, kept inline (no allocation
+/// beyond the memory itself).
+#[derive(Debug, Default)]
+enum Segs {
+    #[default]
+    None,
+    One(Segment),
+    Many(Vec<Segment>),
+}
+
+impl std::ops::Deref for Segs {
+    type Target = [Segment];
+    fn deref(&self) -> &[Segment] {
+        match self {
+            Segs::None => &[],
+            Segs::One(s) => std::slice::from_ref(s),
+            Segs::Many(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Segs {
+    fn deref_mut(&mut self) -> &mut [Segment] {
+        match self {
+            Segs::None => &mut [],
+            Segs::One(s) => std::slice::from_mut(s),
+            Segs::Many(v) => v,
+        }
+    }
+}
+
+impl Segs {
+    fn into_vec(self) -> Vec<Segment> {
+        match self {
+            Segs::None => Vec::new(),
+            Segs::One(s) => vec![s],
+            Segs::Many(v) => v,
+        }
+    }
 }
 
 impl From<Vec<u8>> for Segment {
@@ -181,7 +222,7 @@ impl MdBuffer {
     fn single(s: Segment) -> Self {
         let len = s.len();
         MdBuffer {
-            segs: vec![s],
+            segs: Segs::One(s),
             len,
             loan_capacity: 0,
         }
@@ -194,7 +235,7 @@ impl MdBuffer {
         }
         let len = frags.iter().map(Segment::len).sum();
         Ok(MdBuffer {
-            segs: frags,
+            segs: Segs::Many(frags),
             len,
             loan_capacity: 0,
         })
@@ -205,7 +246,7 @@ impl MdBuffer {
     /// allocates the buffer it receives into and hands that over instead.
     pub fn loan_only(capacity: usize) -> Self {
         MdBuffer {
-            segs: Vec::new(),
+            segs: Segs::None,
             len: 0,
             loan_capacity: capacity.min(LNET_MTU as usize),
         }
@@ -233,18 +274,15 @@ impl MdBuffer {
     }
     /// Take the segments back.
     pub fn into_segments(self) -> Vec<Segment> {
-        self.segs
+        self.segs.into_vec()
     }
     /// The memory as one `Vec` (copies when it is not a single `Vec`).
     pub fn into_vec(self) -> Vec<u8> {
-        if self.segs.len() == 1 && matches!(self.segs[0], Segment::Vec(_)) {
-            if let Some(Segment::Vec(v)) = self.segs.into_iter().next() {
-                return v;
-            }
-            unreachable!()
+        if let Segs::One(Segment::Vec(v)) = self.segs {
+            return v;
         }
         let mut out = Vec::with_capacity(self.len);
-        for s in &self.segs {
+        for s in self.segs.iter() {
             out.extend_from_slice(s.as_slice());
         }
         out
@@ -254,7 +292,7 @@ impl MdBuffer {
     /// zero-copy view of it.
     pub fn bytes_view(&self, off: usize, len: usize) -> Option<Bytes> {
         let mut base = 0;
-        for s in &self.segs {
+        for s in self.segs.iter() {
             let l = s.len();
             if off >= base && off + len <= base + l {
                 return match s {
@@ -274,7 +312,7 @@ impl MdBuffer {
     pub fn slices(&self, off: usize, len: usize) -> Vec<IoSlice<'_>> {
         let mut out = Vec::new();
         let (mut off, mut left) = (off, len);
-        for s in &self.segs {
+        for s in self.segs.iter() {
             if left == 0 {
                 break;
             }
@@ -297,7 +335,7 @@ impl MdBuffer {
     pub fn slices_mut(&mut self, off: usize, len: usize) -> Vec<IoSliceMut<'_>> {
         let mut out = Vec::new();
         let (mut off, mut left) = (off, len);
-        for s in &mut self.segs {
+        for s in self.segs.iter_mut() {
             if left == 0 {
                 break;
             }
