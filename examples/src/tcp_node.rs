@@ -46,6 +46,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(z) = opt("--zerocopy") {
         cfg.zerocopy_min = Some(z.parse()?);
     }
+    if let Some(t) = opt("--threads") {
+        cfg.threads = t.parse()?;
+    }
     if let Some(p) = opt("--peer-port") {
         cfg.peer_port = p.parse()?;
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use lnet::wire::{ByteOrder, Header, MsgBody};
 use lnet::{Delivery, Error, Sink, TxMsg};
-use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -564,22 +564,36 @@ impl Reader<'_> {
 
     /// Refill the (empty) read-ahead buffer with what the socket has, at
     /// least one byte. `idle`: waiting forever for it is allowed.
+    ///
+    /// Through tokio's `AsyncRead`: a short read tells it the socket is
+    /// drained, so the next refill waits for readiness at once instead of
+    /// trying a read that would only say `EAGAIN` (one syscall less per
+    /// message on a ping-pong).
     async fn refill(&mut self, idle: bool) -> Result<(), Reject> {
         self.rpos = 0;
         self.rlen = 0;
         let t = self.sh.cfg.sock_timeout;
-        loop {
-            match self.half.io.try_read(&mut self.rbuf[..]) {
-                Ok(0) => return Err(if idle { Reject::Eof } else { Reject::Truncated }),
-                Ok(n) => {
-                    self.rlen = n;
-                    return Ok(());
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.into()),
+        let Half { io, stop, close } = &mut self.half;
+        let read = io.read(&mut self.rbuf[..]);
+        let n = if idle {
+            tokio::select! {
+                biased;
+                r = read => r?,
+                _ = stopped(stop, close) => return Err(Reject::Shutdown),
             }
-            self.wait_readable(idle, t).await?;
+        } else {
+            tokio::select! {
+                biased;
+                r = read => r?,
+                _ = tokio::time::sleep(t) => return Err(Reject::Timeout),
+                _ = stopped(stop, close) => return Err(Reject::Shutdown),
+            }
+        };
+        if n == 0 {
+            return Err(if idle { Reject::Eof } else { Reject::Truncated });
         }
+        self.rlen = n;
+        Ok(())
     }
 
     /// Take up to `b.len()` buffered bytes; returns how many.

@@ -378,13 +378,14 @@ impl Shared {
         if best == Fit::No {
             return None;
         }
-        let cands: Vec<_> = st
-            .conns
-            .iter()
-            .filter(|c| !c.is_closing() && proto::fit(c.info.ctype, nob, min_bulk) == best)
-            .collect();
+        // Round-robin over the best fits, without collecting them (this
+        // runs per message).
+        let fits = |c: &&Arc<conn::Conn>| {
+            !c.is_closing() && proto::fit(c.info.ctype, nob, min_bulk) == best
+        };
+        let n = st.conns.iter().filter(fits).count();
         st.rr = st.rr.wrapping_add(1);
-        Some(cands[st.rr % cands.len()].clone())
+        st.conns.iter().filter(fits).nth(st.rr % n).cloned()
     }
 
     /// Assign every held message to a connection (sent by the caller once
