@@ -153,28 +153,77 @@ pub fn conns_for_speed(speed_mbps: Option<u64>) -> u16 {
     ((s / 1000).ilog2() / 2 + 1) as u16
 }
 
-/// The speed of the interface carrying `addr`, from sysfs (None for
-/// loopback or when unknown).
+/// The speed of the interface carrying `addr`, in Mb/s, from sysfs (None
+/// for loopback, or when the interface or its speed is unknown), as
+/// socklnd asks the NI's device.
 pub fn link_speed(addr: IpAddr) -> Option<u64> {
     if addr.is_loopback() {
         return None;
     }
-    // Find the interface with this address through /proc/net tables is
-    // brittle; sysfs lists interfaces and their speed, and a host's data
-    // interfaces usually share one speed: take the fastest known one.
-    let dir = std::fs::read_dir("/sys/class/net").ok()?;
-    dir.filter_map(|e| e.ok())
-        .filter(|e| e.file_name() != "lo")
-        .filter_map(|e| std::fs::read_to_string(e.path().join("speed")).ok())
-        .filter_map(|s| s.trim().parse::<i64>().ok())
-        .filter(|&s| s > 0)
-        .map(|s| s as u64)
-        .max()
+    speed_of(std::path::Path::new("/sys/class/net"), &interface_of(addr)?)
+}
+
+/// The name of the interface that has `addr`.
+pub fn interface_of(addr: IpAddr) -> Option<String> {
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .find(|ifa| {
+            ifa.address.as_ref().and_then(|a| {
+                a.as_sockaddr_in()
+                    .map(|s| IpAddr::V4(s.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+            }) == Some(addr)
+        })
+        .map(|ifa| ifa.interface_name)
+}
+
+/// `<sys_net>/<ifname>/speed` in Mb/s; None when absent or unknown (-1).
+fn speed_of(sys_net: &std::path::Path, ifname: &str) -> Option<u64> {
+    if ifname.is_empty() || ifname.contains('/') || ifname.starts_with('.') {
+        return None;
+    }
+    let s = std::fs::read_to_string(sys_net.join(ifname).join("speed")).ok()?;
+    s.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|&v| v > 0)
+        .map(|v| v as u64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_speed_reads_the_interface_of_the_address() {
+        // Loopback has no speed: auto gives socklnd's 1 connection.
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(interface_of(lo).as_deref(), Some("lo"));
+        assert_eq!(link_speed(lo), None);
+        assert_eq!(conns_for_speed(link_speed(lo)), 1);
+        // An address no interface has.
+        assert_eq!(interface_of("127.255.255.254".parse().unwrap()), None);
+        // sysfs as a fake tree: a 25 Gb/s port, one with the speed
+        // unknown (-1, as a down link reports), one without the file.
+        let d = std::env::temp_dir().join(format!("lnd-tcp-sysnet-{}", std::process::id()));
+        for (name, speed) in [
+            ("eth25", Some("25000\n")),
+            ("down0", Some("-1\n")),
+            ("nofile", None),
+        ] {
+            std::fs::create_dir_all(d.join(name)).unwrap();
+            if let Some(s) = speed {
+                std::fs::write(d.join(name).join("speed"), s).unwrap();
+            }
+        }
+        assert_eq!(speed_of(&d, "eth25"), Some(25_000));
+        assert_eq!(conns_for_speed(speed_of(&d, "eth25")), 3);
+        assert_eq!(speed_of(&d, "down0"), None);
+        assert_eq!(speed_of(&d, "nofile"), None);
+        assert_eq!(speed_of(&d, "missing"), None);
+        assert_eq!(speed_of(&d, "../eth25"), None);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn auto_conns_follow_socklnd() {
