@@ -72,6 +72,10 @@ pub(crate) struct Conn {
     cma: AtomicBool,
     prod: Mutex<ProdState>,
     backlog_len: AtomicUsize,
+    /// The consumer's `head` after its last round: an idle poll compares
+    /// the peer's `tail` with it and skips the consumer lock. A stale value
+    /// only costs a locked round or defers the slot to the next poll.
+    rx_head: AtomicU64,
     cons: Mutex<ConsState>,
     next_cookie: AtomicU64,
     tx_pending: Mutex<HashMap<u64, TxMsg>>,
@@ -241,6 +245,7 @@ impl Conn {
             peer_bell,
             cma: AtomicBool::new(cma),
             backlog_len: AtomicUsize::new(0),
+            rx_head: AtomicU64::new(0),
             next_cookie: AtomicU64::new(1),
             tx_pending: Mutex::new(HashMap::new()),
             rx_pending: Mutex::new(HashMap::new()),
@@ -540,8 +545,11 @@ impl Conn {
             return Ok(0);
         }
         let mut n = self.flush_backlog();
-        let mut cons = lock(&self.cons);
         let ctl = self.in_ctl();
+        if ctl.tail.load(Ordering::Relaxed) == self.rx_head.load(Ordering::Relaxed) {
+            return Ok(n);
+        }
+        let mut cons = lock(&self.cons);
         let slot_size = self.in_h.slot_size as usize;
         for _ in 0..64 {
             let idx = match cons.ring.peek(ctl) {
@@ -568,6 +576,7 @@ impl Conn {
             }
             n += 1;
         }
+        self.rx_head.store(cons.ring.head, Ordering::Relaxed);
         Ok(n)
     }
 
