@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use lnd_tcp::{AcceptMode, ConnsPerPeer, TcpConfig, TcpLnd};
 use lnet::{AckReq, EventQueue, Lnet, Md, ProcessId, Threshold};
-use lnet_examples::median;
-use lnet_selftest::compare;
+use lnet_selftest::compare::{self, median};
 
 const SRV: &str = "127.0.0.21";
 const CLI: &str = "127.0.0.22";
@@ -240,14 +239,14 @@ fn main() {
     println!(
         "tcp 1 MiB PUT+ACK, 8 in flight, {conns} connections (1 bulk each way); median of {rounds} interleaved rounds of {secs} s"
     );
+    let rounds_ours = show(&ours);
+    let ours = median(&mut ours);
     println!(
-        "  lnet-rs        {:8.3} GB/s   (rounds: {})",
-        median(ours.clone()) / gb,
-        show(&ours)
+        "  lnet-rs        {:8.3} GB/s   (rounds: {rounds_ours})",
+        ours / gb
     );
-    let ours = median(ours);
     if !t1.is_empty() {
-        let t = median(t1.clone());
+        let t = median(&mut t1.clone());
         println!(
             "  iperf3 -P 1    {:8.3} GB/s   (rounds: {})   ratio {:.3} (goal >= 0.9)",
             t / gb,
@@ -256,7 +255,7 @@ fn main() {
         );
     }
     if !tn.is_empty() {
-        let t = median(tn.clone());
+        let t = median(&mut tn.clone());
         println!(
             "  iperf3 -P {conns}    {:8.3} GB/s   (rounds: {})   ratio {:.3}",
             t / gb,
@@ -269,13 +268,13 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5000);
     let _ = put_rtt(&l, srv.1, 200);
-    let queued = median(put_rtt(&l, srv.1, n));
+    let queued = median(&mut put_rtt(&l, srv.1, n));
     let plain = compare::tcp_pingpong_rtt_us(SRV.parse().unwrap(), CLI.parse().unwrap(), n)
         .expect("TCP ping-pong");
     let _ = put_rtt_cb(&l, srv.1, 200);
-    let chain = put_rtt_cb(&l, srv.1, n);
+    let mut chain = put_rtt_cb(&l, srv.1, n);
     let mean = chain.iter().sum::<f64>() / chain.len() as f64;
-    let chained = median(chain);
+    let chained = median(&mut chain);
     println!("8-byte round trip, median of {n}");
     println!(
         "  lnet-rs PUT+ACK, next from the ACK callback          {chained:8.1} us   (mean {mean:.1})"

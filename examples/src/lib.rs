@@ -49,12 +49,6 @@ pub fn finals(q: &EventQueue) -> Vec<Event> {
     final_events(q, Duration::from_secs(30)).expect("final event within 30 s")
 }
 
-/// The median of `v` (not empty).
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Portal of the example nodes' echo MD (PUTs land, GETs read back).
 pub const ECHO_PORTAL: u32 = 10;
 /// Portal of the example nodes' pattern MD (GETs only).
@@ -161,7 +155,8 @@ pub fn get_from(
 /// A node running as a child process (the example binaries): spawned
 /// with piped stdin/stdout, its first line must be `READY ...`; the
 /// remaining lines arrive on [`ChildNode::lines`]. Closing stdin asks it
-/// to stop; dropping it kills it.
+/// to stop; dropping it does that and kills it if it has not exited
+/// within 5 s.
 pub struct ChildNode {
     /// The process.
     pub child: std::process::Child,
@@ -201,6 +196,17 @@ impl ChildNode {
             lines: rx,
         }
     }
+    /// Send `cmd` as a line on its stdin and return its one-line answer
+    /// (waiting up to `timeout`).
+    pub fn ask(&mut self, cmd: &str, timeout: Duration) -> String {
+        use std::io::Write;
+        let i = self.child.stdin.as_mut().expect("stdin open");
+        writeln!(i, "{cmd}").expect("write to the node");
+        i.flush().expect("write to the node");
+        self.lines
+            .recv_timeout(timeout)
+            .unwrap_or_else(|e| panic!("no answer to {cmd}: {e}"))
+    }
     /// SIGKILL it and reap it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -222,6 +228,13 @@ impl ChildNode {
 impl Drop for ChildNode {
     fn drop(&mut self) {
         drop(self.child.stdin.take());
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.kill();
     }
 }

@@ -2,11 +2,9 @@
 //! `shm_node` processes are its peers. Each test uses its own rendezvous
 //! directory.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use lnd_loopback::LoLnd;
@@ -16,7 +14,8 @@ use lnet::{
     Threshold,
 };
 use lnet_examples::{
-    ECHO_PORTAL as ECHO, PATTERN_PORTAL as PATTERN, finals, frags, get_from, pattern, put_echo,
+    ChildNode, ECHO_PORTAL as ECHO, PATTERN_PORTAL as PATTERN, finals, frags, get_from, pattern,
+    put_echo,
 };
 const T: Duration = Duration::from_secs(30);
 const SIZES: [usize; 6] = [0, 1, 4096, 65536, 300_001, 1 << 20];
@@ -28,43 +27,23 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 struct Server {
-    p: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
+    node: ChildNode,
     nid: Nid,
 }
 
 impl Server {
     fn start(addr: u32, dir: &Path, extra: &[&str]) -> Server {
-        let mut p = Command::new(env!("CARGO_BIN_EXE_shm_node"))
-            .args(["--addr", &addr.to_string(), "--dir"])
-            .arg(dir)
-            .args(["--pool-size", &(32 << 20).to_string()])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn shm_node");
-        let out = p.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let r = BufReader::new(out);
-            for l in r.lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let line = rx.recv_timeout(T).expect("READY line");
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(f.first(), Some(&"READY"), "{line}");
+        let node = ChildNode::spawn(
+            Command::new(env!("CARGO_BIN_EXE_shm_node"))
+                .args(["--addr", &addr.to_string(), "--dir"])
+                .arg(dir)
+                .args(["--pool-size", &(32 << 20).to_string()])
+                .args(extra),
+            T,
+        );
         Server {
-            nid: f[1].parse().unwrap(),
-            stdin: p.stdin.take(),
-            lines: rx,
-            p,
+            nid: node.ready[0].parse().unwrap(),
+            node,
         }
     }
     fn id(&self) -> ProcessId {
@@ -72,10 +51,7 @@ impl Server {
     }
     /// One counter of the server's LND.
     fn stat(&mut self, name: &str) -> u64 {
-        let i = self.stdin.as_mut().unwrap();
-        writeln!(i, "STATS").unwrap();
-        i.flush().unwrap();
-        let l = self.lines.recv_timeout(T).expect("STATS line");
+        let l = self.node.ask("STATS", T);
         let key = format!("{name}: ");
         let at = l.find(&key).unwrap_or_else(|| panic!("{name} in {l}")) + key.len();
         l[at..]
@@ -86,22 +62,7 @@ impl Server {
             .unwrap()
     }
     fn kill(&mut self) {
-        let _ = self.p.kill();
-        let _ = self.p.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.p.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.kill();
+        self.node.kill();
     }
 }
 

@@ -38,10 +38,10 @@ use lnet::{
 use tracing::warn;
 
 use crate::bulk::{self, BRW_MAGIC, BRW_POISON, Buf, Check};
-use crate::rpc::{lock, next_matchbits as next_id};
+use crate::rpc::{self, lock, next_matchbits as next_id};
 use crate::wire::{
-    Body, BrwReq, LST_BRW_READ, LST_BRW_WRITE, LST_FEAT_BULK_LEN, PingReq, RDMA_PORTAL,
-    SRPC_MSG_SIZE, Service, SrpcMsg,
+    Body, BrwReq, LST_BRW_READ, LST_BRW_WRITE, LST_FEAT_BULK_LEN, PingReq, RDMA_PORTAL, Service,
+    SrpcMsg,
 };
 
 /// `LST_PING_TEST_MAGIC`.
@@ -194,7 +194,6 @@ struct Inner {
     ok: AtomicU64,
     failed: AtomicU64,
     test_errors: AtomicU64,
-    bytes: AtomicU64,
     hist: Mutex<Histogram<u64>>,
     errors: Mutex<Vec<String>>,
     inject: AtomicU64,
@@ -274,7 +273,6 @@ impl Client {
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             test_errors: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
             hist: Mutex::new(hist),
             errors: Mutex::new(Vec::new()),
             inject: AtomicU64::new(0),
@@ -307,11 +305,13 @@ impl Client {
     /// Counters so far.
     pub fn progress(&self) -> Progress {
         let i = &self.inner;
+        // Bytes follow from the RPC count (one load: the two always agree).
+        let ok = i.ok.load(Relaxed);
         Progress {
-            rpcs_ok: i.ok.load(Relaxed),
+            rpcs_ok: ok,
             rpcs_failed: i.failed.load(Relaxed),
             test_errors: i.test_errors.load(Relaxed),
-            bytes: i.bytes.load(Relaxed),
+            bytes: ok * i.spec.kind.bytes_per_rpc(),
         }
     }
 
@@ -387,11 +387,12 @@ impl Client {
     /// The report so far.
     pub fn report(&self) -> Report {
         let i = &self.inner;
+        let ok = i.ok.load(Relaxed);
         Report {
-            rpcs_ok: i.ok.load(Relaxed),
+            rpcs_ok: ok,
             rpcs_failed: i.failed.load(Relaxed),
             test_errors: i.test_errors.load(Relaxed),
-            bytes: i.bytes.load(Relaxed),
+            bytes: ok * i.spec.kind.bytes_per_rpc(),
             elapsed: lock(&i.last_end).duration_since(i.started),
             latency: lock(&i.hist).clone(),
             first_errors: lock(&i.errors).clone(),
@@ -550,18 +551,7 @@ fn start_rpc_inner(inner: &Arc<Inner>, slot: usize, buf: Option<Buf>) {
         *lock(&rpc.failed) = Some(msg);
     };
     // The reply buffer.
-    match node.attach(
-        RDMA_PORTAL,
-        dest,
-        rpyid,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
-        Md::new(vec![0u8; SRPC_MSG_SIZE])
-            .options(MdOptions::OP_PUT)
-            .threshold(Threshold::Finite(1))
-            .handler(handler("reply")),
-    ) {
+    match rpc::attach_msg_buffer(&node, RDMA_PORTAL, dest, rpyid, handler("reply")) {
         Ok((_, md)) => lock(&rpc.mds).push(md),
         Err(e) => {
             fail_now(format!("reply buffer: {e}"));
@@ -583,14 +573,7 @@ fn start_rpc_inner(inner: &Arc<Inner>, slot: usize, buf: Option<Buf>) {
             }
             let off = offset as usize;
             if write {
-                let mut magic = BRW_MAGIC;
-                if inner
-                    .inject
-                    .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
-                    .is_ok()
-                {
-                    magic = magic.wrapping_add(1);
-                }
+                let magic = rpc::send_magic(&inner.inject);
                 bulk::fill(b.as_mut_slice(), off, check, BRW_MAGIC);
                 if magic != BRW_MAGIC {
                     let first = (bulk::PAGE - off).min(size as usize);
@@ -700,9 +683,6 @@ fn finish(inner: &Arc<Inner>, rpc: &Arc<Rpc>) {
         match check_reply(inner, &reply, buf.as_ref()) {
             Ok(()) => {
                 inner.ok.fetch_add(1, Relaxed);
-                inner
-                    .bytes
-                    .fetch_add(inner.spec.kind.bytes_per_rpc(), Relaxed);
                 let ns = now.duration_since(rpc.start).as_nanos() as u64;
                 let _ = lock(&inner.hist).record(ns.max(1));
             }

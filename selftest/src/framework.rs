@@ -36,8 +36,8 @@ use crate::rpc::{self, lock};
 use crate::server::{EINVAL, EPROTO, Server};
 use crate::wire::{
     self, BATCH_OPC_QUERY, BATCH_OPC_RUN, BATCH_OPC_STOP, Body, FRAMEWORK_REQUEST_PORTAL,
-    FwCounters, LST_BRW_WRITE, LST_FEATS_MASK, LnetCounters, RDMA_PORTAL, RpcCounters,
-    SRPC_MSG_SIZE, Service, SessionId, SrpcMsg, StatReply, TestParams, TestReq,
+    FwCounters, LST_BRW_WRITE, LST_FEATS_MASK, LnetCounters, RDMA_PORTAL, RpcCounters, Service,
+    SessionId, SrpcMsg, StatReply, TestParams, TestReq,
 };
 
 /// `ESRCH`: not in that session.
@@ -707,18 +707,7 @@ pub fn call(
     let rpyid = rpc::next_matchbits();
     let bulkid = rpc::next_matchbits();
     let q = EventQueue::new();
-    let (_, rh) = node.attach(
-        RDMA_PORTAL,
-        peer,
-        rpyid,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
-        Md::new(vec![0u8; SRPC_MSG_SIZE])
-            .options(MdOptions::OP_PUT)
-            .threshold(Threshold::Finite(1))
-            .handler(q.handler()),
-    )?;
+    let (_, rh) = rpc::attach_msg_buffer(node, RDMA_PORTAL, peer, rpyid, q.handler())?;
     let mut bh = None;
     if let Some(b) = bulk {
         match node.attach(

@@ -34,6 +34,43 @@ pub(crate) fn next_matchbits() -> u64 {
         + 1
 }
 
+/// Attach a use-once buffer of one `srpc_msg` on `portal` for a PUT from
+/// `from` with match bits `bits` (requests and replies both land so).
+pub(crate) fn attach_msg_buffer(
+    node: &Lnet,
+    portal: u32,
+    from: ProcessId,
+    bits: u64,
+    handler: EventHandler,
+) -> lnet::Result<(lnet::MeHandle, lnet::MdHandle)> {
+    node.attach(
+        portal,
+        from,
+        bits,
+        0,
+        Unlink::Unlink,
+        InsPos::Tail,
+        Md::new(vec![0u8; SRPC_MSG_SIZE])
+            .options(MdOptions::OP_PUT)
+            .threshold(Threshold::Finite(1))
+            .handler(handler),
+    )
+}
+
+/// The magic the sending side of a bulk writes: `BRW_MAGIC`, or a wrong
+/// one while injected errors (`inject`) remain, as the kernel's
+/// `brw_inject_errors` does.
+pub(crate) fn send_magic(inject: &AtomicU64) -> u64 {
+    if inject
+        .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        crate::bulk::BRW_MAGIC.wrapping_add(1)
+    } else {
+        crate::bulk::BRW_MAGIC
+    }
+}
+
 /// What serves one request: its owner, the node, the service id (the
 /// match bits), the request's bytes and who sent it.
 pub(crate) type Serve<T> = fn(&Arc<T>, &Arc<Lnet>, u64, Vec<u8>, ProcessId);
@@ -50,30 +87,25 @@ pub(crate) fn post_request_buffer<T: Send + Sync + 'static>(
     serve: Serve<T>,
 ) -> lnet::Result<()> {
     let (wn, wo) = (Arc::downgrade(node), Arc::downgrade(owner));
-    node.attach(
+    attach_msg_buffer(
+        node,
         portal,
         ProcessId::ANY,
         bits,
-        0,
-        Unlink::Unlink,
-        InsPos::Tail,
-        Md::new(vec![0u8; SRPC_MSG_SIZE])
-            .options(MdOptions::OP_PUT)
-            .threshold(Threshold::Finite(1))
-            .handler(EventHandler::callback(move |mut e: Event| {
-                if e.kind != EventKind::Put || e.status.is_err() {
-                    return;
-                }
-                let (Some(o), Some(n)) = (wo.upgrade(), wn.upgrade()) else {
-                    return;
-                };
-                let mut b = e.buffer.take().map(|b| b.into_vec()).unwrap_or_default();
-                b.truncate(e.mlength as usize);
-                if let Err(err) = post_request_buffer(&n, &o, portal, bits, serve) {
-                    debug!(%err, "selftest: request buffer not reposted");
-                }
-                serve(&o, &n, bits, b, e.initiator);
-            })),
+        EventHandler::callback(move |mut e: Event| {
+            if e.kind != EventKind::Put || e.status.is_err() {
+                return;
+            }
+            let (Some(o), Some(n)) = (wo.upgrade(), wn.upgrade()) else {
+                return;
+            };
+            let mut b = e.buffer.take().map(|b| b.into_vec()).unwrap_or_default();
+            b.truncate(e.mlength as usize);
+            if let Err(err) = post_request_buffer(&n, &o, portal, bits, serve) {
+                debug!(%err, "selftest: request buffer not reposted");
+            }
+            serve(&o, &n, bits, b, e.initiator);
+        }),
     )?;
     Ok(())
 }

@@ -254,14 +254,7 @@ fn serve_brw(
     if write {
         bulk::fill(buf.as_mut_slice(), 0, check, BRW_POISON);
     } else {
-        let mut magic = BRW_MAGIC;
-        if inner
-            .inject
-            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            magic = magic.wrapping_add(1);
-        }
+        let magic = rpc::send_magic(&inner.inject);
         let first = bulk::PAGE.min(len);
         bulk::fill(&mut buf.as_mut_slice()[..first], 0, check, magic);
         if len > first {

@@ -55,6 +55,32 @@ fn lst(sock: &std::path::Path, cmd: &str) -> (i32, String) {
     )
 }
 
+/// `lst cmd`, which must succeed: its output.
+fn lst_ok(sock: &std::path::Path, cmd: &str) -> String {
+    let (rc, out) = lst(sock, cmd);
+    assert_eq!(rc, 0, "lst {cmd}: {out}");
+    out
+}
+
+/// Query `batch` every 100 ms, at most `tries` times, until it is idle;
+/// then `show_error` must report no errors in either group.
+fn wait_idle_without_errors(sock: &std::path::Path, batch: &str, tries: u32) {
+    let idle = (0..tries).any(|i| {
+        if i > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        lst_ok(sock, &format!("query {batch}")).contains("idle")
+    });
+    assert!(idle, "the batch did not end");
+    let out = lst_ok(sock, "show_error clients servers");
+    assert!(out.contains("Total 0 error nodes in clients"), "{out}");
+    assert!(out.contains("Total 0 error nodes in servers"), "{out}");
+    assert!(
+        out.contains("[Session 0 brw errors, 0 ping errors]"),
+        "{out}"
+    );
+}
+
 #[test]
 fn an_lst_script_runs_a_brw_batch_and_reports() {
     let dir = std::env::temp_dir().join(format!("lst-script-{}", std::process::id()));
@@ -65,11 +91,7 @@ fn an_lst_script_runs_a_brw_batch_and_reports() {
     let _n1 = serve(&dir, 1, Some(&sock));
     let _n2 = serve(&dir, 2, None);
     let _n3 = serve(&dir, 3, None);
-    let ok = |cmd: &str| {
-        let (rc, out) = lst(&sock, cmd);
-        assert_eq!(rc, 0, "lst {cmd}: {out}");
-        out
-    };
+    let ok = |cmd: &str| lst_ok(&sock, cmd);
     // Commands before a session fail with a reason.
     let (rc, out) = lst(&sock, "add_group g 2@shm");
     assert_eq!(rc, 1);
@@ -102,22 +124,7 @@ fn an_lst_script_runs_a_brw_batch_and_reports() {
     ] {
         assert!(out.contains(want), "{want}: {out}");
     }
-    let mut idle = false;
-    for _ in 0..100 {
-        if ok("query bulk").contains("idle") {
-            idle = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(idle, "the batch did not end");
-    let out = ok("show_error clients servers");
-    assert!(out.contains("Total 0 error nodes in clients"), "{out}");
-    assert!(out.contains("Total 0 error nodes in servers"), "{out}");
-    assert!(
-        out.contains("[Session 0 brw errors, 0 ping errors]"),
-        "{out}"
-    );
+    wait_idle_without_errors(&sock, "bulk", 100);
     let out = ok("ping servers clients");
     assert!(out.contains("12345-2@shm: Active [session: demo]"), "{out}");
     // Latency percentiles of the client's tests (an lnet-rs extension).
@@ -199,11 +206,7 @@ fn an_lst_script_over_tcp_with_a_console_two_servers_and_two_clients() {
     let _s2 = serve_tcp("127.0.0.52", PORT, None);
     let _c1 = serve_tcp("127.0.0.53", PORT, None);
     let _c2 = serve_tcp("127.0.0.54", PORT, None);
-    let ok = |cmd: &str| {
-        let (rc, out) = lst(&sock, cmd);
-        assert_eq!(rc, 0, "lst {cmd}: {out}");
-        out
-    };
+    let ok = |cmd: &str| lst_ok(&sock, cmd);
     ok("new_session --timeout 100 tcpdemo");
     ok("add_group servers 127.0.0.[51-52]@tcp");
     ok("add_group clients 127.0.0.[53-54]@tcp");
@@ -224,22 +227,7 @@ fn an_lst_script_over_tcp_with_a_console_two_servers_and_two_clients() {
     let out = ok("stat --delay 0.5 --count 2 servers clients");
     assert_eq!(out.matches("[LNet Rates of servers]").count(), 2, "{out}");
     assert_eq!(out.matches("[LNet Rates of clients]").count(), 2, "{out}");
-    let mut idle = false;
-    for _ in 0..200 {
-        if ok("query bulk").contains("idle") {
-            idle = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(idle, "the batch did not end");
-    let out = ok("show_error clients servers");
-    assert!(out.contains("Total 0 error nodes in clients"), "{out}");
-    assert!(out.contains("Total 0 error nodes in servers"), "{out}");
-    assert!(
-        out.contains("[Session 0 brw errors, 0 ping errors]"),
-        "{out}"
-    );
+    wait_idle_without_errors(&sock, "bulk", 200);
     // Both clients ran every loop: 2 tests x 40 loops x concurrency 8
     // (each unit of concurrency runs the loop count, as in the kernel).
     let out = ok("stat --delay 0.1 --count 1 clients");
