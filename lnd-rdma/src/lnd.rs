@@ -65,15 +65,45 @@ pub struct RdmaConfig {
     /// Largest reconnect delay.
     pub reconnect_max: Duration,
     /// The QPs' local ACK timeout exponent (4.096 µs × 2^n before an
-    /// unacknowledged packet is resent, up to 5 times before the
-    /// connection fails); `None` keeps RDMA CM's default. 19 (≈ 2 s)
+    /// unacknowledged packet is resent, up to `retry_count` times before
+    /// the connection fails); `None` keeps RDMA CM's default. 19 (≈ 2 s)
     /// tolerates the stalls of emulated (soft-RoCE under QEMU) links.
+    /// Environment: `LNET_RDMA_ACK_TIMEOUT`.
     pub ack_timeout: Option<u8>,
+    /// How often the QPs resend unacknowledged packets (a timeout or a
+    /// sequence-error NAK) before the connection fails, 0..=7 (o2iblnd's
+    /// `retry_count`, 5). Soft-RoCE counts a NAK for packets it received
+    /// out of order as a retry and treats 7 as "unlimited"; the soft-RoCE
+    /// test harness sets 7 because a two-vCPU VM reorders rxe's packets.
+    /// Environment: `LNET_RDMA_RETRY_COUNT`.
+    pub retry_count: u8,
 }
 
 impl RdmaConfig {
-    /// Defaults for the interface address `addr`.
+    /// Defaults for the interface address `addr`, with the tunables that
+    /// an environment variable names (as kernel module parameters would
+    /// for o2iblnd) taken from it: `LNET_RDMA_RETRY_COUNT` (0..=7) and
+    /// `LNET_RDMA_ACK_TIMEOUT` (exponent 0..=31). A value out of range or
+    /// not a number is ignored with a warning.
+    ///
+    /// ```
+    /// let cfg = lnd_rdma::RdmaConfig::new("10.0.0.1".parse().unwrap());
+    /// assert_eq!(cfg.port, 987);
+    /// assert!(cfg.retry_count <= 7);
+    /// ```
     pub fn new(addr: IpAddr) -> RdmaConfig {
+        let mut c = RdmaConfig::defaults(addr);
+        if let Some(v) = env_tunable("LNET_RDMA_RETRY_COUNT", 7) {
+            c.retry_count = v;
+        }
+        if let Some(v) = env_tunable("LNET_RDMA_ACK_TIMEOUT", 31) {
+            c.ack_timeout = Some(v);
+        }
+        c
+    }
+
+    /// The built-in defaults, without looking at the environment.
+    pub fn defaults(addr: IpAddr) -> RdmaConfig {
         RdmaConfig {
             addr,
             net_num: 0,
@@ -89,8 +119,25 @@ impl RdmaConfig {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(10),
             ack_timeout: Some(19),
+            retry_count: 5,
         }
     }
+}
+
+/// A small numeric tunable from the environment, if set and valid.
+fn env_tunable(name: &str, max: u8) -> Option<u8> {
+    let v = std::env::var(name).ok()?;
+    match parse_tunable(&v, max) {
+        Some(n) => Some(n),
+        None => {
+            warn!("{name}={v:?} ignored: not a number in 0..={max}");
+            None
+        }
+    }
+}
+
+fn parse_tunable(v: &str, max: u8) -> Option<u8> {
+    v.trim().parse::<u8>().ok().filter(|n| *n <= max)
 }
 
 /// Counters of an RDMA NI.
@@ -1684,7 +1731,9 @@ impl Shared {
         if let Some(t) = self.cfg.ack_timeout {
             c.cmid.set_ack_timeout(t);
         }
-        c.cmid.connect(&b[..n]).map_err(|e| e.to_string())
+        c.cmid
+            .connect(&b[..n], self.cfg.retry_count)
+            .map_err(|e| e.to_string())
     }
 
     fn reject(&self, cmid: &CmId, why: u8) {
@@ -1786,7 +1835,7 @@ impl Shared {
         if let Some(t) = self.cfg.ack_timeout {
             c.cmid.set_ack_timeout(t);
         }
-        if let Err(e) = c.cmid.accept(&b[..n]) {
+        if let Err(e) = c.cmid.accept(&b[..n], self.cfg.retry_count) {
             warn!(target: "neterror", %peer, "rdma_accept: {e}");
             lock(&self.conns).remove(&id);
             return;
@@ -2236,4 +2285,20 @@ fn finish_sink(mut sink: Sink, reg: Reg, status: i32) {
     }
     sink.set_received(n);
     sink.complete(Ok(()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_tunable;
+
+    #[test]
+    fn tunables_from_the_environment_are_range_checked() {
+        assert_eq!(parse_tunable("7", 7), Some(7));
+        assert_eq!(parse_tunable(" 0\n", 7), Some(0));
+        assert_eq!(parse_tunable("8", 7), None);
+        assert_eq!(parse_tunable("-1", 7), None);
+        assert_eq!(parse_tunable("", 7), None);
+        assert_eq!(parse_tunable("19", 31), Some(19));
+        assert_eq!(parse_tunable("300", 31), None);
+    }
 }

@@ -319,14 +319,14 @@ pub(crate) struct QpCaps {
 }
 
 /// Connection parameters for rdma_connect/rdma_accept.
-fn conn_param(private: &[u8]) -> cma::rdma_conn_param {
+fn conn_param(private: &[u8], retry_count: u8) -> cma::rdma_conn_param {
     cma::rdma_conn_param {
         private_data: private.as_ptr() as *const _,
         private_data_len: private.len().min(255) as u8,
         responder_resources: 0,
         initiator_depth: 0,
         flow_control: 1,
-        retry_count: 5,
+        retry_count: retry_count.min(7),
         rnr_retry_count: 6,
         srq: 0,
         qp_num: 0,
@@ -466,16 +466,18 @@ impl CmId {
         // SAFETY: rdma_create_qp succeeded, so `qp` is set.
         Ok(unsafe { (*(*self.id).qp).qp_num })
     }
-    pub(crate) fn connect(&self, private: &[u8]) -> io::Result<()> {
-        let mut p = conn_param(private);
+    /// Connect with `private` data; the QPs retry an unacknowledged
+    /// packet `retry_count` times (0..=7) before failing.
+    pub(crate) fn connect(&self, private: &[u8], retry_count: u8) -> io::Result<()> {
+        let mut p = conn_param(private, retry_count);
         // SAFETY: `p` and the private data outlive the call (copied by it).
         check(
             unsafe { cma::rdma_connect(self.id, &mut p) },
             "rdma_connect",
         )
     }
-    pub(crate) fn accept(&self, private: &[u8]) -> io::Result<()> {
-        let mut p = conn_param(private);
+    pub(crate) fn accept(&self, private: &[u8], retry_count: u8) -> io::Result<()> {
+        let mut p = conn_param(private, retry_count);
         // SAFETY: as for connect.
         check(unsafe { cma::rdma_accept(self.id, &mut p) }, "rdma_accept")
     }
