@@ -61,6 +61,10 @@ pub enum Reject {
     /// Both ends dialled; the higher NID's connection wins.
     #[error("connection race lost by the peer")]
     Race,
+    /// The peer already has as many connections of this type as we keep
+    /// (socklnd's EALREADY): the dial would duplicate one.
+    #[error("duplicate connection")]
+    Duplicate,
     /// The peer came back with a new incarnation.
     #[error("peer restarted")]
     Stale,
@@ -123,6 +127,9 @@ lnet::lnd_stats! {
     noop_floods,
     /// Connection races resolved (ours refused or theirs refused).
     races,
+    /// Dials refused because the peer already has (or is accepting) as
+    /// many connections of that type as we keep (socklnd's EALREADY).
+    duplicates,
     /// Peers seen coming back with a new incarnation.
     peer_restarts,
     /// Peers declared dead after keepalive silence.
@@ -169,6 +176,7 @@ impl Stats {
             Reject::Checksum => &self.checksum_errors,
             Reject::NoopFlood => &self.noop_floods,
             Reject::Race => &self.races,
+            Reject::Duplicate => &self.duplicates,
             Reject::Stale => &self.peer_restarts,
             Reject::Io(_) | Reject::Shutdown => return,
         };

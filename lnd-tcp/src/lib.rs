@@ -288,6 +288,8 @@ pub(crate) struct PeerState {
     conns: Vec<Arc<conn::Conn>>,
     queue: VecDeque<Queued>,
     connecting: bool,
+    /// Passive handshakes accepted but not registered yet, by wire type.
+    accepting: [u16; 4],
     backoff: Duration,
     retry_at: Option<Instant>,
     rr: usize,
@@ -318,6 +320,21 @@ pub(crate) struct Shared {
     stop: watch::Sender<bool>,
     epoch: Instant,
     handshakes: Arc<tokio::sync::Semaphore>,
+}
+
+/// A passive connection of type `ct` counted for its peer from the
+/// accept decision until it is registered (or fails).
+struct Reserved {
+    peer: Arc<Peer>,
+    ct: ConnType,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let mut st = lock(&self.peer.st);
+        let n = &mut st.accepting[self.ct.to_wire() as usize % 4];
+        *n = n.saturating_sub(1);
+    }
 }
 
 /// What a handshake established, before the connection is registered.
@@ -351,6 +368,7 @@ impl Shared {
                         conns: Vec::new(),
                         queue: VecDeque::new(),
                         connecting: false,
+                        accepting: [0; 4],
                         backoff: self.cfg.min_reconnect,
                         retry_at: None,
                         rr: 0,
@@ -464,7 +482,19 @@ impl Shared {
     }
 
     /// Dial a peer: control first, then the bulk connections still missing.
-    async fn connector(self: Arc<Self>, peer: Arc<Peer>, at: Option<Instant>) {
+    async fn connector(self: Arc<Self>, peer: Arc<Peer>, mut at: Option<Instant>) {
+        while let Some(next) = self.connect_round(&peer, at).await {
+            at = Some(next);
+        }
+    }
+
+    /// One round of dialling; `Some(when)` to go again then (we were
+    /// refused and nothing connects us yet), still marked connecting.
+    async fn connect_round(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        at: Option<Instant>,
+    ) -> Option<Instant> {
         if let Some(at) = at {
             tokio::time::sleep_until(at.into()).await;
         }
@@ -474,31 +504,29 @@ impl Shared {
             (ConnType::BulkOut, self.bulk_conns),
         ];
         let mut failure = None;
+        let mut refused = false;
         'types: for (ct, n) in want {
             loop {
                 if self.shutting_down.load(Ordering::Acquire) {
                     break 'types;
                 }
-                let have = {
-                    let st = lock(&peer.st);
-                    st.conns
-                        .iter()
-                        .filter(|c| c.info.ctype == ct && !c.is_closing())
-                        .count()
-                };
+                let have = self.have(&lock(&peer.st), ct);
                 if have >= n as usize {
                     break;
                 }
-                match self.dial(&peer, ct).await {
+                match self.dial(peer, ct).await {
                     Ok(Some(est)) => {
-                        if let Err(r) = self.register(&peer, est) {
+                        if let Err(r) = self.register(peer, est) {
                             failure = Some(r);
                             break 'types;
                         }
                     }
                     // Refused (race lost or duplicate): the peer's own
                     // connections serve us.
-                    Ok(None) => break 'types,
+                    Ok(None) => {
+                        refused = true;
+                        break 'types;
+                    }
                     Err(r) => {
                         failure = Some(r);
                         break 'types;
@@ -510,6 +538,7 @@ impl Shared {
         // Sent after the peer lock is released: a send may complete at
         // once, and completion may start the next send to this peer.
         let mut ready = Vec::new();
+        let mut again = None;
         {
             let mut st = lock(&peer.st);
             st.connecting = false;
@@ -523,6 +552,16 @@ impl Shared {
                 if st.conns.is_empty() {
                     failed.extend(st.queue.drain(..).map(|q| q.tx));
                 }
+            } else if refused && st.conns.is_empty() && !st.queue.is_empty() {
+                // Refused, yet nothing connects us: the peer's own dial
+                // failed, or it still counts a connection we already
+                // closed. Dial again after the backoff (socklnd retries an
+                // EALREADY route later); held messages wait, up to the
+                // socket timeout.
+                let delay = st.backoff;
+                st.backoff = (st.backoff * 2).min(self.cfg.max_reconnect);
+                st.connecting = true;
+                again = Some(Instant::now() + delay);
             } else {
                 st.backoff = self.cfg.min_reconnect;
                 st.retry_at = None;
@@ -544,6 +583,7 @@ impl Shared {
         if down {
             self.ni.peer_event(peer.nid, PeerEvent::Down);
         }
+        again
     }
 
     async fn connect_socket(&self, to: SocketAddr) -> Result<TcpStream, Reject> {
@@ -677,10 +717,13 @@ impl Shared {
                 let r = r.unwrap_or(Err(Reject::Timeout));
                 drop(permit);
                 match r {
-                    Ok(Some((peer, est))) => {
+                    Ok(Some((peer, est, reserved))) => {
                         if let Err(e) = sh.register(&peer, est) {
                             sh.stats.count(&e);
                         }
+                        // Released once the connection is counted as up
+                        // (counted twice for a moment, never zero times).
+                        drop(reserved);
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -697,7 +740,7 @@ impl Shared {
         self: &Arc<Self>,
         mut s: TcpStream,
         from: SocketAddr,
-    ) -> Result<Option<(Arc<Peer>, Established)>, Reject> {
+    ) -> Result<Option<(Arc<Peer>, Established, Reserved)>, Reject> {
         if self.cfg.accept == AcceptMode::Secure && from.port() > proto::MAX_RESERVED_PORT {
             return Err(Reject::Unprivileged(from.port()));
         }
@@ -761,8 +804,28 @@ impl Shared {
         let (h, nips) = Hello::decode_rest(version, order, rest)?;
         let mut ips = [0u8; 4 * proto::MAX_HELLO_IPS as usize];
         read_exact(&mut s, &mut ips[..4 * nips as usize]).await?;
-        let connecting = self.peer(h.src_nid).is_some_and(|p| lock(&p.st).connecting);
-        let verdict = proto::passive_check(&h, self.nid, connecting)?;
+        // Validate before a peer entry exists for this NID, then decide
+        // and reserve under the peer's lock, so that our own connector
+        // (which counts reservations) never dials a type we are accepting.
+        proto::passive_check(&h, self.nid, false, |_| false)?;
+        let peer = self.peer_or_new(h.src_nid);
+        let (verdict, reserved) = {
+            let mut st = lock(&peer.st);
+            let inc = h.src_incarnation;
+            let verdict =
+                proto::passive_check(&h, self.nid, st.connecting, |ct| self.enough(&st, ct, inc))?;
+            let reserved = match verdict {
+                PassiveVerdict::Accept(ct) => {
+                    st.accepting[ct.to_wire() as usize % 4] += 1;
+                    Some(Reserved {
+                        peer: peer.clone(),
+                        ct,
+                    })
+                }
+                PassiveVerdict::Refuse(_) => None,
+            };
+            (verdict, reserved)
+        };
         let mut answer = Hello {
             version,
             src_nid: self.nid,
@@ -773,17 +836,10 @@ impl Shared {
             dst_incarnation: h.src_incarnation,
             ctype: CONN_NONE,
         };
-        match verdict {
-            PassiveVerdict::Refuse(r) => {
-                self.stats.count(&r);
-                tracing::debug!(target: "net", peer = %h.src_nid, "connection race: refusing the lower NID's dial");
-                let _ = s.write_all(&answer.encode(ByteOrder::NATIVE)?).await;
-                Ok(None)
-            }
-            PassiveVerdict::Accept(ct) => {
+        match (verdict, reserved) {
+            (PassiveVerdict::Accept(ct), Some(reserved)) => {
                 answer.ctype = ct.to_wire();
                 s.write_all(&answer.encode(ByteOrder::NATIVE)?).await?;
-                let peer = self.peer_or_new(h.src_nid);
                 Ok(Some((
                     peer,
                     Established {
@@ -796,8 +852,49 @@ impl Shared {
                         },
                         active: false,
                     },
+                    reserved,
                 )))
             }
+            (verdict, _) => {
+                let r = match verdict {
+                    PassiveVerdict::Refuse(r) => r,
+                    PassiveVerdict::Accept(_) => Reject::Race,
+                };
+                self.stats.count(&r);
+                tracing::debug!(target: "net", peer = %h.src_nid, reason = %r,
+                    "refusing a dial (a connection race or a duplicate)");
+                let _ = s.write_all(&answer.encode(ByteOrder::NATIVE)?).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Whether `st` already has, or is accepting, as many connections of
+    /// type `ct` (our side's view) as we keep for a peer of incarnation
+    /// `inc`. A new incarnation never has enough: its connections replace
+    /// the old ones.
+    fn enough(&self, st: &PeerState, ct: ConnType, inc: u64) -> bool {
+        if st.incarnation.is_some_and(|i| i != inc) {
+            return false;
+        }
+        self.have(st, ct) >= self.keep(ct)
+    }
+
+    /// Connections of type `ct` up or being accepted.
+    fn have(&self, st: &PeerState, ct: ConnType) -> usize {
+        st.conns
+            .iter()
+            .filter(|c| c.info.ctype == ct && !c.is_closing())
+            .count()
+            + st.accepting[ct.to_wire() as usize % 4] as usize
+    }
+
+    /// How many connections of type `ct` we keep per peer.
+    fn keep(&self, ct: ConnType) -> usize {
+        match ct {
+            ConnType::Control => 1,
+            ConnType::BulkIn | ConnType::BulkOut => self.bulk_conns as usize,
+            ConnType::Any => usize::MAX,
         }
     }
 

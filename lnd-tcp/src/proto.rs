@@ -392,8 +392,28 @@ pub enum PassiveVerdict {
 
 /// The passive side's checks on a hello (the kernel's
 /// `ksocknal_recv_hello` and the start of `ksocknal_create_conn`):
-/// `me` is our NID, `connecting` says we are dialling that peer ourselves.
-pub fn passive_check(h: &Hello, me: Nid, connecting: bool) -> Result<PassiveVerdict, Reject> {
+/// `me` is our NID, `connecting` says we are dialling that peer ourselves,
+/// `enough(type)` says we already have (or are accepting) as many
+/// connections of that type (our side's view) as we keep for this peer
+/// incarnation: the dial would duplicate one (socklnd answers EALREADY).
+///
+/// ```
+/// use lnd_tcp::proto::{passive_check, ConnType, Hello, PassiveVerdict, PROTO_V3};
+/// use lnd_tcp::Reject;
+/// let (me, peer) = ("10.0.0.2@tcp".parse().unwrap(), "10.0.0.1@tcp".parse().unwrap());
+/// let h = Hello { version: PROTO_V3, src_nid: peer, dst_nid: me, src_pid: 12345,
+///     dst_pid: 12345, src_incarnation: 7, dst_incarnation: 0, ctype: 1 };
+/// assert_eq!(passive_check(&h, me, false, |_| false).unwrap(),
+///            PassiveVerdict::Accept(ConnType::Control));
+/// assert_eq!(passive_check(&h, me, false, |t| t == ConnType::Control).unwrap(),
+///            PassiveVerdict::Refuse(Reject::Duplicate));
+/// ```
+pub fn passive_check(
+    h: &Hello,
+    me: Nid,
+    connecting: bool,
+    enough: impl FnOnce(ConnType) -> bool,
+) -> Result<PassiveVerdict, Reject> {
     if h.src_nid.is_any() {
         return Err(Reject::BadHello("source NID is LNET_NID_ANY"));
     }
@@ -408,7 +428,11 @@ pub fn passive_check(h: &Hello, me: Nid, connecting: bool) -> Result<PassiveVerd
     if connecting && h.src_nid.to_wire16() < me.to_wire16() {
         return Ok(PassiveVerdict::Refuse(Reject::Race));
     }
-    Ok(PassiveVerdict::Accept(ct.invert()))
+    let ours = ct.invert();
+    if enough(ours) {
+        return Ok(PassiveVerdict::Refuse(Reject::Duplicate));
+    }
+    Ok(PassiveVerdict::Accept(ours))
 }
 
 /// What the active side makes of the peer's answering hello.
@@ -627,16 +651,33 @@ mod tests {
         };
         // hi receives lo's dial while dialling lo: refuse.
         assert_eq!(
-            passive_check(&h(lo, hi), hi, true).unwrap(),
+            passive_check(&h(lo, hi), hi, true, |_| false).unwrap(),
             PassiveVerdict::Refuse(Reject::Race)
         );
         // lo receives hi's dial while dialling hi: accept.
         assert_eq!(
-            passive_check(&h(hi, lo), lo, true).unwrap(),
+            passive_check(&h(hi, lo), lo, true, |_| false).unwrap(),
             PassiveVerdict::Accept(ConnType::Control)
         );
+        // A second control connection of the same incarnation: refuse,
+        // whoever dials (and the race rule still comes first).
+        assert_eq!(
+            passive_check(&h(hi, lo), lo, false, |t| t == ConnType::Control).unwrap(),
+            PassiveVerdict::Refuse(Reject::Duplicate)
+        );
+        assert_eq!(
+            passive_check(&h(lo, hi), hi, true, |_| true).unwrap(),
+            PassiveVerdict::Refuse(Reject::Race)
+        );
+        // Bulk types are counted from our side: their BULK_IN is our BULK_OUT.
+        let mut bulk = h(hi, lo);
+        bulk.ctype = ConnType::BulkIn.to_wire();
+        assert_eq!(
+            passive_check(&bulk, lo, false, |t| t == ConnType::BulkIn).unwrap(),
+            PassiveVerdict::Accept(ConnType::BulkOut)
+        );
         assert!(matches!(
-            passive_check(&h(hi, hi), lo, false),
+            passive_check(&h(hi, hi), lo, false, |_| false),
             Err(Reject::WrongNid(_))
         ));
     }

@@ -645,16 +645,14 @@ fn simultaneous_connects_between_two_nodes_settle() {
                 assert_eq!(e.kind, EventKind::Put);
             }
         }
-        // One full set of typed connections per side: a control and one
-        // bulk each way, whichever side dialled them. Known limitation
-        // (issue 3's note): when both control dials complete before either
-        // side sees the other's hello, no race is detected and each side
-        // keeps a second control connection (as socklnd would); bulk
-        // connections are never duplicated.
+        // Exactly one full set of typed connections per side: a control
+        // and one bulk each way, whichever side dialled them. A dial that
+        // would duplicate a connection the other side has (or is
+        // accepting) is refused, so none is ever doubled.
         let full = |t: &Arc<TcpLnd>, n: Nid| {
             let c = t.conns(n);
             let count = |ct: u32| c.iter().filter(|x| x.ctype.to_wire() == ct).count();
-            (1..=2).contains(&count(1)) && count(2) == 1 && count(3) == 1
+            count(1) == 1 && count(2) == 1 && count(3) == 1
         };
         let t0 = std::time::Instant::now();
         while !(full(&ta, nb) && full(&tb, na)) && t0.elapsed() < T {
@@ -667,6 +665,14 @@ fn simultaneous_connects_between_two_nodes_settle() {
             tb.conns(na),
             ta.stats().races,
             tb.stats().races
+        );
+        // ... and it stays so (no late duplicate registers after).
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            full(&ta, nb) && full(&tb, na),
+            "round {round}, later: a {:?} b {:?}",
+            ta.conns(nb),
+            tb.conns(na)
         );
         races += ta.stats().races + tb.stats().races;
         la.shutdown();

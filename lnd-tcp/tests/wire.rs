@@ -105,7 +105,7 @@ fn hello_v3_matches_both_kernel_captures() {
     );
     // And the client's hello is what our passive side accepts.
     assert_eq!(
-        passive_check(&h, nid("10.77.0.1@tcp"), false).unwrap(),
+        passive_check(&h, nid("10.77.0.1@tcp"), false, |_| false).unwrap(),
         PassiveVerdict::Accept(ConnType::Control)
     );
 }
@@ -192,12 +192,12 @@ fn hello_decoding_rejects_what_the_kernel_rejects() {
     let me = nid("1.1.1.2@tcp");
     let h = sample(3, "1.1.1.1@tcp", "1.1.1.3@tcp", 1);
     assert!(matches!(
-        passive_check(&h, me, false),
+        passive_check(&h, me, false, |_| false),
         Err(Reject::WrongNid(_))
     ));
     let h = sample(3, "1.1.1.1@tcp", "1.1.1.2@tcp", 7);
     assert!(matches!(
-        passive_check(&h, me, false),
+        passive_check(&h, me, false, |_| false),
         Err(Reject::BadHello(_))
     ));
     // Active side: a NONE answer in another version asks for a retry; in
