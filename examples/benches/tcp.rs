@@ -7,7 +7,8 @@
 //! measuring time per round, 5 s by default; `TCP_BENCH_ROUNDS` rounds, 3 by
 //! default, interleaved with the peers' and reduced to medians;
 //! `TCP_BENCH_THREADS` runtime workers on each side, `TCP_BENCH_RTT_N` round
-//! trips). Prints ours, theirs and the ratio.
+//! trips, `TCP_BENCH_ONLY=latency` to skip the bandwidth part). Prints
+//! ours, theirs and the ratio.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -187,7 +188,38 @@ fn put_rtt(l: &Lnet, to: ProcessId, n: usize) -> Vec<f64> {
     v
 }
 
+/// The ping-pong's echo end in a process of its own (this bench binary,
+/// started with `TCP_BENCH_ECHO=1`): prints its port, echoes one
+/// connection, exits.
+fn echo_child() {
+    let l = std::net::TcpListener::bind((SRV, 0)).expect("echo listener");
+    println!("{}", l.local_addr().unwrap().port());
+    compare::tcp_echo_one(&l);
+}
+
+/// The TCP ping-pong between two processes, as our two nodes are: median
+/// round trip of `n`, µs.
+fn pingpong_2proc(n: usize) -> f64 {
+    let mut p = Command::new(std::env::current_exe().unwrap())
+        .env("TCP_BENCH_ECHO", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("echo child");
+    let mut line = String::new();
+    BufReader::new(p.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().parse().expect("echo port");
+    let at = std::net::SocketAddr::new(SRV.parse().unwrap(), port);
+    let r = compare::tcp_pingpong_client(at, CLI.parse().unwrap(), n).expect("TCP ping-pong");
+    let _ = p.wait();
+    r
+}
+
 fn main() {
+    if std::env::var_os("TCP_BENCH_ECHO").is_some() {
+        return echo_child();
+    }
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
         // cargo bench/test harness probing: nothing to list.
@@ -224,66 +256,95 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3usize)
         .max(1);
+    let only_lat = std::env::var("TCP_BENCH_ONLY").is_ok_and(|v| v == "latency");
     let (mut ours, mut t1, mut tn) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
+    for _ in 0..if only_lat { 0 } else { rounds } {
         ours.push(put_bw(&l, srv.1, 8, secs));
         t1.extend(iperf3(1, secs));
         tn.extend(iperf3(conns, secs));
     }
-    let show = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{:.2}", x / gb))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    println!(
-        "tcp 1 MiB PUT+ACK, 8 in flight, {conns} connections (1 bulk each way); median of {rounds} interleaved rounds of {secs} s"
-    );
-    let rounds_ours = show(&ours);
-    let ours = median(&mut ours);
-    println!(
-        "  lnet-rs        {:8.3} GB/s   (rounds: {rounds_ours})",
-        ours / gb
-    );
-    if !t1.is_empty() {
-        let t = median(&mut t1.clone());
+    if !only_lat {
+        let show = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{:.2}", x / gb))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         println!(
-            "  iperf3 -P 1    {:8.3} GB/s   (rounds: {})   ratio {:.3} (goal >= 0.9)",
-            t / gb,
-            show(&t1),
-            ours / t
+            "tcp 1 MiB PUT+ACK, 8 in flight, {conns} connections (1 bulk each way); median of {rounds} interleaved rounds of {secs} s"
         );
-    }
-    if !tn.is_empty() {
-        let t = median(&mut tn.clone());
+        let rounds_ours = show(&ours);
+        let ours = median(&mut ours);
         println!(
-            "  iperf3 -P {conns}    {:8.3} GB/s   (rounds: {})   ratio {:.3}",
-            t / gb,
-            show(&tn),
-            ours / t
+            "  lnet-rs        {:8.3} GB/s   (rounds: {rounds_ours})",
+            ours / gb
         );
+        if !t1.is_empty() {
+            let t = median(&mut t1.clone());
+            println!(
+                "  iperf3 -P 1    {:8.3} GB/s   (rounds: {})   ratio {:.3} (goal >= 0.9)",
+                t / gb,
+                show(&t1),
+                ours / t
+            );
+        }
+        if !tn.is_empty() {
+            let t = median(&mut tn.clone());
+            println!(
+                "  iperf3 -P {conns}    {:8.3} GB/s   (rounds: {})   ratio {:.3}",
+                t / gb,
+                show(&tn),
+                ours / t
+            );
+        }
     }
     let n = std::env::var("TCP_BENCH_RTT_N")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5000);
+    // Round trips, also in interleaved rounds: each round's figure is the
+    // median of its `n` round trips, the result the median of the rounds.
     let _ = put_rtt(&l, srv.1, 200);
-    let queued = median(&mut put_rtt(&l, srv.1, n));
-    let plain = compare::tcp_pingpong_rtt_us(SRV.parse().unwrap(), CLI.parse().unwrap(), n)
-        .expect("TCP ping-pong");
     let _ = put_rtt_cb(&l, srv.1, 200);
-    let mut chain = put_rtt_cb(&l, srv.1, n);
-    let mean = chain.iter().sum::<f64>() / chain.len() as f64;
-    let chained = median(&mut chain);
-    println!("8-byte round trip, median of {n}");
+    let (mut queued, mut plain, mut chained, mut means) = (vec![], vec![], vec![], vec![]);
+    let mut threads = vec![];
+    for _ in 0..rounds {
+        queued.push(median(&mut put_rtt(&l, srv.1, n)));
+        plain.push(pingpong_2proc(n));
+        threads.push(
+            compare::tcp_pingpong_rtt_us(SRV.parse().unwrap(), CLI.parse().unwrap(), n)
+                .expect("TCP ping-pong"),
+        );
+        let mut chain = put_rtt_cb(&l, srv.1, n);
+        means.push(chain.iter().sum::<f64>() / chain.len() as f64);
+        chained.push(median(&mut chain));
+    }
+    let per_round: Vec<String> = chained
+        .iter()
+        .zip(&plain)
+        .map(|(c, p)| format!("{:.2}", c / p))
+        .collect();
+    let threads_rtt = median(&mut threads);
+    let (queued, plain, chained, mean) = (
+        median(&mut queued),
+        median(&mut plain),
+        median(&mut chained.clone()),
+        median(&mut means),
+    );
+    println!("8-byte round trip, median of {n} per round, median of {rounds} interleaved rounds");
     println!(
         "  lnet-rs PUT+ACK, next from the ACK callback          {chained:8.1} us   (mean {mean:.1})"
     );
     println!("  lnet-rs PUT+ACK, a thread waiting on an event queue  {queued:8.1} us");
     println!(
-        "  TCP ping-pong, blocking read/write                   {plain:8.1} us   ratio callback/TCP {:.2} (goal <= 1.3), queue/TCP {:.2}",
+        "  TCP ping-pong, blocking read/write, two processes    {plain:8.1} us   ratio callback/TCP {:.2} (goal <= 1.3; rounds {}), queue/TCP {:.2}",
         chained / plain,
+        per_round.join(" "),
         queued / plain
+    );
+    println!(
+        "  TCP ping-pong, two threads of one process            {threads_rtt:8.1} us   ratio callback/TCP {:.2} (no address-space switch per hop)",
+        chained / threads_rtt
     );
     l.shutdown();
 }

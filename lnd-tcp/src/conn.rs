@@ -157,6 +157,9 @@ impl Conn {
         }
         let _ = self.close_tx.send(true);
         self.wake.notify_one();
+        // Wakes a reader waiting for the next message with end-of-file: the
+        // idle wait is a bare read, with no close signal to select on.
+        let _ = socket2::SockRef::from(self.w.as_ref()).shutdown(std::net::Shutdown::Both);
         true
     }
 
@@ -284,20 +287,20 @@ impl Conn {
             let mut calls = 0;
             let r = match &f.tx {
                 Some(tx) => tx.with_payload(|p| {
-                    let mut v = build_iov(hdr, p);
-                    skip_front(&mut v, done);
-                    if zc {
-                        let r = self
-                            .w
-                            .as_ref()
-                            .try_io(Interest::WRITABLE, || zc::send(fd, &v));
-                        if r.is_ok() {
-                            calls += 1;
+                    with_iov(hdr, p, done, |v| {
+                        if zc {
+                            let r = self
+                                .w
+                                .as_ref()
+                                .try_io(Interest::WRITABLE, || zc::send(fd, v));
+                            if r.is_ok() {
+                                calls += 1;
+                            }
+                            r
+                        } else {
+                            self.w.try_write_vectored(v)
                         }
-                        r
-                    } else {
-                        self.w.try_write_vectored(&v)
-                    }
+                    })
                 }),
                 None => self.w.try_write(&hdr[done..]),
             };
@@ -337,25 +340,35 @@ async fn stopped(stop: &mut watch::Receiver<bool>, close: &mut watch::Receiver<b
     }
 }
 
-fn build_iov<'a>(hdr: &'a [u8], p: &'a [IoSlice<'_>]) -> Vec<IoSlice<'a>> {
-    let mut v = Vec::with_capacity(p.len() + 1);
-    v.push(IoSlice::new(hdr));
-    v.extend(p.iter().map(|s| IoSlice::new(s)));
-    v
-}
+/// Slices a frame is written from without a heap allocation.
+const IOV_STACK: usize = 8;
 
-/// Advance `slices` (built fresh for each call) past `n` bytes.
-fn skip_front(v: &mut Vec<IoSlice<'_>>, mut n: usize) {
-    let mut i = 0;
-    while i < v.len() && n >= v[i].len() {
-        n -= v[i].len();
-        i += 1;
-    }
-    v.drain(..i);
-    if n > 0 {
-        if let Some(first) = v.first_mut() {
-            IoSlice::advance(first, n);
+/// Call `f` with the frame's slices (header, then payload) from byte
+/// `done` on; on the stack for frames of fewer than `IOV_STACK` slices (this
+/// runs per message).
+fn with_iov<R>(
+    hdr: &[u8],
+    p: &[IoSlice<'_>],
+    done: usize,
+    f: impl FnOnce(&[IoSlice<'_>]) -> R,
+) -> R {
+    if p.len() < IOV_STACK {
+        let mut a = [IoSlice::new(&[]); IOV_STACK];
+        a[0] = IoSlice::new(hdr);
+        for (d, s) in a[1..].iter_mut().zip(p) {
+            *d = IoSlice::new(s);
         }
+        let mut v = &mut a[..p.len() + 1];
+        IoSlice::advance_slices(&mut v, done);
+        f(v)
+    } else {
+        let mut a: Vec<IoSlice<'_>> = std::iter::once(hdr)
+            .chain(p.iter().map(|s| &**s))
+            .map(IoSlice::new)
+            .collect();
+        let mut v = &mut a[..];
+        IoSlice::advance_slices(&mut v, done);
+        f(v)
     }
 }
 
@@ -576,11 +589,14 @@ impl Reader<'_> {
         let Half { io, stop, close } = &mut self.half;
         let read = io.read(&mut self.rbuf[..]);
         let n = if idle {
-            tokio::select! {
-                biased;
-                r = read => r?,
-                _ = stopped(stop, close) => return Err(Reject::Shutdown),
+            // Between messages: a bare read (no close signal or timer to
+            // set up per message); closing the connection shuts the socket
+            // down, which ends this read with end-of-file.
+            let n = read.await?;
+            if n == 0 && self.c.is_closing() {
+                return Err(Reject::Shutdown);
             }
+            n
         } else {
             tokio::select! {
                 biased;
@@ -594,6 +610,18 @@ impl Reader<'_> {
         }
         self.rlen = n;
         Ok(())
+    }
+
+    /// Fill `b` from the read-ahead if it holds that much (else take
+    /// nothing and return false).
+    fn take_exact(&mut self, b: &mut [u8]) -> bool {
+        let end = self.rpos + b.len();
+        if end > self.rlen {
+            return false;
+        }
+        b.copy_from_slice(&self.rbuf[self.rpos..end]);
+        self.rpos = end;
+        true
     }
 
     /// Take up to `b.len()` buffered bytes; returns how many.
@@ -713,7 +741,11 @@ impl Reader<'_> {
     async fn one(&mut self, limit: &mut NoopLimit) -> Result<(), Reject> {
         let f = self.c.framing;
         let mut kb = [0u8; KSOCK_HDR_SIZE];
-        self.fill(&mut kb, true).await?;
+        // Small messages arrive whole in the read-ahead: take their headers
+        // from it without going through the async fill (per message).
+        if !self.take_exact(&mut kb) {
+            self.fill(&mut kb, true).await?;
+        }
         self.alive();
         let kh = KsockHdr::decode(&kb, f.peer_order);
         if kh.zc_cookies[1] != 0 && kh.zc_cookies[1] != KEEPALIVE_PING {
@@ -742,7 +774,9 @@ impl Reader<'_> {
         }
         let hl = f.lnet_hdr_size();
         let mut hb = [0u8; lnet::wire::HDR_NID16_SIZE];
-        self.fill(&mut hb[..hl], false).await?;
+        if !self.take_exact(&mut hb[..hl]) {
+            self.fill(&mut hb[..hl], false).await?;
+        }
         let hdr = if hl == lnet::wire::HDR_NID16_SIZE {
             Header::decode_nid16(&hb[..hl], f.peer_order)
         } else {
@@ -829,7 +863,6 @@ impl Reader<'_> {
                 }
             }
         }
-        self.alive();
         if kh.zc_cookies[0] != 0 {
             // The sender waits for our ZC-ACK before reusing its pages.
             let _ = self.c.send(Out::Noop(KsockHdr::zc_ack(kh.zc_cookies[0])));

@@ -61,8 +61,8 @@ pub enum Reject {
     /// Both ends dialled; the higher NID's connection wins.
     #[error("connection race lost by the peer")]
     Race,
-    /// The peer already has as many connections of this type as we keep
-    /// (socklnd's EALREADY): the dial would duplicate one.
+    /// The dial would duplicate a connection the peer already has
+    /// (socklnd's EALREADY).
     #[error("duplicate connection")]
     Duplicate,
     /// The peer came back with a new incarnation.
@@ -127,8 +127,8 @@ lnet::lnd_stats! {
     noop_floods,
     /// Connection races resolved (ours refused or theirs refused).
     races,
-    /// Dials refused because the peer already has (or is accepting) as
-    /// many connections of that type as we keep (socklnd's EALREADY).
+    /// Dials refused because they would duplicate the control connection
+    /// the peer already has or is accepting (socklnd's EALREADY).
     duplicates,
     /// Peers seen coming back with a new incarnation.
     peer_restarts,

@@ -194,7 +194,7 @@ impl Lnd for TcpLnd {
             handle: rt.handle().clone(),
             shutting_down: AtomicBool::new(false),
             stop: stop_tx,
-            epoch: Instant::now(),
+            epoch: coarse_ms(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             cfg,
         });
@@ -259,6 +259,17 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+/// A monotonic clock in milliseconds, at the kernel tick's resolution (a
+/// few ms: enough for keepalive and peer timeouts). Read on every received
+/// message, so the cheap coarse clock rather than `Instant::now`.
+fn coarse_ms() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE)
+        .or_else(|_| clock_gettime(ClockId::CLOCK_MONOTONIC))
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
 fn new_incarnation() -> u64 {
     // Nanoseconds since the epoch, as the kernel stamps its NIs: a restarted
     // node always has a larger one. Mixed with the pid so two processes
@@ -301,7 +312,7 @@ pub(crate) struct PeerState {
 pub(crate) struct Peer {
     nid: Nid,
     st: Mutex<PeerState>,
-    /// Milliseconds since [`Shared::epoch`] when we last heard from it.
+    /// [`Shared::now_ms`] when we last heard from it.
     last_alive: AtomicU64,
 }
 
@@ -318,7 +329,8 @@ pub(crate) struct Shared {
     handle: tokio::runtime::Handle,
     shutting_down: AtomicBool,
     stop: watch::Sender<bool>,
-    epoch: Instant,
+    /// [`coarse_ms`] when the NI started.
+    epoch: u64,
     handshakes: Arc<tokio::sync::Semaphore>,
 }
 
@@ -348,7 +360,7 @@ struct Established {
 
 impl Shared {
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        coarse_ms().saturating_sub(self.epoch)
     }
 
     fn peer(&self, nid: Nid) -> Option<Arc<Peer>> {
@@ -357,6 +369,11 @@ impl Shared {
 
     fn peer_or_new(&self, nid: Nid) -> Arc<Peer> {
         let mut m = lock(&self.peers);
+        // Known peer (every message after the first): a lookup, not the
+        // entry API, which builds the new-peer closure's state each time.
+        if let Some(p) = m.get(&nid) {
+            return p.clone();
+        }
         m.entry(nid)
             .or_insert_with(|| {
                 Arc::new(Peer {
@@ -869,15 +886,16 @@ impl Shared {
         }
     }
 
-    /// Whether `st` already has, or is accepting, as many connections of
-    /// type `ct` (our side's view) as we keep for a peer of incarnation
-    /// `inc`. A new incarnation never has enough: its connections replace
-    /// the old ones.
+    /// Whether a dial of type `ct` (our side's view) from a peer of
+    /// incarnation `inc` would duplicate a connection `st` already has or
+    /// is accepting. Only the control connection is unique: how many bulk
+    /// connections a peer keeps is its own choice (its `conns_per_peer`),
+    /// so bulk dials are never refused as duplicates. A new incarnation
+    /// never duplicates: its connections replace the old ones.
     fn enough(&self, st: &PeerState, ct: ConnType, inc: u64) -> bool {
-        if st.incarnation.is_some_and(|i| i != inc) {
-            return false;
-        }
-        self.have(st, ct) >= self.keep(ct)
+        ct == ConnType::Control
+            && !st.incarnation.is_some_and(|i| i != inc)
+            && self.have(st, ct) >= 1
     }
 
     /// Connections of type `ct` up or being accepted.
@@ -887,15 +905,6 @@ impl Shared {
             .filter(|c| c.info.ctype == ct && !c.is_closing())
             .count()
             + st.accepting[ct.to_wire() as usize % 4] as usize
-    }
-
-    /// How many connections of type `ct` we keep per peer.
-    fn keep(&self, ct: ConnType) -> usize {
-        match ct {
-            ConnType::Control => 1,
-            ConnType::BulkIn | ConnType::BulkOut => self.bulk_conns as usize,
-            ConnType::Any => usize::MAX,
-        }
     }
 
     fn setup_socket(&self, s: &TcpStream) {

@@ -393,9 +393,9 @@ pub enum PassiveVerdict {
 /// The passive side's checks on a hello (the kernel's
 /// `ksocknal_recv_hello` and the start of `ksocknal_create_conn`):
 /// `me` is our NID, `connecting` says we are dialling that peer ourselves,
-/// `enough(type)` says we already have (or are accepting) as many
-/// connections of that type (our side's view) as we keep for this peer
-/// incarnation: the dial would duplicate one (socklnd answers EALREADY).
+/// `enough(type)` says the dial would duplicate a connection of that type
+/// (our side's view) that we already have or are accepting for this peer
+/// incarnation (socklnd answers EALREADY).
 ///
 /// ```
 /// use lnd_tcp::proto::{passive_check, ConnType, Hello, PassiveVerdict, PROTO_V3};

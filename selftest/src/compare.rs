@@ -27,7 +27,7 @@
 //! ```
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -170,13 +170,28 @@ pub fn tcp_pingpong_rtt_us(server: IpAddr, client: IpAddr, n: usize) -> Result<f
     let fail = |e: std::io::Error| PeerError::Failed(format!("TCP ping-pong: {e}"));
     let l = TcpListener::bind((server, 0)).map_err(fail)?;
     let at = l.local_addr().map_err(fail)?;
-    let h = std::thread::spawn(move || {
-        if let Ok((mut s, _)) = l.accept() {
-            let _ = s.set_nodelay(true);
-            let mut b = [0u8; 8];
-            while s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {}
-        }
-    });
+    let h = std::thread::spawn(move || tcp_echo_one(&l));
+    let r = tcp_pingpong_client(at, client, n);
+    let _ = h.join();
+    r
+}
+
+/// The echo end of the TCP ping-pong: accept one connection on `l` and
+/// send back every 8 bytes it reads, until it closes. Run it in another
+/// process to measure a ping-pong between two processes (as two LNet
+/// nodes are) with [`tcp_pingpong_client`].
+pub fn tcp_echo_one(l: &TcpListener) {
+    if let Ok((mut s, _)) = l.accept() {
+        let _ = s.set_nodelay(true);
+        let mut b = [0u8; 8];
+        while s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {}
+    }
+}
+
+/// The timing end of the TCP ping-pong against an echo at `at`, bound to
+/// `client`: the median of `n` 8-byte round trips, µs.
+pub fn tcp_pingpong_client(at: SocketAddr, client: IpAddr, n: usize) -> Result<f64, PeerError> {
+    let fail = |e: std::io::Error| PeerError::Failed(format!("TCP ping-pong: {e}"));
     let sock = socket_bound(client).map_err(fail)?;
     sock.connect(&at.into()).map_err(fail)?;
     let mut s: TcpStream = sock.into();
@@ -191,8 +206,6 @@ pub fn tcp_pingpong_rtt_us(server: IpAddr, client: IpAddr, n: usize) -> Result<f
         s.read_exact(&mut b).map_err(fail)?;
         v.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    drop(s);
-    let _ = h.join();
     Ok(median(&mut v))
 }
 
