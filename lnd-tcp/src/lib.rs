@@ -894,7 +894,7 @@ impl Shared {
     /// never duplicates: its connections replace the old ones.
     fn enough(&self, st: &PeerState, ct: ConnType, inc: u64) -> bool {
         ct == ConnType::Control
-            && !st.incarnation.is_some_and(|i| i != inc)
+            && st.incarnation.is_none_or(|i| i == inc)
             && self.have(st, ct) >= 1
     }
 
