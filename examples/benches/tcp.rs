@@ -25,6 +25,15 @@ const CLI: &str = "127.0.0.22";
 struct Srv(Child, ProcessId, u16);
 impl Drop for Srv {
     fn drop(&mut self) {
+        // Close its stdin: the node shuts down and exits by itself (so a
+        // profiler attached to it sees a clean exit); kill it if it hangs.
+        drop(self.0.stdin.take());
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -57,7 +57,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     while stdin.lock().read_line(&mut line)? > 0 {
         line.clear();
     }
-    println!("STATS {:?}", rdma.stats());
+    // The parent may have stopped reading (a closed pipe is not an error).
+    let _ = writeln!(std::io::stdout(), "STATS {:?}", rdma.stats());
     std::io::stdout().flush()?;
     node.shutdown();
     Ok(())

@@ -82,7 +82,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         line.clear();
     }
     let s = tcp.stats();
-    println!("STATS {s:?}");
+    // The parent may have stopped reading (a closed pipe is not an error).
+    let _ = writeln!(std::io::stdout(), "STATS {s:?}");
     node.shutdown();
     Ok(())
 }

@@ -189,7 +189,7 @@ impl Lnd for TcpLnd {
             incarnation: new_incarnation(),
             listen,
             bulk_conns: bulk,
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::default()),
             stats: self.stats.clone(),
             handle: rt.handle().clone(),
             shutting_down: AtomicBool::new(false),
@@ -324,7 +324,9 @@ pub(crate) struct Shared {
     incarnation: u64,
     listen: Option<SocketAddr>,
     bulk_conns: u16,
-    peers: Mutex<HashMap<Nid, Arc<Peer>>>,
+    /// Seeded per process (foldhash): fast, and a peer cannot choose NIDs
+    /// that collide.
+    peers: Mutex<HashMap<Nid, Arc<Peer>, foldhash::fast::RandomState>>,
     stats: Arc<Stats>,
     handle: tokio::runtime::Handle,
     shutting_down: AtomicBool,
@@ -893,9 +895,7 @@ impl Shared {
     /// so bulk dials are never refused as duplicates. A new incarnation
     /// never duplicates: its connections replace the old ones.
     fn enough(&self, st: &PeerState, ct: ConnType, inc: u64) -> bool {
-        ct == ConnType::Control
-            && st.incarnation.is_none_or(|i| i == inc)
-            && self.have(st, ct) >= 1
+        ct == ConnType::Control && st.incarnation.is_none_or(|i| i == inc) && self.have(st, ct) >= 1
     }
 
     /// Connections of type `ct` up or being accepted.
