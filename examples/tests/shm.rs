@@ -20,10 +20,27 @@ use lnet_examples::{
 const T: Duration = Duration::from_secs(30);
 const SIZES: [usize; 6] = [0, 1, 4096, 65536, 300_001, 1 << 20];
 
-fn tmpdir(name: &str) -> PathBuf {
+/// A test's rendezvous directory, removed when the test ends if the nodes
+/// left it empty (what they leave behind stays, to be looked at).
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn tmpdir(name: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("lnet-shm-x-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
-    d
+    TmpDir(d)
 }
 
 struct Server {
@@ -296,7 +313,7 @@ fn sixty_four_peers_at_once() {
         .map(|a| {
             Command::new(env!("CARGO_BIN_EXE_shm_node"))
                 .args(["--addr", &a.to_string(), "--dir"])
-                .arg(&dir)
+                .arg(&*dir)
                 .args(["--pool-size", "1048576", "--verify", &srv.nid.to_string()])
                 .args(["--rounds", "2", "--stripe", "131072"])
                 .stdin(Stdio::null())

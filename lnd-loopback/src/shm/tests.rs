@@ -250,4 +250,8 @@ fn garbage_in_ring_slots_disconnects_with_a_counted_error() {
     good_put(10);
     victim.shutdown();
     good.shutdown();
+    // Both nodes removed their sockets: nothing is left behind.
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let _ = std::fs::remove_dir(&dir);
 }
