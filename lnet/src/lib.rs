@@ -45,7 +45,7 @@ pub use node::{Config, Lnet, LnetBuilder};
 pub use pool::{MemPool, PoolBuf, PoolMemory};
 pub use portals::event::{Event, EventHandler, EventKind, EventQueue};
 pub use portals::matching::{InsPos, MatchCriteria};
-pub use portals::md::{MdBuffer, MdOptions, Segment, Threshold};
+pub use portals::md::{Iov, MdBuffer, MdOptions, Segment, Threshold};
 pub use portals::{AckReq, Md, MdHandle, MeHandle, Unlink};
 
 /// Largest payload of one message (`LNET_MTU`, 1 MiB).

@@ -434,11 +434,20 @@ struct After {
     /// The usual single pipe to drain, without allocating.
     pipe: Option<Arc<EventPipe>>,
     pipes: Vec<Arc<EventPipe>>,
+    /// The usual single send (an ACK or REPLY), without allocating.
+    send: Option<TxMsg>,
     sends: Vec<TxMsg>,
     fires: Vec<(DeferredSender, Delivery)>,
 }
 
 impl After {
+    fn push_send(&mut self, t: TxMsg) {
+        match self.send {
+            None => self.send = Some(t),
+            Some(_) => self.sends.push(t),
+        }
+    }
+
     fn push_pipe(&mut self, p: Arc<EventPipe>) {
         match &self.pipe {
             None => self.pipe = Some(p),
@@ -460,6 +469,9 @@ impl After {
             for (tx, d) in self.fires {
                 tx.fire(d);
             }
+        }
+        if let Some(t) = self.send {
+            inner.send(t);
         }
         if !self.sends.is_empty() {
             for t in self.sends {
@@ -531,13 +543,18 @@ impl Inner {
     }
 
     fn peer_shard(&self, ni: usize, nid: &Nid) -> &Mutex<PeerTable> {
-        let h = self.shard_hasher.hash_one((ni, nid));
+        let h = self.shard_hasher.hash_one(nid.fold64() ^ ni as u64);
         &self.peers[(h as usize) % PEER_SHARDS]
     }
 
     fn with_peer<R>(&self, ni: usize, nid: Nid, f: impl FnOnce(&mut PeerNi) -> R) -> R {
         let pc = self.ni_info(ni).map_or(8, |i| i.limits.peer_credits);
         let mut g = lock(self.peer_shard(ni, &nid));
+        // Known peer (every message but the first): a lookup, not the
+        // entry API (which moves the key in and out on every call).
+        if let Some(p) = g.get_mut(&(ni, nid)) {
+            return f(p);
+        }
         let p = g.entry((ni, nid)).or_insert_with(|| PeerNi {
             credits: Credits::new(pc),
             queue: VecDeque::new(),
@@ -1082,7 +1099,7 @@ impl Inner {
                 emit(&mut c, md, EventKind::Put, &ev, status, loan, &mut after);
                 drop(c);
                 if let (true, Some((wmd, ni, peer))) = (ok, ack) {
-                    after.sends.push(TxMsg::new(TxState {
+                    after.push_send(TxMsg::new(TxState {
                         inner: self.clone(),
                         hdr: Header {
                             dest_nid: ev.initiator.nid,

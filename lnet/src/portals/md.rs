@@ -2,7 +2,7 @@
 //! much of an incoming message an MD accepts.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::ops::{BitOr, BitOrAssign};
+use std::ops::{BitOr, BitOrAssign, Deref, DerefMut};
 
 use bytes::{Bytes, BytesMut};
 
@@ -309,8 +309,8 @@ impl MdBuffer {
     }
 
     /// The slices covering `[off, off+len)` (clamped to the memory).
-    pub fn slices(&self, off: usize, len: usize) -> Vec<IoSlice<'_>> {
-        let mut out = Vec::new();
+    pub fn slices(&self, off: usize, len: usize) -> Iov<IoSlice<'_>> {
+        let mut out = Iov::new();
         let (mut off, mut left) = (off, len);
         for s in self.segs.iter() {
             if left == 0 {
@@ -332,8 +332,8 @@ impl MdBuffer {
     /// The writable slices covering `[off, off+len)` (clamped; read-only
     /// segments are skipped, which the core prevents by refusing to attach
     /// them as sinks).
-    pub fn slices_mut(&mut self, off: usize, len: usize) -> Vec<IoSliceMut<'_>> {
-        let mut out = Vec::new();
+    pub fn slices_mut(&mut self, off: usize, len: usize) -> Iov<IoSliceMut<'_>> {
+        let mut out = Iov::new();
         let (mut off, mut left) = (off, len);
         for s in self.segs.iter_mut() {
             if left == 0 {
@@ -357,8 +357,8 @@ impl MdBuffer {
     /// Copy `[off, off+dst.len())` out into `dst`; returns bytes copied.
     pub fn copy_out(&self, off: usize, dst: &mut [u8]) -> usize {
         let mut done = 0;
-        for s in self.slices(off, dst.len()) {
-            dst[done..done + s.len()].copy_from_slice(&s);
+        for s in self.slices(off, dst.len()).iter() {
+            dst[done..done + s.len()].copy_from_slice(s);
             done += s.len();
         }
         done
@@ -367,12 +367,71 @@ impl MdBuffer {
     /// Copy `src` in at `off`; returns bytes copied.
     pub fn copy_in(&mut self, off: usize, src: &[u8]) -> usize {
         let mut done = 0;
-        for mut s in self.slices_mut(off, src.len()) {
+        for s in self.slices_mut(off, src.len()).iter_mut() {
             let n = s.len();
             s.copy_from_slice(&src[done..done + n]);
             done += n;
         }
         done
+    }
+}
+
+/// The slices of an MD's memory that a range covers, as [`MdBuffer::slices`]
+/// and [`MdBuffer::slices_mut`] return them: a slice of `T` (for a vectored
+/// read or write), kept inline when there is one slice, the usual case, so
+/// that building it costs no allocation per message.
+///
+/// ```
+/// let b = lnet::MdBuffer::from(vec![1u8; 100]);
+/// let s = b.slices(10, 20);
+/// assert_eq!(s.len(), 1);
+/// assert_eq!(s[0].len(), 20);
+/// ```
+#[derive(Debug)]
+pub struct Iov<T>(IovInner<T>);
+
+#[derive(Debug)]
+enum IovInner<T> {
+    Empty,
+    One([T; 1]),
+    Many(Vec<T>),
+}
+
+impl<T> Iov<T> {
+    fn new() -> Self {
+        Iov(IovInner::Empty)
+    }
+
+    fn push(&mut self, t: T) {
+        self.0 = match std::mem::replace(&mut self.0, IovInner::Empty) {
+            IovInner::Empty => IovInner::One([t]),
+            IovInner::One([a]) => IovInner::Many(vec![a, t]),
+            IovInner::Many(mut v) => {
+                v.push(t);
+                IovInner::Many(v)
+            }
+        };
+    }
+}
+
+impl<T> Deref for Iov<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match &self.0 {
+            IovInner::Empty => &[],
+            IovInner::One(a) => a,
+            IovInner::Many(v) => v,
+        }
+    }
+}
+
+impl<T> DerefMut for Iov<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        match &mut self.0 {
+            IovInner::Empty => &mut [],
+            IovInner::One(a) => a,
+            IovInner::Many(v) => v,
+        }
     }
 }
 
