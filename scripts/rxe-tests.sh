@@ -12,6 +12,9 @@ ibv_devices
 # IBV_WC_RETRY_EXC_ERR. rxe treats 7 as "retry without limit", so every
 # process here uses it (RdmaConfig reads LNET_RDMA_RETRY_COUNT).
 export LNET_RDMA_RETRY_COUNT=7
+# Warnings, plus the connections' lifecycle (CM events, connects, closes):
+# a few lines per connection, so a failure here shows its sequence.
+export RUST_LOG="${RUST_LOG:-warn,net=debug}"
 rxe_counters() {
   for d in /sys/class/infiniband/*; do
     [ -d "$d/ports/1/hw_counters" ] || continue

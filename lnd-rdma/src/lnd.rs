@@ -1863,6 +1863,9 @@ impl Shared {
 
     fn established(self: &Arc<Self>, c: &Arc<Conn>, private: &[u8]) {
         let active = lock(&c.st).active;
+        if let Some((timeout, retry)) = c.cmid.qp_timeout_retry() {
+            debug!(target: "net", peer = %c.peer, active, ack_timeout = timeout, retry_count = retry, "QP attributes");
+        }
         if active {
             let ack = match Msg::decode(private) {
                 Ok((m, _)) => m,
@@ -2119,7 +2122,7 @@ impl Shared {
 
     /// Close without touching the peer's state. False if already closed.
     fn close_quiet(self: &Arc<Self>, c: &Arc<Conn>, e: Error) -> bool {
-        let (waiting, queued) = {
+        let (waiting, queued, in_flight) = {
             let mut st = lock(&c.st);
             if st.state == State::Closed {
                 return false;
@@ -2129,10 +2132,17 @@ impl Shared {
             let mut q: Vec<OutMsg> = st.queue_cred.drain(..).collect();
             q.extend(st.queue_rsrvd.drain(..));
             q.extend(st.queue_nocred.drain(..));
-            (w, q)
+            let in_flight = st.posted.values().filter(|p| p.tx.is_some()).count();
+            (w, q, in_flight)
         };
         inc(&self.stats.conns_closed);
-        debug!(target: "net", peer = %c.peer, "closing connection: {e}");
+        if waiting.is_empty() && queued.is_empty() && in_flight == 0 {
+            debug!(target: "net", peer = %c.peer, "closing connection: {e}");
+        } else {
+            // Operations fail because of this close: say why, once.
+            warn!(target: "neterror", peer = %c.peer, waiting = waiting.len(),
+                queued = queued.len(), posted = in_flight, "closing connection: {e}");
+        }
         c.cmid.disconnect();
         lock(&self.conns).remove(&c.id);
         self.retire(c.clone());

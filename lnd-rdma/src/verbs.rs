@@ -528,6 +528,24 @@ impl CmId {
         check(rc, "ibv_post_recv")
     }
     /// Post a chain of send work requests.
+    /// The QP's local ACK timeout exponent and retry count as the device
+    /// holds them (what the CM negotiated), when the QP exists.
+    pub(crate) fn qp_timeout_retry(&self) -> Option<(u8, u8)> {
+        if !self.has_qp.load(Ordering::Acquire) {
+            return None;
+        }
+        // SAFETY: ibv_qp_attr and ibv_qp_init_attr are plain C structs for
+        // which all-zero is a valid value.
+        let mut attr: ibv::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut init: ibv::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        let mask =
+            (ibv::ibv_qp_attr_mask::IBV_QP_TIMEOUT | ibv::ibv_qp_attr_mask::IBV_QP_RETRY_CNT).0;
+        // SAFETY: the QP is live (has_qp) and both out-structs are ours.
+        let rc = unsafe { ibv::ibv_query_qp(self.qp(), &mut attr, mask as i32, &mut init) };
+        (rc == 0).then_some((attr.timeout, attr.retry_cnt))
+    }
+
     pub(crate) fn post_send(&self, wrs: &[SendWr<'_>]) -> io::Result<()> {
         let qp = self.qp();
         if qp.is_null() {
