@@ -312,3 +312,34 @@ fn unmatched_operations_fail_cleanly_and_checksums_are_verified() {
     let st = srv.stop();
     assert!(st.contains("protocol_errors: 0"), "{st}");
 }
+
+#[test]
+#[ignore = "needs soft-RoCE devices on 10.77.0.1/10.77.0.2: run scripts/rxe-vm.sh"]
+fn concurrent_first_sends_open_one_connection() {
+    // Eight threads send to a peer we are not connected to, at once: one
+    // connection is dialled and carries them all. (Two dials made the
+    // peer replace the first connection, failing what was posted on it:
+    // the selftest failure seen in CI.)
+    let srv = Server::start(21008, &[]);
+    let (l, rdma) = client(21008, |_| {});
+    let barrier = std::sync::Barrier::new(8);
+    let to = srv.id();
+    std::thread::scope(|s| {
+        for i in 0..8u8 {
+            let (l, barrier) = (&l, &barrier);
+            s.spawn(move || {
+                let data = pattern(1000, i);
+                barrier.wait();
+                put(l, to, &data, 1000, u32::from(i) * 4096)
+                    .unwrap_or_else(|e| panic!("PUT {i}: {e}"));
+            });
+        }
+    });
+    for i in 0..8u8 {
+        let back = get(&l, srv.id(), ECHO, 1000, 1000, u32::from(i) * 4096).unwrap();
+        assert!(back == pattern(1000, i), "PUT {i}: data differs");
+    }
+    let st = rdma.stats();
+    assert_eq!(st.conns_established, 1, "{st:?}");
+    assert_eq!(st.conns_closed, 0, "{st:?}");
+}

@@ -385,6 +385,9 @@ struct PeerState {
     next_try: Option<Instant>,
     down_since: Option<Instant>,
     up: bool,
+    /// A connect is being set up (between the decision to dial and
+    /// `conn` being set): nobody else dials meanwhile.
+    dialing: bool,
 }
 
 struct CacheEntry {
@@ -657,6 +660,7 @@ impl Shared {
             next_try: None,
             down_since: None,
             up: false,
+            dialing: false,
         }
     }
 
@@ -1620,10 +1624,20 @@ impl Shared {
             self.fail_peer(peer, Error::NoRoute(format!("{peer} has no IP address")));
             return;
         };
+        // Decide and mark under the peers lock: the send path, the timer
+        // and a reject's retry may all want to dial at once, and two
+        // connections would make the peer replace the first (failing what
+        // was already posted on it).
+        let params = {
+            let mut peers = lock(&self.peers);
+            let p = peers.entry(peer).or_insert_with(|| self.new_peer());
+            if p.conn.is_some() || p.dialing {
+                return;
+            }
+            p.dialing = true;
+            p.params
+        };
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff;
-        let params = lock(&self.peers)
-            .get(&peer)
-            .map_or(self.my_params(), |p| p.params);
         // The connection is in the maps before resolution starts, so its
         // first CM event always finds it.
         let conn = CmId::new(&self.chan, u64::from(id))
@@ -1632,6 +1646,9 @@ impl Shared {
         let c = match conn {
             Ok(c) => c,
             Err(e) => {
+                if let Some(p) = lock(&self.peers).get_mut(&peer) {
+                    p.dialing = false;
+                }
                 warn!(target: "neterror", %peer, "connect: {e}");
                 self.conn_failed(peer, None, Error::Network(e));
                 return;
@@ -1639,8 +1656,21 @@ impl Shared {
         };
         debug!(target: "net", %peer, conn = id, "connecting");
         lock(&self.conns).insert(id, c.clone());
-        if let Some(p) = lock(&self.peers).get_mut(&peer) {
-            p.conn = Some(c.clone());
+        {
+            let mut peers = lock(&self.peers);
+            let p = peers.entry(peer).or_insert_with(|| self.new_peer());
+            p.dialing = false;
+            match &p.conn {
+                // The peer connected to us meanwhile: use that one.
+                Some(_) => {
+                    drop(peers);
+                    lock(&c.st).state = State::Closed;
+                    lock(&self.conns).remove(&c.id);
+                    self.retire(c);
+                    return;
+                }
+                None => p.conn = Some(c.clone()),
+            }
         }
         // Short resolution attempts, retried until the connect timeout: a
         // neighbour update the CM misses costs one attempt, not the whole
