@@ -1984,6 +1984,11 @@ impl Shared {
         for tx in queued {
             self.launch(c, tx);
         }
+        // The peer's first messages can complete on our receive queue
+        // before the CM tells us the connection is up (the passive side
+        // especially); what they made us queue (a PUT_NAK, a GET_DONE, a
+        // NOOP) waited for this: send it now, not at the next send.
+        self.check_sends(c);
     }
 
     fn rejected(self: &Arc<Self>, c: &Arc<Conn>, private: &[u8], status: i32) {
