@@ -316,11 +316,11 @@ fn main() {
     let _ = put_rtt(&l, srv.1, 200);
     let _ = put_rtt_cb(&l, srv.1, 200);
     let (mut queued, mut plain, mut chained, mut means) = (vec![], vec![], vec![], vec![]);
-    let mut threads = vec![];
+    let mut in_process = vec![];
     for _ in 0..rounds {
         queued.push(median(&mut put_rtt(&l, srv.1, n)));
         plain.push(pingpong_2proc(n));
-        threads.push(
+        in_process.push(
             compare::tcp_pingpong_rtt_us(SRV.parse().unwrap(), CLI.parse().unwrap(), n)
                 .expect("TCP ping-pong"),
         );
@@ -333,11 +333,11 @@ fn main() {
         .zip(&plain)
         .map(|(c, p)| format!("{:.2}", c / p))
         .collect();
-    let threads_rtt = median(&mut threads);
+    let threads_rtt = median(&mut in_process);
     let (queued, plain, chained, mean) = (
         median(&mut queued),
         median(&mut plain),
-        median(&mut chained.clone()),
+        median(&mut chained),
         median(&mut means),
     );
     println!("8-byte round trip, median of {n} per round, median of {rounds} interleaved rounds");

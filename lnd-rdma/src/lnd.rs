@@ -1664,9 +1664,7 @@ impl Shared {
                 // The peer connected to us meanwhile: use that one.
                 Some(_) => {
                     drop(peers);
-                    lock(&c.st).state = State::Closed;
-                    lock(&self.conns).remove(&c.id);
-                    self.retire(c);
+                    self.discard(&c);
                     return;
                 }
                 None => p.conn = Some(c.clone()),
@@ -2028,9 +2026,7 @@ impl Shared {
             Some((r, _)) if r.why == reject::CONN_RACE => {
                 // The peer's own attempt wins; it will connect to us.
                 debug!(target: "net", peer = %c.peer, "lost the connection race");
-                lock(&c.st).state = State::Closed;
-                lock(&self.conns).remove(&c.id);
-                self.retire(c.clone());
+                self.discard(c);
                 let mut peers = lock(&self.peers);
                 if let Some(p) = peers.get_mut(&c.peer) {
                     if p.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
@@ -2059,9 +2055,7 @@ impl Shared {
             }
         };
         if retry_now {
-            lock(&c.st).state = State::Closed;
-            lock(&self.conns).remove(&c.id);
-            self.retire(c.clone());
+            self.discard(c);
             if let Some(p) = lock(&self.peers).get_mut(&c.peer) {
                 if p.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
                     p.conn = None;
@@ -2190,6 +2184,15 @@ impl Shared {
             }
         }
         true
+    }
+
+    /// Drop a connection that never carried traffic (a lost race, a
+    /// rejected attempt, a dial made redundant): closed, out of the maps,
+    /// reaped once its receives flush.
+    fn discard(&self, c: &Arc<Conn>) {
+        lock(&c.st).state = State::Closed;
+        lock(&self.conns).remove(&c.id);
+        self.retire(c.clone());
     }
 
     fn retire(&self, c: Arc<Conn>) {

@@ -368,35 +368,28 @@ impl CmId {
     pub(crate) fn raw(&self) -> usize {
         self.id as usize
     }
-    pub(crate) fn set_reuseaddr(&self) {
-        let one: c_int = 1;
-        // SAFETY: option value points to a live int of the right size.
+    /// Set an `RDMA_OPTION_ID` option of this id to `v`.
+    fn set_id_option<T: Copy>(&self, name: u32, v: T) {
+        // SAFETY: the option value points to a live `T`, and `T` is the
+        // type (and size) the named option takes (callers below).
         unsafe {
             cma::rdma_set_option(
                 self.id,
                 cma::RDMA_OPTION_ID as c_int,
-                cma::RDMA_OPTION_ID_REUSEADDR as c_int,
-                &one as *const c_int as *mut _,
-                std::mem::size_of::<c_int>(),
+                name as c_int,
+                &v as *const T as *mut _,
+                std::mem::size_of::<T>(),
             );
         }
+    }
+    pub(crate) fn set_reuseaddr(&self) {
+        self.set_id_option::<c_int>(cma::RDMA_OPTION_ID_REUSEADDR, 1);
     }
     /// The local ACK timeout of the QP (4.096 µs × 2^`exp`): how long an
     /// unacknowledged packet waits before it is sent again. Set before
     /// connect/accept.
     pub(crate) fn set_ack_timeout(&self, exp: u8) {
-        let v: u8 = exp.min(31);
-        // SAFETY: option value points to a live u8, the size the option
-        // takes.
-        unsafe {
-            cma::rdma_set_option(
-                self.id,
-                cma::RDMA_OPTION_ID as c_int,
-                cma::RDMA_OPTION_ID_ACK_TIMEOUT as c_int,
-                &v as *const u8 as *mut _,
-                std::mem::size_of::<u8>(),
-            );
-        }
+        self.set_id_option::<u8>(cma::RDMA_OPTION_ID_ACK_TIMEOUT, exp.min(31));
     }
     pub(crate) fn bind(&self, addr: SocketAddr) -> io::Result<()> {
         let (mut ss, _) = sockaddr(addr);

@@ -309,6 +309,13 @@ pub(crate) struct PeerState {
     idle_since: Instant,
 }
 
+impl PeerState {
+    /// Passive handshakes of type `ct` accepted but not registered yet.
+    fn accepting_mut(&mut self, ct: ConnType) -> &mut u16 {
+        &mut self.accepting[ct.to_wire() as usize % 4]
+    }
+}
+
 pub(crate) struct Peer {
     nid: Nid,
     st: Mutex<PeerState>,
@@ -346,7 +353,7 @@ struct Reserved {
 impl Drop for Reserved {
     fn drop(&mut self) {
         let mut st = lock(&self.peer.st);
-        let n = &mut st.accepting[self.ct.to_wire() as usize % 4];
+        let n = st.accepting_mut(self.ct);
         *n = n.saturating_sub(1);
     }
 }
@@ -828,22 +835,24 @@ impl Shared {
         // (which counts reservations) never dials a type we are accepting.
         proto::passive_check(&h, self.nid, false, |_| false)?;
         let peer = self.peer_or_new(h.src_nid);
-        let (verdict, reserved) = {
+        // Accepted: the type, reserved until registered. Refused: why.
+        let decision: Result<(ConnType, Reserved), Reject> = {
             let mut st = lock(&peer.st);
             let inc = h.src_incarnation;
-            let verdict =
-                proto::passive_check(&h, self.nid, st.connecting, |ct| self.enough(&st, ct, inc))?;
-            let reserved = match verdict {
+            match proto::passive_check(&h, self.nid, st.connecting, |ct| self.enough(&st, ct, inc))?
+            {
                 PassiveVerdict::Accept(ct) => {
-                    st.accepting[ct.to_wire() as usize % 4] += 1;
-                    Some(Reserved {
-                        peer: peer.clone(),
+                    *st.accepting_mut(ct) += 1;
+                    Ok((
                         ct,
-                    })
+                        Reserved {
+                            peer: peer.clone(),
+                            ct,
+                        },
+                    ))
                 }
-                PassiveVerdict::Refuse(_) => None,
-            };
-            (verdict, reserved)
+                PassiveVerdict::Refuse(r) => Err(r),
+            }
         };
         let mut answer = Hello {
             version,
@@ -855,8 +864,8 @@ impl Shared {
             dst_incarnation: h.src_incarnation,
             ctype: CONN_NONE,
         };
-        match (verdict, reserved) {
-            (PassiveVerdict::Accept(ct), Some(reserved)) => {
+        match decision {
+            Ok((ct, reserved)) => {
                 answer.ctype = ct.to_wire();
                 s.write_all(&answer.encode(ByteOrder::NATIVE)?).await?;
                 Ok(Some((
@@ -874,11 +883,7 @@ impl Shared {
                     reserved,
                 )))
             }
-            (verdict, _) => {
-                let r = match verdict {
-                    PassiveVerdict::Refuse(r) => r,
-                    PassiveVerdict::Accept(_) => Reject::Race,
-                };
+            Err(r) => {
                 self.stats.count(&r);
                 tracing::debug!(target: "net", peer = %h.src_nid, reason = %r,
                     "refusing a dial (a connection race or a duplicate)");
