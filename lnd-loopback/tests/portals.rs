@@ -790,3 +790,57 @@ fn shutdown_ends_every_pending_operation_once() {
     assert!(finals.values().all(|&c| c == 1));
     assert!(l.md_bind(Md::new(vec![])).is_err());
 }
+
+/// Message counters agree at every level: a peer NI counts what it sent
+/// and received, its NI is the sum of its peers plus its own drops, and the
+/// node is the sum of its NIs.
+#[test]
+fn message_counters_per_peer_ni_and_node_agree() {
+    use lnet::wire::MsgType;
+    let l = node();
+    let tq = EventQueue::new();
+    let iq = EventQueue::new();
+    l.attach(
+        5,
+        ProcessId::ANY,
+        1,
+        0,
+        Unlink::Retain,
+        InsPos::Tail,
+        Md::new(vec![0u8; 100])
+            .options(MdOptions::OP_PUT | MdOptions::MANAGE_REMOTE)
+            .threshold(Threshold::Infinite)
+            .handler(tq.handler()),
+    )
+    .unwrap();
+    for i in 0..3 {
+        put(&l, pattern(10 + i, 1), true, 5, 1, 0, &iq);
+        let ev = until_final(&iq);
+        assert!(ev.iter().any(|e| e.kind == EventKind::Ack), "{ev:?}");
+    }
+    // One PUT that matches nothing: sent, received, then dropped.
+    put(&l, pattern(7, 1), false, 5, 99, 0, &iq);
+    until_final(&iq);
+
+    let c = l.counters().msgs;
+    let (put, ack) = (MsgType::Put.index(), MsgType::Ack.index());
+    assert_eq!(c.send_count[put], 4);
+    assert_eq!(c.recv_count[put], 4);
+    assert_eq!(c.send_count[ack], 3);
+    assert_eq!(c.recv_count[ack], 3);
+    assert_eq!(c.drop_count[put], 1);
+    assert_eq!(c.send_length, 10 + 11 + 12 + 7);
+    assert_eq!(c.recv_length, 10 + 11 + 12 + 7);
+    assert_eq!(c.drop_length, 7);
+    assert_eq!(c.errors, 0);
+    assert_eq!(
+        l.ni_counters(Nid::LO),
+        Some(c),
+        "one NI: the node's figures"
+    );
+    let p = l.peer_counters(Nid::LO).expect("peer 0@lo");
+    assert_eq!(p.send_count, c.send_count);
+    assert_eq!(p.recv_count, c.recv_count);
+    assert_eq!(p.dropped(), 0, "drops are the NI's, not the peer's");
+    assert_eq!(l.counters().drops_for(DropReason::NoMatch), 1);
+}

@@ -51,14 +51,47 @@ impl CounterSnapshot {
     }
 }
 
+impl CounterSnapshot {
+    /// Add `o` into `self` (a node's figures are the sum of its NIs').
+    pub(crate) fn add(&mut self, o: &CounterSnapshot) {
+        for i in 0..5 {
+            self.send_count[i] += o.send_count[i];
+            self.recv_count[i] += o.recv_count[i];
+            self.drop_count[i] += o.drop_count[i];
+        }
+        self.send_length += o.send_length;
+        self.recv_length += o.recv_length;
+        self.drop_length += o.drop_length;
+        self.errors += o.errors;
+    }
+}
+
+/// [`MsgCounters`] for state that is only touched under a lock (a peer
+/// NI): plain additions, no atomic read-modify-write on the message path.
+#[derive(Default, Debug)]
+pub(crate) struct LockedCounters(CounterSnapshot);
+
+impl LockedCounters {
+    pub(crate) fn sent(&mut self, t: MsgType, bytes: u32) {
+        self.0.send_count[t.index()] += 1;
+        self.0.send_length += u64::from(bytes);
+    }
+    pub(crate) fn received(&mut self, t: MsgType, bytes: u32) {
+        self.0.recv_count[t.index()] += 1;
+        self.0.recv_length += u64::from(bytes);
+    }
+    pub(crate) fn error(&mut self) {
+        self.0.errors += 1;
+    }
+    pub(crate) fn snapshot(&self) -> CounterSnapshot {
+        self.0
+    }
+}
+
 impl MsgCounters {
     pub(crate) fn sent(&self, t: MsgType, bytes: u32) {
         self.send_count[t.index()].fetch_add(1, Relaxed);
         self.send_length.fetch_add(bytes.into(), Relaxed);
-    }
-    pub(crate) fn received(&self, t: MsgType, bytes: u32) {
-        self.recv_count[t.index()].fetch_add(1, Relaxed);
-        self.recv_length.fetch_add(bytes.into(), Relaxed);
     }
     pub(crate) fn dropped(&self, t: MsgType, bytes: u32) {
         self.drop_count[t.index()].fetch_add(1, Relaxed);
@@ -120,11 +153,10 @@ impl DropReason {
     ];
 }
 
-/// Node-wide counters beyond messages.
+/// Node-wide counters beyond messages (the node's message counts are
+/// the sum of its NIs').
 #[derive(Default, Debug)]
 pub struct NodeCounters {
-    /// Messages by type.
-    pub msgs: MsgCounters,
     drops: [AtomicU64; 9],
     lazy_delayed: AtomicU64,
     response_timeouts: AtomicU64,
@@ -161,10 +193,10 @@ impl NodeCounters {
     pub(crate) fn response_timeout(&self) {
         self.response_timeouts.fetch_add(1, Relaxed);
     }
-    /// Read every counter.
-    pub fn snapshot(&self) -> NodeCounterSnapshot {
+    /// Read every counter; `msgs` are the node's message counts.
+    pub fn snapshot(&self, msgs: CounterSnapshot) -> NodeCounterSnapshot {
         NodeCounterSnapshot {
-            msgs: self.msgs.snapshot(),
+            msgs,
             drops: DropReason::ALL
                 .iter()
                 .enumerate()

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use crate::counters::{
-    CounterSnapshot, DropReason, MsgCounters, NodeCounterSnapshot, NodeCounters,
+    CounterSnapshot, DropReason, LockedCounters, MsgCounters, NodeCounterSnapshot, NodeCounters,
 };
 use crate::credits::{CreditSnapshot, Credits};
 use crate::error::{Error, Result};
@@ -249,7 +249,7 @@ type PeerTable = HashMap<(usize, Nid), PeerNi, foldhash::fast::RandomState>;
 struct PeerNi {
     credits: Credits,
     queue: VecDeque<TxMsg>,
-    counters: MsgCounters,
+    counters: LockedCounters,
     up: bool,
 }
 
@@ -338,7 +338,7 @@ impl PipeQ {
 
 impl EventPipe {
     fn drain(&self) {
-        let mut next = {
+        let next = {
             let mut g = lock(&self.q);
             if g.busy {
                 return;
@@ -351,6 +351,12 @@ impl EventPipe {
                 None => return,
             }
         };
+        self.deliver_from(next);
+    }
+
+    /// Deliver `next`, then whatever queued meanwhile; the caller has
+    /// claimed the pipe (`busy`).
+    fn deliver_from(&self, mut next: Event) {
         loop {
             self.handler.deliver(next);
             let mut g = lock(&self.q);
@@ -362,6 +368,22 @@ impl EventPipe {
                 }
             }
         }
+    }
+}
+
+/// Queue `e` on `pipe`: an idle pipe with nothing waiting is claimed and
+/// the event handed to `after` as is (one lock instead of a push, a
+/// pop and a re-check); otherwise it waits its turn in order.
+fn queue_event(pipe: Arc<EventPipe>, e: Event, after: &mut After) {
+    let mut q = lock(&pipe.q);
+    if after.direct.is_none() && !q.busy && q.first.is_none() && q.rest.is_empty() {
+        q.busy = true;
+        drop(q);
+        after.direct = Some((pipe, e));
+    } else {
+        q.push(e);
+        drop(q);
+        after.push_pipe(pipe);
     }
 }
 
@@ -431,6 +453,9 @@ struct Container {
 /// Things to do once the container lock is released.
 #[derive(Default)]
 struct After {
+    /// An event for a pipe this After has claimed (see `queue_event`):
+    /// delivered first, and also if the After is dropped unrun.
+    direct: Option<(Arc<EventPipe>, Event)>,
     /// The usual single pipe to drain, without allocating.
     pipe: Option<Arc<EventPipe>>,
     pipes: Vec<Arc<EventPipe>>,
@@ -456,27 +481,39 @@ impl After {
         }
     }
 
-    fn run(self, inner: &Arc<Inner>) {
-        if let Some(p) = self.pipe {
+    fn run(mut self, inner: &Arc<Inner>) {
+        if let Some((p, e)) = self.direct.take() {
+            p.deliver_from(e);
+        }
+        if let Some(p) = self.pipe.take() {
             p.drain();
         }
         if !self.pipes.is_empty() {
-            for p in self.pipes {
+            for p in std::mem::take(&mut self.pipes) {
                 p.drain();
             }
         }
         if !self.fires.is_empty() {
-            for (tx, d) in self.fires {
+            for (tx, d) in std::mem::take(&mut self.fires) {
                 tx.fire(d);
             }
         }
-        if let Some(t) = self.send {
+        if let Some(t) = self.send.take() {
             inner.send(t);
         }
         if !self.sends.is_empty() {
-            for t in self.sends {
+            for t in std::mem::take(&mut self.sends) {
                 inner.send(t);
             }
+        }
+    }
+}
+
+impl Drop for After {
+    fn drop(&mut self) {
+        // A claimed pipe must not stay claimed: deliver what it holds.
+        if let Some((p, e)) = self.direct.take() {
+            p.deliver_from(e);
         }
     }
 }
@@ -547,6 +584,20 @@ impl Inner {
         &self.peers[(h as usize) % PEER_SHARDS]
     }
 
+    /// Every NI's message counters: its own (drops, and messages that
+    /// never reached a peer) plus its peers'.
+    fn ni_counters(&self) -> Vec<CounterSnapshot> {
+        let mut v: Vec<CounterSnapshot> = self.nis.iter().map(|n| n.counters.snapshot()).collect();
+        for shard in self.peers.iter() {
+            for ((ni, _), p) in lock(shard).iter() {
+                if let Some(s) = v.get_mut(*ni) {
+                    s.add(&p.counters.snapshot());
+                }
+            }
+        }
+        v
+    }
+
     fn with_peer<R>(&self, ni: usize, nid: Nid, f: impl FnOnce(&mut PeerNi) -> R) -> R {
         let pc = self.ni_info(ni).map_or(8, |i| i.limits.peer_credits);
         let mut g = lock(self.peer_shard(ni, &nid));
@@ -558,7 +609,7 @@ impl Inner {
         let p = g.entry((ni, nid)).or_insert_with(|| PeerNi {
             credits: Credits::new(pc),
             queue: VecDeque::new(),
-            counters: MsgCounters::default(),
+            counters: LockedCounters::default(),
             up: true,
         });
         f(p)
@@ -652,17 +703,13 @@ impl Inner {
     ) {
         let mtype = hdr.msg_type();
         let ok = status.is_ok();
-        if let Some(n) = self.nis.get(ni) {
-            if ok {
-                n.counters.sent(mtype, hdr.payload_length);
-                self.counters.msgs.sent(mtype, hdr.payload_length);
-            } else {
-                n.counters.error();
-                self.counters.msgs.error();
-                debug!(target: "neterror", %peer, ?mtype, ?status, "send failed");
-            }
+        if !ok {
+            debug!(target: "neterror", %peer, ?mtype, ?status, "send failed");
         }
         // Credits back first: whatever they release goes out after us.
+        // A message that got its credits is counted on its peer NI (under
+        // the peer lock, without atomics); one that never reached a peer,
+        // on the NI itself.
         let mut release = Vec::new();
         if credits_held {
             {
@@ -685,6 +732,12 @@ impl Inner {
                     }
                 }
             });
+        } else if let Some(n) = self.nis.get(ni) {
+            if ok {
+                n.counters.sent(mtype, hdr.payload_length);
+            } else {
+                n.counters.error();
+            }
         }
         let mut after = After::default();
         match tok {
@@ -726,9 +779,6 @@ impl Inner {
 
     fn drop_msg(&self, ni: usize, hdr: &Header, r: DropReason) -> Delivery {
         self.counters.drop_reason(r);
-        self.counters
-            .msgs
-            .dropped(hdr.msg_type(), hdr.payload_length);
         if let Some(n) = self.nis.get(ni) {
             n.counters.dropped(hdr.msg_type(), hdr.payload_length);
         }
@@ -750,8 +800,6 @@ impl Inner {
             return self.drop_msg(ni, hdr, DropReason::NotForUs);
         }
         let mtype = hdr.msg_type();
-        self.nis[ni].counters.received(mtype, hdr.payload_length);
-        self.counters.msgs.received(mtype, hdr.payload_length);
         self.with_peer(ni, from, |p| p.counters.received(mtype, hdr.payload_length));
         match hdr.body {
             MsgBody::Put { .. } => self.parse_put(ni, hdr, from),
@@ -1311,8 +1359,7 @@ fn finish_if_done(c: &mut Container, md: u64, event: Option<Event>, after: &mut 
     };
     if !done {
         if let Some(e) = event {
-            lock(&pipe.q).push(e);
-            after.push_pipe(pipe);
+            queue_event(pipe, e, after);
         }
         return;
     }
@@ -1325,7 +1372,6 @@ fn finish_if_done(c: &mut Container, md: u64, event: Option<Event>, after: &mut 
             MdBuffer::default()
         }
     });
-    let mut q = lock(&pipe.q);
     let last = match (event, m.abort) {
         (Some(mut e), None) => {
             e.unlinked = true;
@@ -1334,7 +1380,7 @@ fn finish_if_done(c: &mut Container, md: u64, event: Option<Event>, after: &mut 
         }
         (e, abort) => {
             if let Some(e) = e {
-                q.push(e);
+                queue_event(pipe.clone(), e, after);
             }
             Event {
                 kind: EventKind::Unlink,
@@ -1357,9 +1403,7 @@ fn finish_if_done(c: &mut Container, md: u64, event: Option<Event>, after: &mut 
             }
         }
     };
-    q.push(last);
-    drop(q);
-    after.push_pipe(pipe);
+    queue_event(pipe, last, after);
 }
 
 // ------------------------------------------------------------- public API
@@ -1521,10 +1565,9 @@ impl Lnet {
                     MdMatch::Drop => {
                         let d = c.delayed.remove(i).expect("delayed");
                         inner.counters.drop_reason(DropReason::TooLarge);
-                        inner
-                            .counters
-                            .msgs
-                            .dropped(MsgType::Put, d.hdr.payload_length);
+                        if let Some(n) = inner.nis.get(d.ni) {
+                            n.counters.dropped(MsgType::Put, d.hdr.payload_length);
+                        }
                         let len = d.hdr.payload_length;
                         after.fires.push((d.tx, Delivery::Discard(len)));
                     }
@@ -1829,16 +1872,21 @@ impl Lnet {
 
     /// Node counters.
     pub fn counters(&self) -> NodeCounterSnapshot {
-        self.inner.counters.snapshot()
+        let mut msgs = CounterSnapshot::default();
+        for n in self.inner.ni_counters() {
+            msgs.add(&n);
+        }
+        self.inner.counters.snapshot(msgs)
     }
 
     /// Counters of the NI with NID `nid`.
     pub fn ni_counters(&self, nid: Nid) -> Option<CounterSnapshot> {
-        self.inner
+        let ni = self
+            .inner
             .nis
             .iter()
-            .find(|n| n.info.get().is_some_and(|i| i.nid == nid))
-            .map(|n| n.counters.snapshot())
+            .position(|n| n.info.get().is_some_and(|i| i.nid == nid))?;
+        Some(self.inner.ni_counters()[ni])
     }
 
     /// Credits of the NI with NID `nid`.
