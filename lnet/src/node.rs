@@ -1870,7 +1870,7 @@ impl Lnet {
         )
     }
 
-    /// Node counters.
+    /// Node counters; `msgs` is the sum of every NI's [`Self::ni_counters`].
     pub fn counters(&self) -> NodeCounterSnapshot {
         let mut msgs = CounterSnapshot::default();
         for n in self.inner.ni_counters() {
@@ -1879,7 +1879,10 @@ impl Lnet {
         self.inner.counters.snapshot(msgs)
     }
 
-    /// Counters of the NI with NID `nid`.
+    /// Counters of the NI with NID `nid`: what its peer NIs sent and
+    /// received, plus the NI's drops and the sends that never reached a
+    /// peer. Summed when read (the message path counts each message once,
+    /// on its peer NI, under that peer's lock).
     pub fn ni_counters(&self, nid: Nid) -> Option<CounterSnapshot> {
         let ni = self
             .inner
