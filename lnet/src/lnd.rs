@@ -372,10 +372,8 @@ impl TxMsg {
     }
     fn finish(&mut self, status: Result<(), Error>) {
         if let Some(tok) = self.token.take() {
-            let mem = self.mem.take();
-            drop(mem);
-            let inner = self.inner.clone();
-            inner.tx_done(
+            drop(self.mem.take());
+            self.inner.tx_done(
                 self.ni,
                 self.peer,
                 &self.hdr,
@@ -522,8 +520,7 @@ impl Sink {
                 .loan
                 .take()
                 .or_else(|| self.alloc.take().map(BytesMut::freeze));
-            let inner = self.inner.clone();
-            inner.rx_done(tok, status, loan);
+            self.inner.rx_done(tok, status, loan);
         }
     }
 }

@@ -10,6 +10,7 @@
 //! never held together, nor across a call into an LND or an event handler.
 
 use std::cell::RefCell;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +24,7 @@ use tracing::{debug, warn};
 use crate::counters::{
     CounterSnapshot, DropReason, LockedCounters, MsgCounters, NodeCounterSnapshot, NodeCounters,
 };
-use crate::credits::{CreditSnapshot, Credits};
+use crate::credits::{CreditSnapshot, Credits, SharedCredits};
 use crate::error::{Error, Result};
 use crate::lnd::{
     Deferred, DeferredSender, Delivery, Lnd, LndInfo, NiContext, PeerEvent, SharedMem, Sink,
@@ -123,9 +124,10 @@ impl LnetBuilder {
                 .map(|lnd| NiState {
                     lnd,
                     info: OnceLock::new(),
+                    credits: SharedCredits::new(1),
                     tx: Mutex::new(NiTx {
-                        credits: Credits::new(1),
                         queue: VecDeque::new(),
+                        handoffs: 0,
                     }),
                     counters: MsgCounters::default(),
                 })
@@ -165,7 +167,7 @@ impl LnetBuilder {
             limits.max_payload = limits.max_payload.min(LNET_MTU);
             limits.credits = limits.credits.max(1);
             limits.peer_credits = limits.peer_credits.max(1);
-            lock(&ni.tx).credits = Credits::new(limits.credits);
+            ni.credits.reset(limits.credits);
             let _ = ni.info.set(LndInfo {
                 nid: info.nid,
                 limits,
@@ -232,13 +234,18 @@ fn monitor_loop(inner: Weak<Inner>, tick: Duration) {
 struct NiState {
     lnd: Arc<dyn Lnd>,
     info: OnceLock<LndInfo>,
+    /// Taken and returned without a lock; `tx` only holds the waiters.
+    credits: SharedCredits,
     tx: Mutex<NiTx>,
     counters: MsgCounters,
 }
 
+/// Messages waiting for an NI credit.
 struct NiTx {
-    credits: Credits,
     queue: VecDeque<TxMsg>,
+    /// Credits returned for waiters that had not queued themselves yet
+    /// (see [`SharedCredits`]).
+    handoffs: usize,
 }
 
 /// Peer NIs of one shard, by (NI index, peer NID).
@@ -645,15 +652,17 @@ impl Inner {
 
     fn send_ni(self: &Arc<Self>, mut tx: TxMsg) {
         let ni = &self.nis[tx.ni];
-        {
+        // The peer credit now, the NI's once granted (a queued message
+        // counts as waiting for it).
+        tx.credits_held = true;
+        if !ni.credits.take() {
             let mut g = lock(&ni.tx);
-            if !g.credits.take() {
-                tx.credits_held = true; // the peer credit
+            if g.handoffs == 0 {
                 g.queue.push_back(tx);
                 return;
             }
+            g.handoffs -= 1;
         }
-        tx.credits_held = true;
         self.lnd_send(tx);
     }
 
@@ -673,8 +682,8 @@ impl Inner {
         });
         let Some(mut next) = first else { return };
         loop {
-            let lnd = self.nis[next.ni].lnd.clone();
-            lnd.send(next);
+            let ni = next.ni;
+            self.nis[ni].lnd.send(next);
             let more = LAUNCH.with(|l| {
                 let mut l = l.borrow_mut();
                 let q = l.as_mut().expect("launch queue");
@@ -712,12 +721,12 @@ impl Inner {
         // on the NI itself.
         let mut release = Vec::new();
         if credits_held {
-            {
-                let mut g = lock(&self.nis[ni].tx);
-                if g.credits.give_back() {
-                    if let Some(t) = g.queue.pop_front() {
-                        release.push((t, true));
-                    }
+            let n = &self.nis[ni];
+            if n.credits.give_back() {
+                let mut g = lock(&n.tx);
+                match g.queue.pop_front() {
+                    Some(t) => release.push((t, true)),
+                    None => g.handoffs += 1,
                 }
             }
             self.with_peer(ni, peer, |p| {
@@ -743,25 +752,29 @@ impl Inner {
         match tok {
             TxToken::Initiator { md, ev } => {
                 let mut c = lock(&self.containers[container_of(md)]);
-                if let Some(m) = c.mds.get_mut(&md) {
-                    m.pending -= 1;
-                    if !ok {
-                        // The response can no longer come: consume its
-                        // share of the threshold as if it had.
-                        if let Some(a) = m.awaiting.take() {
-                            m.view.threshold.dec();
-                            c.timers.remove(&(a.deadline, md));
-                        }
-                    }
-                }
-                emit(&mut c, md, EventKind::Send, &ev, status, None, &mut after);
+                op_done(
+                    &mut c,
+                    md,
+                    EventKind::Send,
+                    &ev,
+                    status,
+                    None,
+                    !ok,
+                    &mut after,
+                );
             }
             TxToken::Reply { md, ev } => {
                 let mut c = lock(&self.containers[container_of(md)]);
-                if let Some(m) = c.mds.get_mut(&md) {
-                    m.pending -= 1;
-                }
-                emit(&mut c, md, EventKind::Get, &ev, status, None, &mut after);
+                op_done(
+                    &mut c,
+                    md,
+                    EventKind::Get,
+                    &ev,
+                    status,
+                    None,
+                    false,
+                    &mut after,
+                );
             }
             TxToken::Ack => {}
         }
@@ -871,11 +884,12 @@ impl Inner {
 
     /// Commit a match on `md` and, when it is exhausted, detach it.
     fn commit(c: &mut Container, md: u64, offset: u32, mlength: u32) {
-        let Some(m) = c.mds.get_mut(&md) else { return };
+        let Container { table, mds, .. } = c;
+        let Some(m) = mds.get_mut(&md) else { return };
         m.view.commit(offset, mlength);
         m.pending += 1;
         if m.view.exhausted() {
-            detach(c, md);
+            detach_me(table, m);
         }
     }
 
@@ -903,8 +917,7 @@ impl Inner {
             offset,
         ) {
             Some((md, MdMatch::Ok { offset, mlength })) => {
-                Self::commit(&mut c, md, offset, mlength);
-                let sink = self.put_sink(&c, md, ni, hdr, from, offset, mlength);
+                let sink = self.put_sink(&mut c, md, ni, hdr, from, offset, mlength);
                 Delivery::Receive(sink)
             }
             Some((_, _)) => {
@@ -937,10 +950,12 @@ impl Inner {
         }
     }
 
+    /// Commit a PUT's match on `md` (detaching it when exhausted) and
+    /// make the sink for its payload: one lookup for both.
     #[allow(clippy::too_many_arguments)]
     fn put_sink(
         self: &Arc<Self>,
-        c: &Container,
+        c: &mut Container,
         md: u64,
         ni: usize,
         hdr: &Header,
@@ -948,7 +963,13 @@ impl Inner {
         offset: u32,
         mlength: u32,
     ) -> Sink {
-        let m = &c.mds[&md];
+        let Container { table, mds, .. } = c;
+        let m = mds.get_mut(&md).expect("matched md");
+        m.view.commit(offset, mlength);
+        m.pending += 1;
+        if m.view.exhausted() {
+            detach_me(table, m);
+        }
         let MsgBody::Put { ack_wmd, .. } = hdr.body else {
             unreachable!()
         };
@@ -1140,11 +1161,17 @@ impl Inner {
         match tok {
             RxToken::Put { md, ev, ack } => {
                 let mut c = lock(&self.containers[container_of(md)]);
-                if let Some(m) = c.mds.get_mut(&md) {
-                    m.pending -= 1;
-                }
                 let ok = status.is_ok();
-                emit(&mut c, md, EventKind::Put, &ev, status, loan, &mut after);
+                op_done(
+                    &mut c,
+                    md,
+                    EventKind::Put,
+                    &ev,
+                    status,
+                    loan,
+                    false,
+                    &mut after,
+                );
                 drop(c);
                 if let (true, Some((wmd, ni, peer))) = (ok, ack) {
                     after.push_send(TxMsg::new(TxState {
@@ -1173,10 +1200,16 @@ impl Inner {
             }
             RxToken::Reply { md, ev } => {
                 let mut c = lock(&self.containers[container_of(md)]);
-                if let Some(m) = c.mds.get_mut(&md) {
-                    m.pending -= 1;
-                }
-                emit(&mut c, md, EventKind::Reply, &ev, status, loan, &mut after);
+                op_done(
+                    &mut c,
+                    md,
+                    EventKind::Reply,
+                    &ev,
+                    status,
+                    loan,
+                    false,
+                    &mut after,
+                );
             }
         }
         after.run(self);
@@ -1276,31 +1309,71 @@ impl Inner {
 
 /// Remove MD `md` from its ME (and the ME from its portal if it unlinks
 /// on use).
-fn detach(c: &mut Container, md: u64) {
-    let Some(m) = c.mds.get_mut(&md) else { return };
+/// Take MD `m` off its ME (and the ME off its list when it unlinks with
+/// its MD).
+fn detach_me(table: &mut MatchTable<MeState>, m: &mut MdState) {
     let Some(me) = m.me.take() else { return };
-    let unlink = c.table.get(me).is_none_or(|s| s.unlink);
+    let unlink = table.get(me).is_none_or(|s| s.unlink);
     if unlink {
-        c.table.remove(me);
-    } else if let Some(s) = c.table.get_mut(me) {
+        table.remove(me);
+    } else if let Some(s) = table.get_mut(me) {
         s.md = None;
     }
 }
 
+type MdEntry<'a> = std::collections::hash_map::OccupiedEntry<'a, u64, MdState>;
+
 /// End whatever MD `md` waits for with `err` and unlink it.
 fn abort_md(c: &mut Container, md: u64, err: Error, after: &mut After) {
-    let Some(m) = c.mds.get_mut(&md) else { return };
+    let Container {
+        table, mds, timers, ..
+    } = c;
+    let Entry::Occupied(mut o) = mds.entry(md) else {
+        return;
+    };
+    let m = o.get_mut();
     let had_wait = m.awaiting.take();
     m.unlinking = true;
     if let Some(a) = &had_wait {
-        c.timers.remove(&(a.deadline, md));
+        timers.remove(&(a.deadline, md));
     }
-    let m = c.mds.get_mut(&md).expect("md");
     if had_wait.is_some() || err == Error::Shutdown {
         m.abort = Some(err);
     }
-    detach(c, md);
-    finish_if_done(c, md, None, after);
+    detach_me(table, m);
+    finish_in(table, o, None, after);
+}
+
+/// An operation on MD `md` completed: one lookup for its bookkeeping, its
+/// event and, when it is done, its unlink. `lost_response`: the send
+/// failed, so the ACK/REPLY it waited for will not come.
+#[allow(clippy::too_many_arguments)]
+fn op_done(
+    c: &mut Container,
+    md: u64,
+    kind: EventKind,
+    ev: &EvInfo,
+    status: Result<(), Error>,
+    loan: Option<Bytes>,
+    lost_response: bool,
+    after: &mut After,
+) {
+    let Container {
+        table, mds, timers, ..
+    } = c;
+    let Entry::Occupied(mut o) = mds.entry(md) else {
+        return;
+    };
+    let m = o.get_mut();
+    m.pending -= 1;
+    if lost_response {
+        // Consume the response's share of the threshold as if it came.
+        if let Some(a) = m.awaiting.take() {
+            m.view.threshold.dec();
+            timers.remove(&(a.deadline, md));
+        }
+    }
+    emit_in(table, o, kind, ev, status, loan, after);
 }
 
 /// Queue an event of `kind` for MD `md`; when the MD is done, the event
@@ -1315,9 +1388,24 @@ fn emit(
     loan: Option<Bytes>,
     after: &mut After,
 ) {
-    let Some(m) = c.mds.get(&md) else { return };
+    let Container { table, mds, .. } = c;
+    if let Entry::Occupied(o) = mds.entry(md) {
+        emit_in(table, o, kind, ev, status, loan, after);
+    }
+}
+
+fn emit_in(
+    table: &mut MatchTable<MeState>,
+    o: MdEntry<'_>,
+    kind: EventKind,
+    ev: &EvInfo,
+    status: Result<(), Error>,
+    loan: Option<Bytes>,
+    after: &mut After,
+) {
+    let m = o.get();
     if m.pipe.is_none() {
-        finish_if_done(c, md, None, after);
+        finish_in(table, o, None, after);
         return;
     }
     let event = Event {
@@ -1330,7 +1418,7 @@ fn emit(
         rlength: ev.rlength,
         mlength: ev.mlength,
         offset: ev.offset,
-        md: MdHandle(md),
+        md: MdHandle(*o.key()),
         user_ptr: m.user_ptr,
         hdr_data: ev.hdr_data,
         msg_type: ev.msg_type,
@@ -1339,32 +1427,35 @@ fn emit(
         buffer: None,
         loan,
     };
-    finish_if_done(c, md, Some(event), after);
+    finish_in(table, o, Some(event), after);
 }
 
-fn finish_if_done(c: &mut Container, md: u64, event: Option<Event>, after: &mut After) {
-    let Some(m) = c.mds.get(&md) else { return };
+/// Queue `event` (if any) for the MD in `o`; when the MD is done, unlink
+/// it and hand its buffer back with the last event.
+fn finish_in(
+    table: &mut MatchTable<MeState>,
+    mut o: MdEntry<'_>,
+    event: Option<Event>,
+    after: &mut After,
+) {
+    let md = *o.key();
+    let m = o.get_mut();
     let done = (m.unlinking || m.view.exhausted()) && m.pending == 0 && m.awaiting.is_none();
-    let Some(pipe) = m.pipe.clone() else {
-        // No handler: no events; the buffer is simply released when done.
-        if done {
-            detach(c, md);
-            if let Some(m) = c.mds.remove(&md) {
-                if m.mem.is_some_and(|a| Arc::strong_count(&a) > 1) {
-                    warn!(target: "neterror", md, "MD memory still referenced at unlink");
-                }
-            }
-        }
-        return;
-    };
     if !done {
-        if let Some(e) = event {
-            queue_event(pipe, e, after);
+        if let (Some(e), Some(pipe)) = (event, &m.pipe) {
+            queue_event(pipe.clone(), e, after);
         }
         return;
     }
-    detach(c, md);
-    let m = c.mds.remove(&md).expect("md");
+    detach_me(table, m);
+    let m = o.remove();
+    let Some(pipe) = m.pipe else {
+        // No handler: no events; the buffer is simply released.
+        if m.mem.is_some_and(|a| Arc::strong_count(&a) > 1) {
+            warn!(target: "neterror", md, "MD memory still referenced at unlink");
+        }
+        return;
+    };
     let buffer = m.mem.map(|a| match Arc::try_unwrap(a) {
         Ok(mx) => mx.into_inner().unwrap_or_else(|e| e.into_inner()),
         Err(_) => {
@@ -1573,9 +1664,8 @@ impl Lnet {
                     }
                     MdMatch::Ok { offset, mlength } => {
                         let d = c.delayed.remove(i).expect("delayed");
-                        Inner::commit(&mut c, cookie, offset, mlength);
                         let sink =
-                            inner.put_sink(&c, cookie, d.ni, &d.hdr, d.from, offset, mlength);
+                            inner.put_sink(&mut c, cookie, d.ni, &d.hdr, d.from, offset, mlength);
                         after.fires.push((d.tx, Delivery::Receive(sink)));
                     }
                 }
@@ -1898,15 +1988,7 @@ impl Lnet {
             .nis
             .iter()
             .find(|n| n.info.get().is_some_and(|i| i.nid == nid))
-            .map(|n| {
-                let g = lock(&n.tx);
-                CreditSnapshot {
-                    max: g.credits.max(),
-                    available: g.credits.available(),
-                    min: g.credits.min(),
-                    queued: g.queue.len(),
-                }
-            })
+            .map(|n| n.credits.snapshot(lock(&n.tx).queue.len()))
     }
 
     fn peer_ni_index(&self, peer: &Nid) -> usize {
