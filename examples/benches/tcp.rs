@@ -1,7 +1,9 @@
 //! TCP LND against its natural peers, in one run on the same loopback
 //! addresses: 1 MiB PUT bandwidth beside `iperf3` (one stream, and as many
 //! streams as we have connections), and the round trip of an 8-byte PUT
-//! with ACK beside a plain TCP ping-pong of 8 bytes written here.
+//! with ACK beside a plain TCP ping-pong of 8 bytes written here — blocking
+//! on both ends (the goal's bound), and with both ends on tokio runtimes
+//! like our nodes' (the runtime's own share of the ratio).
 //!
 //! `cargo bench -p lnet-examples --bench tcp` (`-- --secs N` to change the
 //! measuring time per round, 5 s by default; `TCP_BENCH_ROUNDS` rounds, 3 by
@@ -197,20 +199,43 @@ fn put_rtt(l: &Lnet, to: ProcessId, n: usize) -> Vec<f64> {
     v
 }
 
+/// A tokio runtime shaped like our nodes' (multi-thread, `threads()`
+/// workers).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads())
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// The ping-pong's echo end in a process of its own (this bench binary,
-/// started with `TCP_BENCH_ECHO=1`): prints its port, echoes one
-/// connection, exits.
-fn echo_child() {
+/// started with `TCP_BENCH_ECHO=1`, or `=tokio` to echo from a task on a
+/// tokio runtime): prints its port, echoes one connection, exits.
+fn echo_child(on_tokio: bool) {
     let l = std::net::TcpListener::bind((SRV, 0)).expect("echo listener");
     println!("{}", l.local_addr().unwrap().port());
-    compare::tcp_echo_one(&l);
+    if !on_tokio {
+        return compare::tcp_echo_one(&l);
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (s, _) = l.accept().expect("accept");
+    s.set_nodelay(true).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let rt = runtime();
+    let task = rt.spawn(async move {
+        let mut s = tokio::net::TcpStream::from_std(s).expect("register");
+        let mut b = [0u8; 8];
+        while s.read_exact(&mut b).await.is_ok() && s.write_all(&b).await.is_ok() {}
+    });
+    let _ = rt.block_on(task);
 }
 
 /// The TCP ping-pong between two processes, as our two nodes are: median
-/// round trip of `n`, µs.
-fn pingpong_2proc(n: usize) -> f64 {
+/// round trip of `n`, µs; blocking on both ends, or both ends on tokio.
+fn pingpong_2proc(n: usize, on_tokio: bool) -> f64 {
     let mut p = Command::new(std::env::current_exe().unwrap())
-        .env("TCP_BENCH_ECHO", "1")
+        .env("TCP_BENCH_ECHO", if on_tokio { "tokio" } else { "1" })
         .stdout(Stdio::piped())
         .spawn()
         .expect("echo child");
@@ -220,14 +245,42 @@ fn pingpong_2proc(n: usize) -> f64 {
         .unwrap();
     let port: u16 = line.trim().parse().expect("echo port");
     let at = std::net::SocketAddr::new(SRV.parse().unwrap(), port);
-    let r = compare::tcp_pingpong_client(at, CLI.parse().unwrap(), n).expect("TCP ping-pong");
+    let r = if on_tokio {
+        tokio_pingpong_client(at, n)
+    } else {
+        compare::tcp_pingpong_client(at, CLI.parse().unwrap(), n).expect("TCP ping-pong")
+    };
     let _ = p.wait();
     r
 }
 
+/// The ping-pong's client end in a task on a tokio runtime: median round
+/// trip of `n`, µs.
+fn tokio_pingpong_client(at: std::net::SocketAddr, n: usize) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = runtime();
+    let task = rt.spawn(async move {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind((CLI.parse::<std::net::IpAddr>().unwrap(), 0).into())
+            .expect("bind");
+        let mut s = sock.connect(at).await.expect("connect");
+        s.set_nodelay(true).unwrap();
+        let mut v = Vec::with_capacity(n);
+        let mut b = [7u8; 8];
+        for _ in 0..n {
+            let t = Instant::now();
+            s.write_all(&b).await.expect("write");
+            s.read_exact(&mut b).await.expect("read");
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        median(&mut v)
+    });
+    rt.block_on(task).expect("ping-pong task")
+}
+
 fn main() {
-    if std::env::var_os("TCP_BENCH_ECHO").is_some() {
-        return echo_child();
+    if let Some(v) = std::env::var_os("TCP_BENCH_ECHO") {
+        return echo_child(v == "tokio");
     }
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
@@ -316,10 +369,11 @@ fn main() {
     let _ = put_rtt(&l, srv.1, 200);
     let _ = put_rtt_cb(&l, srv.1, 200);
     let (mut queued, mut plain, mut chained, mut means) = (vec![], vec![], vec![], vec![]);
-    let mut in_process = vec![];
+    let (mut in_process, mut on_tokio) = (vec![], vec![]);
     for _ in 0..rounds {
         queued.push(median(&mut put_rtt(&l, srv.1, n)));
-        plain.push(pingpong_2proc(n));
+        plain.push(pingpong_2proc(n, false));
+        on_tokio.push(pingpong_2proc(n, true));
         in_process.push(
             compare::tcp_pingpong_rtt_us(SRV.parse().unwrap(), CLI.parse().unwrap(), n)
                 .expect("TCP ping-pong"),
@@ -328,12 +382,22 @@ fn main() {
         means.push(chain.iter().sum::<f64>() / chain.len() as f64);
         chained.push(median(&mut chain));
     }
-    let per_round: Vec<String> = chained
-        .iter()
-        .zip(&plain)
-        .map(|(c, p)| format!("{:.2}", c / p))
-        .collect();
+    // Ratios per round (each pairs figures measured minutes apart at most),
+    // reduced to their median, as the shm bench does.
+    let ratios = |a: &[f64], b: &[f64]| -> (f64, String) {
+        let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        let shown = r
+            .iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        (median(&mut r), shown)
+    };
+    let (ratio, per_round) = ratios(&chained, &plain);
+    let (tokio_share, _) = ratios(&on_tokio, &plain);
+    let (lnet_share, _) = ratios(&chained, &on_tokio);
     let threads_rtt = median(&mut in_process);
+    let tokio_rtt = median(&mut on_tokio);
     let (queued, plain, chained, mean) = (
         median(&mut queued),
         median(&mut plain),
@@ -346,10 +410,12 @@ fn main() {
     );
     println!("  lnet-rs PUT+ACK, a thread waiting on an event queue  {queued:8.1} us");
     println!(
-        "  TCP ping-pong, blocking read/write, two processes    {plain:8.1} us   ratio callback/TCP {:.2} (goal <= 1.3; rounds {}), queue/TCP {:.2}",
+        "  TCP ping-pong, blocking read/write, two processes    {plain:8.1} us   ratio callback/TCP {ratio:.2} (goal <= 1.3; median of the rounds' ratios {per_round}; ratio of the medians {:.2}), queue/TCP {:.2}",
         chained / plain,
-        per_round.join(" "),
         queued / plain
+    );
+    println!(
+        "  TCP ping-pong, both ends on tokio, two processes     {tokio_rtt:8.1} us   ratio tokio/blocking {tokio_share:.2} (the runtime's share), callback/tokio {lnet_share:.2} (LNet's own)"
     );
     println!(
         "  TCP ping-pong, two threads of one process            {threads_rtt:8.1} us   ratio callback/TCP {:.2} (no address-space switch per hop)",
