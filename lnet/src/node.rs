@@ -454,7 +454,7 @@ struct Container {
     mds: HashMap<u64, MdState, foldhash::fast::RandomState>,
     lazy: bool,
     delayed: VecDeque<Delayed>,
-    timers: BTreeMap<(Instant, u64), ()>,
+    timers: Timers,
 }
 
 /// Things to do once the container lock is released.
@@ -1322,13 +1322,26 @@ fn detach_me(table: &mut MatchTable<MeState>, m: &mut MdState) {
 }
 
 type MdEntry<'a> = std::collections::hash_map::OccupiedEntry<'a, u64, MdState>;
+type Timers = BTreeMap<(Instant, u64), ()>;
 
-/// End whatever MD `md` waits for with `err` and unlink it.
-fn abort_md(c: &mut Container, md: u64, err: Error, after: &mut After) {
+/// MD `md`'s entry in `c`, found once, with the container's ME list and
+/// response timers beside it.
+fn md_entry(
+    c: &mut Container,
+    md: u64,
+) -> Option<(MdEntry<'_>, &mut MatchTable<MeState>, &mut Timers)> {
     let Container {
         table, mds, timers, ..
     } = c;
-    let Entry::Occupied(mut o) = mds.entry(md) else {
+    match mds.entry(md) {
+        Entry::Occupied(o) => Some((o, table, timers)),
+        Entry::Vacant(_) => None,
+    }
+}
+
+/// End whatever MD `md` waits for with `err` and unlink it.
+fn abort_md(c: &mut Container, md: u64, err: Error, after: &mut After) {
+    let Some((mut o, table, timers)) = md_entry(c, md) else {
         return;
     };
     let m = o.get_mut();
@@ -1358,10 +1371,7 @@ fn op_done(
     lost_response: bool,
     after: &mut After,
 ) {
-    let Container {
-        table, mds, timers, ..
-    } = c;
-    let Entry::Occupied(mut o) = mds.entry(md) else {
+    let Some((mut o, table, timers)) = md_entry(c, md) else {
         return;
     };
     let m = o.get_mut();
@@ -1388,8 +1398,7 @@ fn emit(
     loan: Option<Bytes>,
     after: &mut After,
 ) {
-    let Container { table, mds, .. } = c;
-    if let Entry::Occupied(o) = mds.entry(md) {
+    if let Some((o, table, _)) = md_entry(c, md) {
         emit_in(table, o, kind, ev, status, loan, after);
     }
 }
