@@ -2,12 +2,13 @@
 //! `shm_node` processes are its peers. Each test uses its own rendezvous
 //! directory.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lnd_loopback::LoLnd;
+use lnd_loopback::shm::TestDir;
 use lnd_loopback::shm::{ShmConfig, ShmLnd};
 use lnet::{
     AckReq, Error, EventQueue, Lnet, LnetBuilder, Md, MdBuffer, MdOptions, Nid, ProcessId,
@@ -20,27 +21,8 @@ use lnet_examples::{
 const T: Duration = Duration::from_secs(30);
 const SIZES: [usize; 6] = [0, 1, 4096, 65536, 300_001, 1 << 20];
 
-/// A test's rendezvous directory, removed when the test ends if the nodes
-/// left it empty (what they leave behind stays, to be looked at).
-struct TmpDir(PathBuf);
-
-impl std::ops::Deref for TmpDir {
-    type Target = PathBuf;
-    fn deref(&self) -> &PathBuf {
-        &self.0
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-fn tmpdir(name: &str) -> TmpDir {
-    let d = std::env::temp_dir().join(format!("lnet-shm-x-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    TmpDir(d)
+fn tmpdir(name: &str) -> TestDir {
+    TestDir::new(&format!("x-{name}"))
 }
 
 struct Server {

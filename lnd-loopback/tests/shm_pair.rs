@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lnd_loopback::LoLnd;
-use lnd_loopback::shm::{ShmConfig, ShmLnd, StatsSnapshot};
+use lnd_loopback::shm::{ShmConfig, ShmLnd, StatsSnapshot, TestDir};
 use lnet::{
     AckReq, Error, Event, EventKind, EventQueue, InsPos, Lnet, LnetBuilder, Md, MdBuffer,
     MdOptions, ProcessId, Segment, Threshold, Unlink,
@@ -23,27 +23,8 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// A test's rendezvous directory, removed when the test ends if the nodes
-/// left it empty (what they leave behind stays, to be looked at).
-struct TmpDir(PathBuf);
-
-impl std::ops::Deref for TmpDir {
-    type Target = PathBuf;
-    fn deref(&self) -> &PathBuf {
-        &self.0
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-fn tmpdir(name: &str) -> TmpDir {
-    let d = std::env::temp_dir().join(format!("lnet-shm-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    TmpDir(d)
+fn tmpdir(name: &str) -> TestDir {
+    TestDir::new(name)
 }
 
 struct Node {

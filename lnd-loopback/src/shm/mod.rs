@@ -947,3 +947,40 @@ fn check_sockets(sh: &Arc<Shared>, conns: &[Arc<Conn>], ms: u16) -> bool {
     }
     any
 }
+
+/// A test's rendezvous directory under the system's temporary directory,
+/// emptied of any earlier run's leftovers when made and removed when
+/// dropped if the nodes left it empty (what they leave behind stays, to be
+/// looked at). Test support shared by this crate's and the examples' tests.
+///
+/// ```
+/// let d = lnd_loopback::shm::TestDir::new("doc");
+/// std::fs::create_dir_all(&*d).unwrap();
+/// let p = d.to_path_buf();
+/// drop(d);
+/// assert!(!p.exists());
+/// ```
+#[doc(hidden)]
+pub struct TestDir(std::path::PathBuf);
+
+impl TestDir {
+    /// `lnet-shm-test-<pid>-<name>` in the temporary directory.
+    pub fn new(name: &str) -> TestDir {
+        let d = std::env::temp_dir().join(format!("lnet-shm-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        TestDir(d)
+    }
+}
+
+impl std::ops::Deref for TestDir {
+    type Target = std::path::PathBuf;
+    fn deref(&self) -> &std::path::PathBuf {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
