@@ -31,7 +31,7 @@
 use crate::LNET_MTU;
 use crate::error::WireError;
 use crate::nid::{NID16_WIRE_SIZE, Nid, Pid};
-use crate::wire::{ByteOrder, Reader, Writer};
+use crate::wire::ByteOrder;
 
 /// Size of the header with 8-byte NIDs.
 pub const HDR_NID4_SIZE: usize = 72;
@@ -39,6 +39,56 @@ pub const HDR_NID4_SIZE: usize = 72;
 pub const HDR_NID16_SIZE: usize = 96;
 /// Size of the type-specific union.
 const UNION_SIZE: usize = 40;
+
+/// Bytes after the two NIDs: pids, type, payload length and the union.
+const TAIL_SIZE: usize = 16 + UNION_SIZE;
+
+// Fixed-offset field access. Every offset is a constant and every buffer a
+// fixed-size array, so the bounds are checked at compile time.
+fn get32<const N: usize>(b: &[u8; N], at: usize, o: ByteOrder) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    match o {
+        ByteOrder::Little => u32::from_le_bytes(a),
+        ByteOrder::Big => u32::from_be_bytes(a),
+    }
+}
+
+fn get64<const N: usize>(b: &[u8; N], at: usize, o: ByteOrder) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    match o {
+        ByteOrder::Little => u64::from_le_bytes(a),
+        ByteOrder::Big => u64::from_be_bytes(a),
+    }
+}
+
+fn put32<const N: usize>(b: &mut [u8; N], at: usize, v: u32, o: ByteOrder) {
+    b[at..at + 4].copy_from_slice(&match o {
+        ByteOrder::Little => v.to_le_bytes(),
+        ByteOrder::Big => v.to_be_bytes(),
+    });
+}
+
+fn put64<const N: usize>(b: &mut [u8; N], at: usize, v: u64, o: ByteOrder) {
+    b[at..at + 8].copy_from_slice(&match o {
+        ByteOrder::Little => v.to_le_bytes(),
+        ByteOrder::Big => v.to_be_bytes(),
+    });
+}
+
+/// The wire handle that opens every union but HELLO's.
+fn get_wmd(t: &[u8; TAIL_SIZE], o: ByteOrder) -> WireHandle {
+    WireHandle {
+        interface_cookie: get64(t, 16, o),
+        object_cookie: get64(t, 24, o),
+    }
+}
+
+fn put_wmd(t: &mut [u8; TAIL_SIZE], h: WireHandle, o: ByteOrder) {
+    put64(t, 16, h.interface_cookie, o);
+    put64(t, 24, h.object_cookie, o);
+}
 
 /// Connection type "any" in a HELLO header's union (`type` field).
 pub const HELLO_TYPE_ANY: u32 = 0;
@@ -63,16 +113,6 @@ impl WireHandle {
     /// True for [`WireHandle::NONE`].
     pub fn is_none(&self) -> bool {
         self.object_cookie == u64::MAX
-    }
-    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
-        Ok(WireHandle {
-            interface_cookie: r.u64()?,
-            object_cookie: r.u64()?,
-        })
-    }
-    fn write(&self, w: &mut Writer<'_>) {
-        w.u64(self.interface_cookie);
-        w.u64(self.object_cookie);
     }
 }
 
@@ -204,21 +244,23 @@ impl Header {
         self.dest_nid.is_nid4() && self.src_nid.is_nid4()
     }
 
-    fn write_tail(&self, w: &mut Writer<'_>) {
-        w.u32(self.dest_pid);
-        w.u32(self.src_pid);
-        w.u32(self.msg_type() as u32);
-        w.u32(self.payload_length);
-        let start = w.pos();
+    /// The 56 bytes after the NIDs: pids, type, length and the union, at
+    /// fixed offsets (one pass, no cursor: this runs per message).
+    fn write_tail(&self, t: &mut [u8; TAIL_SIZE], o: ByteOrder) {
+        put32(t, 0, self.dest_pid, o);
+        put32(t, 4, self.src_pid, o);
+        put32(t, 8, self.msg_type() as u32, o);
+        put32(t, 12, self.payload_length, o);
+        // The union starts at 16; what a type does not use stays zero.
         match self.body {
             MsgBody::Ack {
                 dst_wmd,
                 match_bits,
                 mlength,
             } => {
-                dst_wmd.write(w);
-                w.u64(match_bits);
-                w.u32(mlength);
+                put_wmd(t, dst_wmd, o);
+                put64(t, 32, match_bits, o);
+                put32(t, 40, mlength, o);
             }
             MsgBody::Put {
                 ack_wmd,
@@ -227,11 +269,11 @@ impl Header {
                 ptl_index,
                 offset,
             } => {
-                ack_wmd.write(w);
-                w.u64(match_bits);
-                w.u64(hdr_data);
-                w.u32(ptl_index);
-                w.u32(offset);
+                put_wmd(t, ack_wmd, o);
+                put64(t, 32, match_bits, o);
+                put64(t, 40, hdr_data, o);
+                put32(t, 48, ptl_index, o);
+                put32(t, 52, offset, o);
             }
             MsgBody::Get {
                 return_wmd,
@@ -240,23 +282,21 @@ impl Header {
                 src_offset,
                 sink_length,
             } => {
-                return_wmd.write(w);
-                w.u64(match_bits);
-                w.u32(ptl_index);
-                w.u32(src_offset);
-                w.u32(sink_length);
+                put_wmd(t, return_wmd, o);
+                put64(t, 32, match_bits, o);
+                put32(t, 40, ptl_index, o);
+                put32(t, 44, src_offset, o);
+                put32(t, 48, sink_length, o);
             }
-            MsgBody::Reply { dst_wmd } => dst_wmd.write(w),
+            MsgBody::Reply { dst_wmd } => put_wmd(t, dst_wmd, o),
             MsgBody::Hello {
                 incarnation,
                 hello_type,
             } => {
-                w.u64(incarnation);
-                w.u32(hello_type);
+                put64(t, 16, incarnation, o);
+                put32(t, 24, hello_type, o);
             }
         }
-        let used = w.pos() - start;
-        w.zeros(UNION_SIZE - used);
     }
 
     /// Encode in the 72-byte form. Fails if a NID needs the large form.
@@ -269,32 +309,34 @@ impl Header {
             .to_nid4()
             .ok_or(WireError::Inconsistent("source NID needs the large header"))?;
         let mut b = [0u8; HDR_NID4_SIZE];
-        let mut w = Writer::new(&mut b, order);
-        w.u64(d);
-        w.u64(s);
-        self.write_tail(&mut w);
-        debug_assert_eq!(w.pos(), HDR_NID4_SIZE);
+        let (nids, tail) = b.split_at_mut(16);
+        let nids: &mut [u8; 16] = nids.try_into().expect("16 bytes");
+        put64(nids, 0, d, order);
+        put64(nids, 8, s, order);
+        self.write_tail(tail.try_into().expect("tail size"), order);
         Ok(b)
     }
 
     /// Encode in the 96-byte form (any NID).
     pub fn encode_nid16(&self, order: ByteOrder) -> [u8; HDR_NID16_SIZE] {
         let mut b = [0u8; HDR_NID16_SIZE];
-        let mut w = Writer::new(&mut b, order);
-        w.bytes(&self.dest_nid.to_wire16());
-        w.bytes(&self.src_nid.to_wire16());
-        self.write_tail(&mut w);
-        debug_assert_eq!(w.pos(), HDR_NID16_SIZE);
+        b[..NID16_WIRE_SIZE].copy_from_slice(&self.dest_nid.to_wire16());
+        b[NID16_WIRE_SIZE..2 * NID16_WIRE_SIZE].copy_from_slice(&self.src_nid.to_wire16());
+        let tail = &mut b[2 * NID16_WIRE_SIZE..];
+        self.write_tail(tail.try_into().expect("tail size"), order);
         b
     }
 
-    fn read_tail(r: &mut Reader<'_>, dest_nid: Nid, src_nid: Nid) -> Result<Header, WireError> {
-        let dest_pid = r.u32()?;
-        let src_pid = r.u32()?;
-        let ty = r.u32()?;
-        let payload_length = r.u32()?;
-        let union = r.bytes(UNION_SIZE)?;
-        let mut u = Reader::new(union, r.order);
+    fn read_tail(
+        t: &[u8; TAIL_SIZE],
+        o: ByteOrder,
+        dest_nid: Nid,
+        src_nid: Nid,
+    ) -> Result<Header, WireError> {
+        let dest_pid = get32(t, 0, o);
+        let src_pid = get32(t, 4, o);
+        let ty = get32(t, 8, o);
+        let payload_length = get32(t, 12, o);
         let mtype = MsgType::from_u32(ty).ok_or(WireError::UnknownType(ty))?;
         if payload_length > LNET_MTU {
             return Err(WireError::TooLong {
@@ -304,30 +346,30 @@ impl Header {
         }
         let body = match mtype {
             MsgType::Ack => MsgBody::Ack {
-                dst_wmd: WireHandle::read(&mut u)?,
-                match_bits: u.u64()?,
-                mlength: u.u32()?,
+                dst_wmd: get_wmd(t, o),
+                match_bits: get64(t, 32, o),
+                mlength: get32(t, 40, o),
             },
             MsgType::Put => MsgBody::Put {
-                ack_wmd: WireHandle::read(&mut u)?,
-                match_bits: u.u64()?,
-                hdr_data: u.u64()?,
-                ptl_index: u.u32()?,
-                offset: u.u32()?,
+                ack_wmd: get_wmd(t, o),
+                match_bits: get64(t, 32, o),
+                hdr_data: get64(t, 40, o),
+                ptl_index: get32(t, 48, o),
+                offset: get32(t, 52, o),
             },
             MsgType::Get => MsgBody::Get {
-                return_wmd: WireHandle::read(&mut u)?,
-                match_bits: u.u64()?,
-                ptl_index: u.u32()?,
-                src_offset: u.u32()?,
-                sink_length: u.u32()?,
+                return_wmd: get_wmd(t, o),
+                match_bits: get64(t, 32, o),
+                ptl_index: get32(t, 40, o),
+                src_offset: get32(t, 44, o),
+                sink_length: get32(t, 48, o),
             },
             MsgType::Reply => MsgBody::Reply {
-                dst_wmd: WireHandle::read(&mut u)?,
+                dst_wmd: get_wmd(t, o),
             },
             MsgType::Hello => MsgBody::Hello {
-                incarnation: u.u64()?,
-                hello_type: u.u32()?,
+                incarnation: get64(t, 16, o),
+                hello_type: get32(t, 24, o),
             },
         };
         match body {
@@ -367,10 +409,12 @@ impl Header {
                 have: buf.len(),
             });
         }
-        let mut r = Reader::new(&buf[..HDR_NID4_SIZE], order);
-        let d = Nid::try_from_nid4(r.u64()?)?;
-        let s = Nid::try_from_nid4(r.u64()?)?;
-        Self::read_tail(&mut r, d, s)
+        let b: &[u8; HDR_NID4_SIZE] = buf[..HDR_NID4_SIZE].try_into().expect("length checked");
+        let (nids, tail) = b.split_at(16);
+        let nids: &[u8; 16] = nids.try_into().expect("16 bytes");
+        let d = Nid::try_from_nid4(get64(nids, 0, order))?;
+        let s = Nid::try_from_nid4(get64(nids, 8, order))?;
+        Self::read_tail(tail.try_into().expect("tail size"), order, d, s)
     }
 
     /// Decode the 96-byte form written in `order`.
@@ -381,9 +425,11 @@ impl Header {
                 have: buf.len(),
             });
         }
-        let mut r = Reader::new(&buf[..HDR_NID16_SIZE], order);
-        let d = Nid::from_wire16(&r.array::<NID16_WIRE_SIZE>()?)?;
-        let s = Nid::from_wire16(&r.array::<NID16_WIRE_SIZE>()?)?;
-        Self::read_tail(&mut r, d, s)
+        let b: &[u8; HDR_NID16_SIZE] = buf[..HDR_NID16_SIZE].try_into().expect("length checked");
+        let (d, rest) = b.split_at(NID16_WIRE_SIZE);
+        let (s, tail) = rest.split_at(NID16_WIRE_SIZE);
+        let d = Nid::from_wire16(d.try_into().expect("NID size"))?;
+        let s = Nid::from_wire16(s.try_into().expect("NID size"))?;
+        Self::read_tail(tail.try_into().expect("tail size"), order, d, s)
     }
 }
