@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use lnet::counters::Sharded;
 use lnet::wire::{ByteOrder, Header, MsgBody};
 use lnet::{Delivery, Error, Sink, TxMsg};
 use tokio::io::{AsyncReadExt, Interest};
@@ -79,7 +80,7 @@ pub(crate) struct Conn {
     q: std::sync::Mutex<TxQ>,
     wake: tokio::sync::Notify,
     w: OwnedWriteHalf,
-    stats: Arc<Stats>,
+    stats: Arc<Sharded<Stats>>,
     closing: AtomicBool,
     close_tx: watch::Sender<bool>,
 }
@@ -104,7 +105,7 @@ impl Conn {
         stop: watch::Receiver<bool>,
         checksum: bool,
         zerocopy_min: Option<usize>,
-        stats: Arc<Stats>,
+        stats: Arc<Sharded<Stats>>,
     ) -> (Arc<Conn>, Half<OwnedReadHalf>, Half<()>) {
         let (close_tx, close_rx) = watch::channel(false);
         // Before the first send can happen.
@@ -319,11 +320,12 @@ impl Conn {
     fn finish(&self, f: Frame) {
         match f.tx {
             Some(tx) => {
-                Stats::inc(&self.stats.tx_msgs);
-                Stats::add(&self.stats.tx_bytes, tx.payload_len() as u64);
+                let st = self.stats.local();
+                Stats::inc(&st.tx_msgs);
+                Stats::add(&st.tx_bytes, tx.payload_len() as u64);
                 tx.complete(Ok(()));
             }
-            None => Stats::inc(&self.stats.tx_noops),
+            None => Stats::inc(&self.stats.local().tx_noops),
         }
     }
 }
@@ -413,7 +415,7 @@ fn reap_zc(c: &Conn, pending: &mut VecDeque<ZcPending>) -> Result<(), Reject> {
     };
     for d in done {
         if d.copied {
-            Stats::inc(&c.stats.zc_copied);
+            Stats::inc(&c.stats.local().zc_copied);
         }
         // TCP acknowledges in order, so completions arrive in order.
         while pending
@@ -485,11 +487,11 @@ async fn writer_loop(
                 }
             }
             if f.zc && f.zc_calls > 0 {
-                Stats::inc(&c.stats.zc_sends);
-                Stats::inc(&c.stats.tx_msgs);
+                Stats::inc(&c.stats.local().zc_sends);
+                Stats::inc(&c.stats.local().tx_msgs);
                 *zc_next = zc_next.wrapping_add(f.zc_calls);
                 if let Some(tx) = f.tx.take() {
-                    Stats::add(&c.stats.tx_bytes, tx.payload_len() as u64);
+                    Stats::add(&c.stats.local().tx_bytes, tx.payload_len() as u64);
                     pending.push_back(ZcPending {
                         last_seq: zc_next.wrapping_sub(1),
                         tx,
@@ -754,7 +756,7 @@ impl Reader<'_> {
         }
         match kh.msg_type {
             KSOCK_MSG_NOOP => {
-                Stats::inc(&self.sh.stats.rx_noops);
+                Stats::inc(&self.sh.stats.local().rx_noops);
                 if kh.csum != 0 && f.csum_covers_header() {
                     let mut z = kb;
                     z[4..8].fill(0);
@@ -795,8 +797,9 @@ impl Reader<'_> {
         if plen > lnet::LNET_MTU {
             return Err(Reject::TooLong(plen));
         }
-        Stats::inc(&self.sh.stats.rx_msgs);
-        Stats::add(&self.sh.stats.rx_bytes, u64::from(plen));
+        let st = self.sh.stats.local();
+        Stats::inc(&st.rx_msgs);
+        Stats::add(&st.rx_bytes, u64::from(plen));
         let mut csum = (kh.csum != 0).then(|| {
             let mut c = Csum::default();
             if f.csum_covers_header() {

@@ -46,6 +46,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use lnet::counters::Sharded;
 use lnet::wire::ByteOrder;
 use lnet::{
     Error, LNET_PID_ANY, Lnd, LndInfo, LndLimits, Net, NetType, NiContext, Nid, PeerEvent, Pid,
@@ -79,7 +80,7 @@ const MAX_VERSION_RETRIES: usize = 3;
 /// [`lnet::LnetBuilder::ni`].
 pub struct TcpLnd {
     cfg: TcpConfig,
-    stats: Arc<Stats>,
+    stats: Arc<Sharded<Stats>>,
     shared: OnceLock<Arc<Shared>>,
     rt: Mutex<Option<tokio::runtime::Runtime>>,
 }
@@ -113,7 +114,7 @@ impl TcpLnd {
     pub fn new(cfg: TcpConfig) -> Arc<TcpLnd> {
         Arc::new(TcpLnd {
             cfg,
-            stats: Arc::new(Stats::default()),
+            stats: Arc::default(),
             shared: OnceLock::new(),
             rt: Mutex::new(None),
         })
@@ -334,7 +335,7 @@ pub(crate) struct Shared {
     /// Seeded per process (foldhash): fast, and a peer cannot choose NIDs
     /// that collide.
     peers: Mutex<HashMap<Nid, Arc<Peer>, foldhash::fast::RandomState>>,
-    stats: Arc<Stats>,
+    stats: Arc<Sharded<Stats>>,
     handle: tokio::runtime::Handle,
     shutting_down: AtomicBool,
     stop: watch::Sender<bool>,
@@ -569,7 +570,7 @@ impl Shared {
             let mut st = lock(&peer.st);
             st.connecting = false;
             if let Some(r) = failure {
-                Stats::inc(&self.stats.connect_failures);
+                Stats::inc(&self.stats.local().connect_failures);
                 let delay = st.backoff;
                 st.backoff = (st.backoff * 2).min(self.cfg.max_reconnect);
                 st.retry_at = Some(Instant::now() + delay);
@@ -707,7 +708,7 @@ impl Shared {
                 }
                 ActiveVerdict::RetryWith(v) => return Err(Reject::BadVersion(v)),
                 ActiveVerdict::Refused => {
-                    Stats::inc(&self.stats.races);
+                    Stats::inc(&self.stats.local().races);
                     tracing::debug!(target: "net", peer = %peer.nid, ?ct, "connection refused by peer (race or duplicate)");
                     return Ok(None);
                 }
@@ -732,7 +733,7 @@ impl Shared {
                     continue;
                 }
             };
-            Stats::inc(&self.stats.accepted);
+            Stats::inc(&self.stats.local().accepted);
             let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
                 tracing::warn!(target: "neterror", %from, "too many handshakes in progress; closing");
                 continue;
@@ -745,7 +746,7 @@ impl Shared {
                 match r {
                     Ok(Some((peer, est, reserved))) => {
                         if let Err(e) = sh.register(&peer, est) {
-                            sh.stats.count(&e);
+                            sh.stats.local().count(&e);
                         }
                         // Released once the connection is counted as up
                         // (counted twice for a moment, never zero times).
@@ -753,7 +754,7 @@ impl Shared {
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        sh.stats.count(&e);
+                        sh.stats.local().count(&e);
                         tracing::warn!(target: "neterror", %from, reason = %e, "refused connection");
                     }
                 }
@@ -884,7 +885,7 @@ impl Shared {
                 )))
             }
             Err(r) => {
-                self.stats.count(&r);
+                self.stats.local().count(&r);
                 tracing::debug!(target: "net", peer = %h.src_nid, reason = %r,
                     "refusing a dial (a connection race or a duplicate)");
                 let _ = s.write_all(&answer.encode(ByteOrder::NATIVE)?).await;
@@ -978,14 +979,14 @@ impl Shared {
             self.place_queue(&mut st, &mut ready, &mut failed);
         }
         peer.last_alive.store(self.now_ms(), Ordering::Relaxed);
-        Stats::inc(&self.stats.conns_established);
+        Stats::inc(&self.stats.local().conns_established);
         tracing::debug!(target: "net", peer = %peer.nid, ctype = ?est.ctype,
             version = est.framing.version, %local, %remote, active = est.active, "connection up");
         for old in stale {
             self.close_conn(peer, &old, Reject::Stale);
         }
         if restarted {
-            Stats::inc(&self.stats.peer_restarts);
+            Stats::inc(&self.stats.local().peer_restarts);
             tracing::info!(target: "net", peer = %peer.nid, "peer restarted (new incarnation)");
             self.ni.peer_event(peer.nid, PeerEvent::Restarted);
         }
@@ -1024,8 +1025,8 @@ impl Shared {
         if !c.begin_close() {
             return;
         }
-        Stats::inc(&self.stats.conns_closed);
-        self.stats.count(&why);
+        Stats::inc(&self.stats.local().conns_closed);
+        self.stats.local().count(&why);
         match why {
             Reject::Eof | Reject::Shutdown | Reject::Stale => {
                 tracing::debug!(target: "net", peer = %peer.nid, ctype = ?c.info.ctype, reason = %why, "connection closed")
@@ -1113,7 +1114,7 @@ impl Shared {
                     tx.complete(Err(Error::Timeout));
                 }
                 if dead {
-                    Stats::inc(&self.stats.peer_timeouts);
+                    Stats::inc(&self.stats.local().peer_timeouts);
                     tracing::warn!(target: "neterror", peer = %p.nid, "peer silent past the peer timeout; closing");
                     self.close_all(&p, Reject::Timeout);
                 }

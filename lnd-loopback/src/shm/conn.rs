@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
+use lnet::counters::Sharded;
 use lnet::wire::{ByteOrder, HDR_NID4_SIZE, Header};
 use lnet::{Delivery, Error, MemPool, NiContext, Nid, Sink, TxMsg};
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
@@ -24,7 +25,7 @@ pub(crate) struct ConnEnv {
     pub(crate) ni: NiContext,
     pub(crate) cfg: ShmConfig,
     pub(crate) pool: Option<MemPool>,
-    pub(crate) stats: Arc<Stats>,
+    pub(crate) stats: Arc<Sharded<Stats>>,
     pub(crate) eager: usize,
 }
 
@@ -219,7 +220,7 @@ impl Conn {
         let peer_pid = nix::unistd::Pid::from_raw(hello.pid as i32);
         let cma = env.cfg.use_cma && probe_cma(peer_pid, hello.probe_addr, hello.probe_value);
         if env.cfg.use_cma && !cma {
-            inc(&env.stats.cma_refused);
+            inc(&env.stats.local().cma_refused);
             debug!(target: "net", %peer, "process_vm_readv not allowed towards this peer");
         }
         let nbounce = out_h.nbounce;
@@ -291,7 +292,7 @@ impl Conn {
     }
 
     fn ring_peer(&self) {
-        inc(&self.env.stats.wakeups_sent);
+        inc(&self.env.stats.local().wakeups_sent);
         let _ = nix::unistd::write(&self.peer_bell, &1u64.to_ne_bytes());
     }
 
@@ -317,10 +318,10 @@ impl Conn {
                     .is_some_and(|b| p.locate(b.as_ptr() as usize, b.len()).is_some())
             });
         if plen <= self.env.eager && !lendable {
-            inc(&self.env.stats.tx_inline);
+            inc(&self.env.stats.local().tx_inline);
             self.send_inline(tx, &hb, plen);
         } else {
-            inc(&self.env.stats.tx_rdv);
+            inc(&self.env.stats.local().tx_rdv);
             self.send_rdv(tx, &hb);
         }
     }
@@ -561,7 +562,7 @@ impl Conn {
             let mut shb = [0u8; SLOT_HDR];
             self.inp.read(off, &mut shb)?;
             let sh = SlotHdr::decode(&shb, slot_size)?;
-            inc(&self.env.stats.rx_msgs);
+            inc(&self.env.stats.local().rx_msgs);
             if sh.kind == Kind::Inline {
                 self.on_inline(off, &sh)?;
             } else {
@@ -661,7 +662,7 @@ impl Conn {
             Msg::WriteReq { frags } => self.on_write_req(cookie, &frags),
             Msg::WriteDone { status } => {
                 if let Some(rx) = lock(&self.rx_pending).remove(&cookie) {
-                    inc(&self.env.stats.bulk_pool_write);
+                    inc(&self.env.stats.local().bulk_pool_write);
                     rx.sink.complete(status_of(status));
                 }
             }
@@ -692,7 +693,7 @@ impl Conn {
             }
             Msg::Release => {
                 if lock(&self.loans).remove(&cookie).is_some() {
-                    inc(&self.env.stats.loans_returned);
+                    inc(&self.env.stats.local().loans_returned);
                 }
             }
         }
@@ -738,7 +739,7 @@ impl Conn {
                         cookie,
                     };
                     sink.set_loan(Bytes::from_owner(view));
-                    inc(&self.env.stats.bulk_loan);
+                    inc(&self.env.stats.local().bulk_loan);
                     // Done before the application can see (and drop) the
                     // loan: its Release must reach the sender after this.
                     self.done(cookie, DONE_OK, true);
@@ -751,7 +752,7 @@ impl Conn {
             });
             let ok = r.is_ok();
             if ok {
-                inc(&self.env.stats.bulk_pool_read);
+                inc(&self.env.stats.local().bulk_pool_read);
             }
             sink.complete(r.map(|_| ()).map_err(Error::from));
             self.done(cookie, if ok { DONE_OK } else { DONE_FAILED }, false);
@@ -790,7 +791,7 @@ impl Conn {
         if self.cma_ok() {
             match self.cma_read(&mut sink, &frags, mlen) {
                 Ok(()) => {
-                    inc(&self.env.stats.bulk_cma);
+                    inc(&self.env.stats.local().bulk_cma);
                     sink.complete(Ok(()));
                     self.done(cookie, DONE_OK, false);
                     return;
@@ -941,7 +942,7 @@ impl Conn {
         };
         self.post(Kind::BounceFree, 0, 0, &[&idx.to_ne_bytes()]);
         if let Some(rx) = finished {
-            inc(&self.env.stats.bulk_bounce);
+            inc(&self.env.stats.local().bulk_bounce);
             rx.sink.complete(Ok(()));
             self.done(cookie, DONE_OK, false);
         }

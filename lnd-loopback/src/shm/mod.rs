@@ -69,6 +69,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use lnet::counters::Sharded;
 use lnet::{
     Error, Lnd, LndInfo, LndLimits, MemPool, Net, NetType, NiContext, Nid, PeerEvent, TxMsg,
 };
@@ -310,7 +311,7 @@ pub(crate) struct Shared {
 pub struct ShmLnd {
     cfg: ShmConfig,
     pool: Option<(MemPool, Arc<Seg>)>,
-    stats: Arc<Stats>,
+    stats: Arc<Sharded<Stats>>,
     shared: OnceLock<Arc<Shared>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -366,7 +367,7 @@ impl ShmLnd {
         Ok(ShmLnd {
             cfg,
             pool,
-            stats: Arc::new(Stats::default()),
+            stats: Arc::default(),
             shared: OnceLock::new(),
             threads: Mutex::new(Vec::new()),
         })
@@ -583,7 +584,7 @@ fn install(sh: &Arc<Shared>, c: Arc<Conn>) {
     };
     sh.conns_gen.fetch_add(1, Ordering::AcqRel);
     let _ = sh.doorbell.write(1);
-    inc(&sh.env.stats.conns_up);
+    inc(&sh.env.stats.local().conns_up);
     if let Some(o) = old {
         retire(sh, &o, Error::PeerDown(o.peer.to_string()));
     }
@@ -605,7 +606,7 @@ fn retire(sh: &Shared, c: &Arc<Conn>, err: Error) {
     }
     sh.conns_gen.fetch_add(1, Ordering::AcqRel);
     if c.kill(err) {
-        inc(&sh.env.stats.peers_died);
+        inc(&sh.env.stats.local().peers_died);
         // Nothing it owed us will come; then mark it down.
         sh.ni.peer_event(c.peer, PeerEvent::Restarted);
         sh.ni.peer_event(c.peer, PeerEvent::Down);
@@ -717,7 +718,7 @@ fn connect_peer(sh: &Arc<Shared>, peer: Nid, pool: Option<Arc<Seg>>) {
             fail_connecting(sh, peer, Error::PeerDown(peer.to_string()));
         }
         Err(e) => {
-            inc(&sh.env.stats.connect_failed);
+            inc(&sh.env.stats.local().connect_failed);
             debug!(target: "net", %peer, error = %e, "shm connect failed");
             fail_connecting(sh, peer, Error::PeerDown(format!("{peer}: {e}")));
         }
@@ -766,7 +767,7 @@ fn accept_loop(sh: &Arc<Shared>, l: UnixListener, pool: Option<Arc<Seg>>) {
         match l.accept() {
             Ok((s, _)) => {
                 if let Err(e) = accept_one(sh, s, &pool) {
-                    inc(&sh.env.stats.bad_hellos);
+                    inc(&sh.env.stats.local().bad_hellos);
                     warn!(target: "neterror", error = %e, "shm hello refused");
                 }
             }
@@ -793,7 +794,7 @@ fn accept_one(sh: &Arc<Shared>, s: UnixStream, pool: &Option<Arc<Seg>>) -> Resul
     };
     let h = Hello::decode(&b)?;
     if h.dst_nid != u64::from(sh.nid.addr4().unwrap_or(0)) {
-        inc(&sh.env.stats.wrong_nid);
+        inc(&sh.env.stats.local().wrong_nid);
         reject(&s, RejectReason::WrongNid);
         return Err(ShmError::BadHello("names a NID that is not ours"));
     }
@@ -859,7 +860,7 @@ fn progress_loop(sh: &Arc<Shared>) {
             }
         }
         for (c, e) in broken {
-            inc(&sh.env.stats.bad_slots);
+            inc(&sh.env.stats.local().bad_slots);
             warn!(target: "neterror", peer = %c.peer, error = %e, "shm peer broke the protocol; disconnecting");
             retire(sh, &c, Error::Network(e.to_string()));
             gen_seen = u64::MAX;
@@ -894,7 +895,7 @@ fn progress_loop(sh: &Arc<Shared>) {
             ready |= c.prepare_sleep();
         }
         if !ready {
-            inc(&sh.env.stats.sleeps);
+            inc(&sh.env.stats.local().sleeps);
             if check_sockets(sh, &conns, 100) {
                 gen_seen = u64::MAX;
             }
