@@ -92,6 +92,9 @@ pub struct TestSpec {
     pub rpc_timeout: Duration,
     /// Take bulk buffers from this pool (an LND's shared memory).
     pub pool: Option<MemPool>,
+    /// Write wrong data into the first page of the first `n` writes (see
+    /// [`Client::inject_errors`]; set here, it cannot miss the first RPC).
+    pub inject_errors: u64,
 }
 
 impl TestSpec {
@@ -105,6 +108,7 @@ impl TestSpec {
             features: LST_FEAT_BULK_LEN,
             rpc_timeout: Duration::from_secs(64),
             pool: None,
+            inject_errors: 0,
         }
     }
     /// Sets the concurrency.
@@ -120,6 +124,11 @@ impl TestSpec {
     /// Sets the bulk pool.
     pub fn pool(mut self, p: Option<MemPool>) -> Self {
         self.pool = p;
+        self
+    }
+    /// Corrupts the first `n` writes' data.
+    pub fn inject_errors(mut self, n: u64) -> Self {
+        self.inject_errors = n;
         self
     }
 }
@@ -260,6 +269,7 @@ impl Client {
         let hist = Histogram::new_with_bounds(1, 600_000_000_000, 3)
             .map_err(|_| TestError::Invalid("histogram"))?;
         let now = Instant::now();
+        let inject = spec.inject_errors;
         let inner = Arc::new(Inner {
             node: Arc::downgrade(node),
             left: (0..slots)
@@ -275,7 +285,7 @@ impl Client {
             test_errors: AtomicU64::new(0),
             hist: Mutex::new(hist),
             errors: Mutex::new(Vec::new()),
-            inject: AtomicU64::new(0),
+            inject: AtomicU64::new(inject),
             started: now,
             last_end: Mutex::new(now),
             seq: AtomicU32::new(0),

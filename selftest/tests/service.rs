@@ -150,15 +150,17 @@ fn corruption_is_caught(client: &Arc<Lnet>, server_node: &Arc<Lnet>, srv: &Serve
         // A write whose data is bad: the server's check fails it, the
         // reply says EBADMSG, the client counts it.
         let before = srv.stats().brw_errors;
+        // Injected in the spec: set before the first RPC starts (set after
+        // `start`, a fast transport could finish all ten first).
         let c = Client::start(
             client,
-            TestSpec::new(vec![server_node.id()], brw(true, 65536, 0, check)).loops(10),
+            TestSpec::new(vec![server_node.id()], brw(true, 65536, 0, check))
+                .loops(10)
+                .inject_errors(1),
         )
         .unwrap();
-        c.inject_errors(1);
         let r = c.wait(T);
-        // The injection may land on the first RPC or a later one, but
-        // exactly one RPC of ten carries it.
+        // Exactly one RPC of ten carries it.
         assert_eq!(
             (r.rpcs_ok, r.test_errors, r.rpcs_failed),
             (9, 1, 0),
