@@ -213,11 +213,28 @@ impl NodeCounters {
 pub const STAT_SHARDS: usize = 16;
 const _: () = assert!(STAT_SHARDS.is_power_of_two());
 
-/// One shard on cache lines of its own (128 bytes: adjacent-line
-/// prefetch pairs lines).
+/// A value on cache lines of its own (128 bytes: adjacent-line prefetch
+/// pairs lines), so that writers of neighbouring values do not share a
+/// line: shards of a table, per-thread counters.
+///
+/// ```
+/// let shards: Vec<lnet::CachePadded<std::sync::Mutex<u32>>> =
+///     (0..4).map(|_| Default::default()).collect();
+/// assert_eq!(std::mem::align_of_val(&shards[0]), 128);
+/// *shards[1].lock().unwrap() += 1;
+/// ```
 #[repr(align(128))]
 #[derive(Debug, Default)]
-struct Padded<T>(T);
+pub struct CachePadded<T>(pub T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+use CachePadded as Padded;
 
 /// A block of counters written on the message path, one copy per thread
 /// shard: each thread adds to its own copy, so no cache line is written

@@ -29,7 +29,7 @@ pub mod portals;
 mod sync;
 pub mod wire;
 
-pub use counters::{CounterSnapshot, DropReason, MsgCounters, NodeCounterSnapshot};
+pub use counters::{CachePadded, CounterSnapshot, DropReason, MsgCounters, NodeCounterSnapshot};
 pub use credits::{CreditSnapshot, Credits};
 pub use error::{Error, NidParseError, Result, WireError};
 pub use lnd::{

@@ -22,7 +22,8 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use crate::counters::{
-    CounterSnapshot, DropReason, LockedCounters, MsgCounters, NodeCounterSnapshot, NodeCounters,
+    CachePadded, CounterSnapshot, DropReason, LockedCounters, MsgCounters, NodeCounterSnapshot,
+    NodeCounters,
 };
 use crate::credits::{CreditSnapshot, Credits, SharedCredits};
 use crate::error::{Error, Result};
@@ -133,13 +134,11 @@ impl LnetBuilder {
                 })
                 .collect(),
             containers: (0..MAX_PORTALS + BOUND_SHARDS)
-                .map(|_| Mutex::new(Container::default()))
+                .map(|_| CachePadded::default())
                 .collect(),
             next_seq: AtomicU64::new(1),
             shard_hasher: foldhash::fast::RandomState::default(),
-            peers: (0..PEER_SHARDS)
-                .map(|_| Mutex::new(PeerTable::default()))
-                .collect(),
+            peers: (0..PEER_SHARDS).map(|_| CachePadded::default()).collect(),
             counters: NodeCounters::default(),
             shutting_down: AtomicBool::new(false),
             monitor: Monitor::default(),
@@ -529,9 +528,11 @@ pub(crate) struct Inner {
     cfg: Config,
     epoch: u64,
     nis: Vec<NiState>,
-    containers: Box<[Mutex<Container>]>,
+    containers: Box<[CachePadded<Mutex<Container>>]>,
     next_seq: AtomicU64,
-    peers: Box<[Mutex<PeerTable>]>,
+    /// Shards on lines of their own: threads locking neighbouring shards
+    /// do not share a cache line.
+    peers: Box<[CachePadded<Mutex<PeerTable>>]>,
     shard_hasher: foldhash::fast::RandomState,
     counters: NodeCounters,
     shutting_down: AtomicBool,
