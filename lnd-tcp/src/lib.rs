@@ -40,15 +40,14 @@ mod error;
 pub mod proto;
 mod zc;
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use lnet::CachePadded;
 use lnet::counters::Sharded;
+use lnet::shard::ShardedMap;
 use lnet::wire::ByteOrder;
 use lnet::{
     Error, LNET_PID_ANY, Lnd, LndInfo, LndLimits, Net, NetType, NiContext, Nid, PeerEvent, Pid,
@@ -158,114 +157,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Peers by NID, in shards: a send looks its peer up under one shard's
-/// lock, never a lock every connection's thread takes (DESIGN.md
-/// principle 6). The NID is hashed once per lookup (seeded per process,
-/// foldhash: fast, and a peer cannot choose NIDs that collide); the hash
-/// picks the shard and indexes the shard's table.
-struct PeerMap {
-    shards: Box<[CachePadded<Mutex<PeerShard>>; PEER_SHARDS]>,
-    hasher: foldhash::fast::RandomState,
-}
-
-type PeerShard = HashMap<PeerKey, Arc<Peer>, BuildHasherDefault<PreHashed>>;
-
-/// Shards of [`PeerMap`] (a power of two).
-const PEER_SHARDS: usize = 16;
-
-/// A NID with its hash, computed once.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct PeerKey {
-    h: u64,
-    nid: Nid,
-}
-
-impl std::hash::Hash for PeerKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.h);
-    }
-}
-
-/// Passes [`PeerKey`]'s precomputed hash through.
-#[derive(Default)]
-struct PreHashed(u64);
-
-impl std::hash::Hasher for PreHashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-impl Default for PeerMap {
-    fn default() -> Self {
-        PeerMap {
-            shards: Box::new(std::array::from_fn(|_| CachePadded::default())),
-            hasher: foldhash::fast::RandomState::default(),
-        }
-    }
-}
-
-impl PeerMap {
-    /// `nid`'s key and shard. The shard comes from middle bits of the
-    /// hash: the table inside uses the low bits (bucket) and the top ones
-    /// (tag).
-    fn locate(&self, nid: Nid) -> (PeerKey, &Mutex<PeerShard>) {
-        let h = std::hash::BuildHasher::hash_one(&self.hasher, nid);
-        let shard = &self.shards[(h >> 32) as usize & (PEER_SHARDS - 1)];
-        (PeerKey { h, nid }, shard)
-    }
-
-    fn get(&self, nid: Nid) -> Option<Arc<Peer>> {
-        let (k, shard) = self.locate(nid);
-        lock(shard).get(&k).cloned()
-    }
-
-    fn get_or_insert_with(&self, nid: Nid, new: impl FnOnce() -> Peer) -> Arc<Peer> {
-        let (k, shard) = self.locate(nid);
-        let mut m = lock(shard);
-        // Known peer (every message after the first): a lookup, not the
-        // entry API, which builds the new-peer closure's state each time.
-        if let Some(p) = m.get(&k) {
-            return p.clone();
-        }
-        m.entry(k).or_insert_with(|| Arc::new(new())).clone()
-    }
-
-    /// Forget `nid` if `idle` says so (checked under the shard's lock, so
-    /// no send can find the peer in between).
-    fn remove_if(&self, nid: Nid, idle: impl FnOnce(&Peer) -> bool) {
-        let (k, shard) = self.locate(nid);
-        let mut m = lock(shard);
-        if m.get(&k).is_some_and(|p| idle(p)) {
-            m.remove(&k);
-        }
-    }
-
-    /// Every peer (a copy: nothing stays locked).
-    fn all(&self) -> Vec<Arc<Peer>> {
-        self.shards
-            .iter()
-            .flat_map(|s| lock(s).values().cloned().collect::<Vec<_>>())
-            .collect()
-    }
-
-    /// Take every peer out.
-    fn drain(&self) -> Vec<Arc<Peer>> {
-        self.shards
-            .iter()
-            .flat_map(|s| lock(s).drain().map(|(_, p)| p).collect::<Vec<_>>())
-            .collect()
-    }
-}
-
 impl Lnd for TcpLnd {
     fn net_type(&self) -> NetType {
         NET_TYPE
@@ -300,7 +191,7 @@ impl Lnd for TcpLnd {
             incarnation: new_incarnation(),
             listen,
             bulk_conns: bulk,
-            peers: PeerMap::default(),
+            peers: ShardedMap::default(),
             stats: self.stats.clone(),
             handle: rt.handle().clone(),
             shutting_down: AtomicBool::new(false),
@@ -442,7 +333,9 @@ pub(crate) struct Shared {
     incarnation: u64,
     listen: Option<SocketAddr>,
     bulk_conns: u16,
-    peers: PeerMap,
+    /// Peers by NID: a send locks one shard, not a lock every
+    /// connection's thread takes.
+    peers: ShardedMap<Nid, Arc<Peer>>,
     stats: Arc<Sharded<Stats>>,
     handle: tokio::runtime::Handle,
     shutting_down: AtomicBool,
@@ -482,29 +375,37 @@ impl Shared {
     }
 
     fn peer(&self, nid: Nid) -> Option<Arc<Peer>> {
-        self.peers.get(nid)
+        self.peers.lock(nid).get().cloned()
     }
 
     fn peer_or_new(&self, nid: Nid) -> Arc<Peer> {
-        self.peers.get_or_insert_with(nid, || Peer {
-            nid,
-            st: Mutex::new(PeerState {
-                pid: LNET_PID_ANY,
-                incarnation: None,
-                version: None,
-                conns: Vec::new(),
-                queue: VecDeque::new(),
-                connecting: false,
-                accepting: [0; 4],
-                backoff: self.cfg.min_reconnect,
-                retry_at: None,
-                rr: 0,
-                up: false,
-                last_ping: Instant::now(),
-                idle_since: Instant::now(),
-            }),
-            last_alive: AtomicU64::new(self.now_ms()),
+        let mut slot = self.peers.lock(nid);
+        if let Some(p) = slot.get() {
+            // Known peer (every message after the first).
+            return p.clone();
+        }
+        slot.get_or_insert_with(|| {
+            Arc::new(Peer {
+                nid,
+                st: Mutex::new(PeerState {
+                    pid: LNET_PID_ANY,
+                    incarnation: None,
+                    version: None,
+                    conns: Vec::new(),
+                    queue: VecDeque::new(),
+                    connecting: false,
+                    accepting: [0; 4],
+                    backoff: self.cfg.min_reconnect,
+                    retry_at: None,
+                    rr: 0,
+                    up: false,
+                    last_ping: Instant::now(),
+                    idle_since: Instant::now(),
+                }),
+                last_alive: AtomicU64::new(self.now_ms()),
+            })
         })
+        .clone()
     }
 
     /// The best connection for a message of `nob` bytes (socklnd's
@@ -1167,7 +1068,7 @@ impl Shared {
                 _ = tokio::time::sleep(REAPER_TICK) => {}
                 _ = stop.changed() => return,
             }
-            let peers = self.peers.all();
+            let peers = self.peers.values();
             let now = Instant::now();
             let now_ms = self.now_ms();
             let mut forget = Vec::new();
@@ -1218,10 +1119,16 @@ impl Shared {
                 }
             }
             for n in forget {
-                self.peers.remove_if(n, |p| {
+                // Checked under the shard's lock: no send finds the peer
+                // in between.
+                let mut slot = self.peers.lock(n);
+                let idle = slot.get().is_some_and(|p| {
                     let st = lock(&p.st);
                     st.conns.is_empty() && st.queue.is_empty() && !st.connecting
                 });
+                if idle {
+                    slot.remove();
+                }
             }
         }
     }
@@ -1229,7 +1136,7 @@ impl Shared {
     fn shutdown(self: &Arc<Self>) {
         self.shutting_down.store(true, Ordering::Release);
         let _ = self.stop.send(true);
-        let peers = self.peers.drain();
+        let peers: Vec<_> = self.peers.drain().into_iter().map(|(_, p)| p).collect();
         for p in peers {
             self.close_all(&p, Reject::Shutdown);
             let q: Vec<_> = lock(&p.st).queue.drain(..).collect();

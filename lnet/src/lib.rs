@@ -26,6 +26,7 @@ pub mod nidrange;
 pub mod node;
 pub mod pool;
 pub mod portals;
+pub mod shard;
 mod sync;
 pub mod wire;
 

@@ -58,7 +58,6 @@ pub mod wire;
 #[cfg(all(test, not(lnet_loom)))]
 mod tests;
 
-use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -70,6 +69,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use lnet::counters::Sharded;
+use lnet::shard::ShardedMap;
 use lnet::{
     Error, Lnd, LndInfo, LndLimits, MemPool, Net, NetType, NiContext, Nid, PeerEvent, TxMsg,
 };
@@ -300,7 +300,9 @@ pub(crate) struct Shared {
     dir: PathBuf,
     path: PathBuf,
     doorbell: EventFd,
-    peers: Mutex<HashMap<Nid, PeerState>>,
+    /// By NID, sharded: a send locks one shard, not a lock every
+    /// sending thread takes.
+    peers: ShardedMap<Nid, PeerState>,
     conns: Mutex<Vec<Arc<Conn>>>,
     conns_gen: AtomicU64,
     stop: AtomicBool,
@@ -453,7 +455,7 @@ impl Lnd for ShmLnd {
             dir,
             path,
             doorbell,
-            peers: Mutex::new(HashMap::new()),
+            peers: ShardedMap::default(),
             conns: Mutex::new(Vec::new()),
             conns_gen: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -503,15 +505,15 @@ impl Lnd for ShmLnd {
         }
         let peer = tx.peer();
         let conn = {
-            let mut peers = lock(&sh.peers);
-            match peers.get_mut(&peer) {
+            let mut peers = sh.peers.lock(peer);
+            match peers.get_mut() {
                 Some(PeerState::Up(c)) if !c.is_dead() => c.clone(),
                 Some(PeerState::Connecting(q)) => {
                     q.push(tx);
                     return;
                 }
                 _ => {
-                    peers.insert(peer, PeerState::Connecting(vec![tx]));
+                    peers.insert(PeerState::Connecting(vec![tx]));
                     drop(peers);
                     let sh2 = sh.clone();
                     let pool = self.pool.as_ref().map(|(_, s)| s.clone());
@@ -536,7 +538,7 @@ impl Lnd for ShmLnd {
             let _ = t.join();
         }
         let conns: Vec<Arc<Conn>> = lock(&sh.conns).drain(..).collect();
-        let peers: Vec<(Nid, PeerState)> = lock(&sh.peers).drain().collect();
+        let peers: Vec<(Nid, PeerState)> = sh.peers.drain();
         for c in conns {
             c.kill(Error::Shutdown);
         }
@@ -554,9 +556,9 @@ impl Lnd for ShmLnd {
 
 fn fail_connecting(sh: &Shared, peer: Nid, err: Error) {
     let q = {
-        let mut peers = lock(&sh.peers);
-        match peers.get(&peer) {
-            Some(PeerState::Connecting(_)) => match peers.remove(&peer) {
+        let mut peers = sh.peers.lock(peer);
+        match peers.get() {
+            Some(PeerState::Connecting(_)) => match peers.remove() {
                 Some(PeerState::Connecting(q)) => q,
                 _ => Vec::new(),
             },
@@ -573,8 +575,8 @@ fn fail_connecting(sh: &Shared, peer: Nid, err: Error) {
 /// messages that waited for it are sent in order.
 fn install(sh: &Arc<Shared>, c: Arc<Conn>) {
     let (queued, old) = {
-        let mut peers = lock(&sh.peers);
-        let prev = peers.insert(c.peer, PeerState::Up(c.clone()));
+        let mut peers = sh.peers.lock(c.peer);
+        let prev = peers.insert(PeerState::Up(c.clone()));
         lock(&sh.conns).push(c.clone());
         match prev {
             Some(PeerState::Connecting(q)) => (q, None),
@@ -598,9 +600,9 @@ fn install(sh: &Arc<Shared>, c: Arc<Conn>) {
 /// Take a connection out of service and end everything it carried.
 fn retire(sh: &Shared, c: &Arc<Conn>, err: Error) {
     {
-        let mut peers = lock(&sh.peers);
-        if matches!(peers.get(&c.peer), Some(PeerState::Up(x)) if Arc::ptr_eq(x, c)) {
-            peers.remove(&c.peer);
+        let mut peers = sh.peers.lock(c.peer);
+        if matches!(peers.get(), Some(PeerState::Up(x)) if Arc::ptr_eq(x, c)) {
+            peers.remove();
         }
         lock(&sh.conns).retain(|x| !Arc::ptr_eq(x, c));
     }
@@ -710,7 +712,7 @@ fn connect_peer(sh: &Arc<Shared>, peer: Nid, pool: Option<Arc<Seg>>) {
             // is (or will shortly be) installed by the acceptor.
             let deadline = Instant::now() + sh.cfg.connect_timeout;
             while Instant::now() < deadline && !sh.stop.load(Ordering::Acquire) {
-                if matches!(lock(&sh.peers).get(&peer), Some(PeerState::Up(_)) | None) {
+                if matches!(sh.peers.lock(peer).get(), Some(PeerState::Up(_)) | None) {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(1));
@@ -815,8 +817,8 @@ fn accept_one(sh: &Arc<Shared>, s: UnixStream, pool: &Option<Arc<Seg>>) -> Resul
     // incarnation) lost such a race too: keep the connection we have. A
     // new incarnation means the peer restarted: the new one replaces it.
     {
-        let peers = lock(&sh.peers);
-        let lost = match peers.get(&peer) {
+        let peers = sh.peers.lock(peer);
+        let lost = match peers.get() {
             Some(PeerState::Connecting(_)) => sh.nid > peer,
             Some(PeerState::Up(c)) => !c.is_dead() && c.peer_incarnation == h.incarnation,
             None => false,
