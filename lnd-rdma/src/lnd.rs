@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use lnet::shard::ShardedMap;
 use lnet::wire::{Header, MsgBody, MsgType};
 use lnet::{Delivery, Error, Lnd, LndInfo, LndLimits, MemKey, Net, NetType, NiContext, Nid};
 use lnet::{PeerEvent, Sink, TxMsg};
@@ -404,7 +405,9 @@ pub(crate) struct Shared {
     chan: EventChannel,
     dev: OnceLock<Arc<Device>>,
     listener: Mutex<Option<CmId>>,
-    peers: Mutex<HashMap<Nid, PeerState>>,
+    /// By NID, sharded: a send locks one shard, not a lock every sending
+    /// thread takes.
+    peers: ShardedMap<Nid, PeerState>,
     conns: Mutex<HashMap<u32, Arc<Conn>>>,
     /// Closed connections waiting for their work requests to flush.
     zombies: Mutex<Vec<(Arc<Conn>, Instant)>>,
@@ -486,7 +489,7 @@ impl RdmaLnd {
             chan,
             dev: OnceLock::new(),
             listener: Mutex::new(Some(listener)),
-            peers: Mutex::new(HashMap::new()),
+            peers: ShardedMap::default(),
             conns: Mutex::new(HashMap::new()),
             zombies: Mutex::new(Vec::new()),
             next_conn: AtomicU32::new(1),
@@ -546,8 +549,8 @@ impl RdmaLnd {
     /// The negotiated queue depth of the connection to `peer`, if one is
     /// established.
     pub fn conn_queue_depth(&self, peer: Nid) -> Option<u16> {
-        let peers = lock(&self.sh.peers);
-        let c = peers.get(&peer)?.conn.clone()?;
+        let peers = self.sh.peers.lock(peer);
+        let c = peers.get()?.conn.clone()?;
         let st = lock(&c.st);
         (st.state == State::Established).then_some(st.params.queue_depth)
     }
@@ -597,10 +600,9 @@ impl Lnd for RdmaLnd {
         for c in conns {
             sh.close(&c, Error::Shutdown);
         }
-        let queued: Vec<TxMsg> = lock(&sh.peers)
-            .values_mut()
-            .flat_map(|p| p.queue.drain(..).collect::<Vec<_>>())
-            .collect();
+        let mut queued: Vec<TxMsg> = Vec::new();
+        sh.peers
+            .for_each_mut(|_, p| queued.extend(p.queue.drain(..)));
         for tx in queued {
             tx.complete(Err(Error::Shutdown));
         }
@@ -617,7 +619,7 @@ impl Lnd for RdmaLnd {
         }
         sh.reap(true);
         lock(&sh.conns).clear();
-        lock(&sh.peers).clear();
+        drop(sh.peers.drain());
         lock(&sh.cache).0.clear();
         lock(&sh.pools).clear();
         lock(&sh.bounce).clear();
@@ -681,8 +683,8 @@ impl Shared {
         }
         let peer = tx.peer();
         let conn = {
-            let mut peers = lock(&self.peers);
-            let p = peers.entry(peer).or_insert_with(|| self.new_peer());
+            let mut peers = self.peers.lock(peer);
+            let p = peers.get_or_insert_with(|| self.new_peer());
             match &p.conn {
                 Some(c) if lock(&c.st).state == State::Established => Some(c.clone()),
                 _ => {
@@ -1629,8 +1631,8 @@ impl Shared {
         // connections would make the peer replace the first (failing what
         // was already posted on it).
         let params = {
-            let mut peers = lock(&self.peers);
-            let p = peers.entry(peer).or_insert_with(|| self.new_peer());
+            let mut peers = self.peers.lock(peer);
+            let p = peers.get_or_insert_with(|| self.new_peer());
             if p.conn.is_some() || p.dialing {
                 return;
             }
@@ -1646,7 +1648,7 @@ impl Shared {
         let c = match conn {
             Ok(c) => c,
             Err(e) => {
-                if let Some(p) = lock(&self.peers).get_mut(&peer) {
+                if let Some(p) = self.peers.lock(peer).get_mut() {
                     p.dialing = false;
                 }
                 warn!(target: "neterror", %peer, "connect: {e}");
@@ -1657,8 +1659,8 @@ impl Shared {
         debug!(target: "net", %peer, conn = id, "connecting");
         lock(&self.conns).insert(id, c.clone());
         {
-            let mut peers = lock(&self.peers);
-            let p = peers.entry(peer).or_insert_with(|| self.new_peer());
+            let mut peers = self.peers.lock(peer);
+            let p = peers.get_or_insert_with(|| self.new_peer());
             p.dialing = false;
             match &p.conn {
                 // The peer connected to us meanwhile: use that one.
@@ -1741,8 +1743,8 @@ impl Shared {
     fn active_connect(self: &Arc<Self>, c: &Arc<Conn>) -> Result<(), String> {
         self.setup_qp(c)?;
         let (params, stamp) = {
-            let peers = lock(&self.peers);
-            let p = peers.get(&c.peer);
+            let peers = self.peers.lock(c.peer);
+            let p = peers.get();
             (lock(&c.st).params, p.map_or(0, |p| p.incarnation))
         };
         let req = Msg {
@@ -1824,8 +1826,8 @@ impl Shared {
         // Connection race: both sides dialling. The larger NID's attempt
         // wins, as in o2iblnd.
         let old = {
-            let peers = lock(&self.peers);
-            peers.get(&peer).and_then(|p| p.conn.clone())
+            let peers = self.peers.lock(peer);
+            peers.get().and_then(|p| p.conn.clone())
         };
         if let Some(o) = &old {
             let st = lock(&o.st);
@@ -1870,8 +1872,8 @@ impl Shared {
         }
         // Replace whatever we had (a losing active attempt or a stale conn).
         let restarted = {
-            let mut peers = lock(&self.peers);
-            let p = peers.entry(peer).or_insert_with(|| self.new_peer());
+            let mut peers = self.peers.lock(peer);
+            let p = peers.get_or_insert_with(|| self.new_peer());
             let restarted = p.incarnation != 0 && p.incarnation != req.srcstamp;
             p.incarnation = req.srcstamp;
             p.conn = Some(c.clone());
@@ -1931,8 +1933,8 @@ impl Shared {
                 );
             }
             let restarted = {
-                let mut peers = lock(&self.peers);
-                let p = peers.get_mut(&c.peer);
+                let mut peers = self.peers.lock(c.peer);
+                let p = peers.get_mut();
                 match p {
                     Some(p) => {
                         let r = p.incarnation != 0 && p.incarnation != ack.srcstamp;
@@ -1959,8 +1961,8 @@ impl Shared {
             st.reserved = i32::from(st.params.queue_depth);
             st.last_send = Instant::now();
             drop(st);
-            let mut peers = lock(&self.peers);
-            match peers.get_mut(&c.peer) {
+            let mut peers = self.peers.lock(c.peer);
+            match peers.get_mut() {
                 Some(p) => {
                     p.backoff = self.cfg.reconnect_min;
                     p.next_try = None;
@@ -2027,8 +2029,8 @@ impl Shared {
                 // The peer's own attempt wins; it will connect to us.
                 debug!(target: "net", peer = %c.peer, "lost the connection race");
                 self.discard(c);
-                let mut peers = lock(&self.peers);
-                if let Some(p) = peers.get_mut(&c.peer) {
+                let mut peers = self.peers.lock(c.peer);
+                if let Some(p) = peers.get_mut() {
                     if p.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
                         p.conn = None;
                         p.next_try = Some(Instant::now() + self.cfg.reconnect_min);
@@ -2037,7 +2039,7 @@ impl Shared {
                 return;
             }
             Some((r, _)) if r.why == reject::CONN_STALE => {
-                if let Some(p) = lock(&self.peers).get_mut(&c.peer) {
+                if let Some(p) = self.peers.lock(c.peer).get_mut() {
                     p.incarnation = 0;
                 }
                 true
@@ -2056,7 +2058,7 @@ impl Shared {
         };
         if retry_now {
             self.discard(c);
-            if let Some(p) = lock(&self.peers).get_mut(&c.peer) {
+            if let Some(p) = self.peers.lock(c.peer).get_mut() {
                 if p.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
                     p.conn = None;
                 }
@@ -2073,7 +2075,7 @@ impl Shared {
 
     fn renegotiate(&self, peer: Nid, p: ConnParams) {
         inc(&self.stats.renegotiations);
-        if let Some(ps) = lock(&self.peers).get_mut(&peer) {
+        if let Some(ps) = self.peers.lock(peer).get_mut() {
             ps.params = p;
         }
     }
@@ -2085,8 +2087,8 @@ impl Shared {
             self.close_quiet(c, e.clone());
         }
         let (fail, was_up) = {
-            let mut peers = lock(&self.peers);
-            let Some(p) = peers.get_mut(&peer) else {
+            let mut peers = self.peers.lock(peer);
+            let Some(p) = peers.get_mut() else {
                 return;
             };
             if c.is_some_and(|c| p.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c))) {
@@ -2116,8 +2118,10 @@ impl Shared {
     }
 
     fn fail_peer(&self, peer: Nid, e: Error) {
-        let q: Vec<TxMsg> = lock(&self.peers)
-            .get_mut(&peer)
+        let q: Vec<TxMsg> = self
+            .peers
+            .lock(peer)
+            .get_mut()
             .map(|p| p.queue.drain(..).collect())
             .unwrap_or_default();
         for tx in q {
@@ -2132,8 +2136,8 @@ impl Shared {
             return;
         }
         let was = {
-            let mut peers = lock(&self.peers);
-            match peers.get_mut(&c.peer) {
+            let mut peers = self.peers.lock(c.peer);
+            match peers.get_mut() {
                 Some(p) if p.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) => {
                     p.conn = None;
                     p.next_try = Some(Instant::now() + p.backoff);
@@ -2267,10 +2271,9 @@ impl Shared {
             }
             // Reconnect peers with queued messages once their backoff ends.
             let due: Vec<Nid> = {
-                let mut peers = lock(&self.peers);
                 let now = Instant::now();
                 let mut due = Vec::new();
-                for (nid, p) in peers.iter_mut() {
+                self.peers.for_each_mut(|nid, p| {
                     if p.conn.is_none()
                         && !p.queue.is_empty()
                         && p.next_try.is_none_or(|t| t <= now)
@@ -2278,7 +2281,7 @@ impl Shared {
                         p.next_try = Some(now + p.backoff);
                         due.push(*nid);
                     }
-                }
+                });
                 due
             };
             for nid in due {

@@ -112,6 +112,15 @@ impl<K: Hash + Eq + Copy, V> ShardedMap<K, V> {
             .collect()
     }
 
+    /// Visit every entry, one shard locked at a time.
+    pub fn for_each_mut(&self, mut f: impl FnMut(&K, &mut V)) {
+        for s in self.shards.iter() {
+            for (k, v) in lock(s).iter_mut() {
+                f(&k.key, v);
+            }
+        }
+    }
+
     /// Take every entry out.
     pub fn drain(&self) -> Vec<(K, V)> {
         self.shards
@@ -174,6 +183,13 @@ mod tests {
         assert_eq!(m.lock(5).get(), None);
         assert_eq!(m.lock(6).insert(1), Some(10));
         assert_eq!(m.values().len(), 999);
+        let mut sum = 0;
+        m.for_each_mut(|_, v| {
+            sum += *v;
+            *v += 1;
+        });
+        assert_eq!(sum, 998 * 10 + 1);
+        assert_eq!(m.lock(7).get(), Some(&11));
         let mut keys: Vec<u64> = m.drain().into_iter().map(|(k, _)| k).collect();
         keys.sort_unstable();
         assert_eq!(keys.len(), 999);
