@@ -844,3 +844,44 @@ fn message_counters_per_peer_ni_and_node_agree() {
     assert_eq!(p.dropped(), 0, "drops are the NI's, not the peer's");
     assert_eq!(l.counters().drops_for(DropReason::NoMatch), 1);
 }
+
+#[test]
+fn md_handles_are_unique_across_threads_and_nodes() {
+    // Threads take cookie sequence numbers in blocks of their own, per
+    // node: handles must still never repeat on a node, whichever threads
+    // bind and however they alternate between nodes.
+    let nodes = [node(), node()];
+    let all: Vec<Vec<lnet::MdHandle>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|t| {
+                let nodes = &nodes;
+                s.spawn(move || {
+                    let mut mine = vec![Vec::new(), Vec::new()];
+                    for i in 0..1500usize {
+                        // Alternate nodes in runs of different lengths.
+                        let k = (i / (t + 1)) % 2;
+                        mine[k].push(nodes[k].md_bind(Md::new(vec![0u8; 8])).unwrap());
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let mut per_node = vec![Vec::new(), Vec::new()];
+        for h in hs {
+            for (k, v) in h.join().unwrap().into_iter().enumerate() {
+                per_node[k].extend(v);
+            }
+        }
+        per_node
+    });
+    for (k, hs) in all.iter().enumerate() {
+        let set: std::collections::HashSet<_> = hs.iter().copied().collect();
+        assert_eq!(set.len(), hs.len(), "node {k}: a handle repeated");
+        // Every one names its own MD.
+        for h in hs {
+            nodes[k].md_unlink(*h).unwrap();
+        }
+        assert_eq!(nodes[k].md_unlink(hs[0]), Err(Error::NoEntry));
+    }
+    assert_eq!(all[0].len() + all[1].len(), 6000);
+}

@@ -9,7 +9,7 @@
 //! credits, peer credits (sharded) and containers are separate locks and
 //! never held together, nor across a call into an LND or an event handler.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -539,7 +539,13 @@ pub(crate) struct Inner {
     monitor: Monitor,
 }
 
+/// Sequence numbers a thread takes from its node's counter at a time.
+const SEQ_BLOCK_LEN: u64 = 256;
+
 thread_local! {
+    /// This thread's block of cookie sequence numbers: (the node's epoch,
+    /// next, end). A thread that switches nodes takes a new block.
+    static SEQ_BLOCK: Cell<(u64, u64, u64)> = const { Cell::new((0, 0, 0)) };
     /// Sends issued while an LND send is on this thread's stack wait here
     /// (so an LND that completes inside `send`, like `lo`, never recurses).
     static LAUNCH: RefCell<Option<VecDeque<TxMsg>>> = const { RefCell::new(None) };
@@ -557,8 +563,28 @@ impl Inner {
         self.shutting_down.load(Ordering::Acquire)
     }
 
+    /// A fresh sequence number for an ME or MD cookie: unique in this
+    /// node's epoch and never reused. Each thread takes them from a block
+    /// of its own, so binding an MD per message does not write a line
+    /// that every thread writes.
+    fn new_seq(&self) -> u64 {
+        SEQ_BLOCK.with(|b| {
+            let (node, next, end) = b.get();
+            if node == self.epoch && next < end {
+                b.set((node, next + 1, end));
+                return next;
+            }
+            let start = self.next_seq.fetch_add(SEQ_BLOCK_LEN, Ordering::Relaxed);
+            b.set((self.epoch, start + 1, start + SEQ_BLOCK_LEN));
+            start
+        })
+    }
+
     fn new_cookie(&self, container: usize) -> u64 {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        Self::cookie(self.new_seq(), container)
+    }
+
+    fn cookie(seq: u64, container: usize) -> u64 {
         (seq << CONTAINER_BITS) | container as u64
     }
 
@@ -1713,9 +1739,10 @@ impl Lnet {
         if self.inner.is_shutting_down() {
             return Err(Error::Shutdown);
         }
-        let shard =
-            MAX_PORTALS + (self.inner.next_seq.load(Ordering::Relaxed) as usize % BOUND_SHARDS);
-        let cookie = self.inner.new_cookie(shard);
+        // Consecutive binds spread over the bound-MD containers.
+        let seq = self.inner.new_seq();
+        let shard = MAX_PORTALS + (seq as usize % BOUND_SHARDS);
+        let cookie = Inner::cookie(seq, shard);
         lock(&self.inner.containers[shard])
             .mds
             .insert(cookie, Self::md_state(md, None));
