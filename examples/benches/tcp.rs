@@ -9,8 +9,11 @@
 //! measuring time per round, 5 s by default; `TCP_BENCH_ROUNDS` rounds, 3 by
 //! default, interleaved with the peers' and reduced to medians;
 //! `TCP_BENCH_THREADS` runtime workers on each side, `TCP_BENCH_RTT_N` round
-//! trips, `TCP_BENCH_ONLY=latency` to skip the bandwidth part). Prints
-//! ours, theirs and the ratio.
+//! trips, `TCP_BENCH_ONLY=latency` to skip the bandwidth part,
+//! `TCP_BENCH_PIN=1` to run the client ends on CPU 0 and the server ends
+//! on CPU 1, as two hosts would be: the scheduler then cannot put both
+//! ends of one ping-pong on one CPU in some rounds and not in others).
+//! Prints ours, theirs and the ratio.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -41,6 +44,11 @@ impl Drop for Srv {
     }
 }
 
+/// `TCP_BENCH_PIN=1`: client ends on CPU 0, server ends on CPU 1.
+fn pinned() -> bool {
+    std::env::var("TCP_BENCH_PIN").is_ok_and(|v| v == "1")
+}
+
 fn threads() -> usize {
     std::env::var("TCP_BENCH_THREADS")
         .ok()
@@ -49,9 +57,13 @@ fn threads() -> usize {
 }
 
 fn server() -> Srv {
-    let mut p = Command::new(env!("CARGO_BIN_EXE_tcp_node"))
-        .args(["--addr", SRV, "--port", "0", "--conns", "1"])
-        .args(["--threads", &threads().to_string()])
+    let mut p = Command::new(env!("CARGO_BIN_EXE_tcp_node"));
+    p.args(["--addr", SRV, "--port", "0", "--conns", "1"])
+        .args(["--threads", &threads().to_string()]);
+    if pinned() {
+        p.args(["--cpu", "1"]);
+    }
+    let mut p = p
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -213,6 +225,9 @@ fn runtime() -> tokio::runtime::Runtime {
 /// started with `TCP_BENCH_ECHO=1`, or `=tokio` to echo from a task on a
 /// tokio runtime): prints its port, echoes one connection, exits.
 fn echo_child(on_tokio: bool) {
+    if pinned() {
+        lnet_examples::pin_to_cpu(1).expect("pin the echo end");
+    }
     let l = std::net::TcpListener::bind((SRV, 0)).expect("echo listener");
     println!("{}", l.local_addr().unwrap().port());
     if !on_tokio {
@@ -293,6 +308,10 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(5.0);
+    if pinned() {
+        // Before any runtime or thread starts: they inherit it.
+        lnet_examples::pin_to_cpu(0).expect("pin the client end");
+    }
     let srv = server();
     let (l, tcp) = client(srv.2);
     let l = Arc::new(l);
@@ -404,7 +423,14 @@ fn main() {
         median(&mut chained),
         median(&mut means),
     );
-    println!("8-byte round trip, median of {n} per round, median of {rounds} interleaved rounds");
+    println!(
+        "8-byte round trip, median of {n} per round, median of {rounds} interleaved rounds{}",
+        if pinned() {
+            "; client ends on CPU 0, server ends on CPU 1 (TCP_BENCH_PIN=1)"
+        } else {
+            ""
+        }
+    );
     println!(
         "  lnet-rs PUT+ACK, next from the ACK callback          {chained:8.1} us   (mean {mean:.1})"
     );
@@ -418,8 +444,9 @@ fn main() {
         "  TCP ping-pong, both ends on tokio, two processes     {tokio_rtt:8.1} us   ratio tokio/blocking {tokio_share:.2} (the runtime's share), callback/tokio {lnet_share:.2} (LNet's own)"
     );
     println!(
-        "  TCP ping-pong, two threads of one process            {threads_rtt:8.1} us   ratio callback/TCP {:.2} (no address-space switch per hop)",
-        chained / threads_rtt
+        "  TCP ping-pong, two threads of one process            {threads_rtt:8.1} us   ratio callback/TCP {:.2} (no address-space switch per hop{})",
+        chained / threads_rtt,
+        if pinned() { "; both on CPU 0" } else { "" }
     );
     l.shutdown();
 }

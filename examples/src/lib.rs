@@ -88,6 +88,21 @@ pub fn attach_echo_and_pattern(
     Ok(())
 }
 
+/// Run this process's calling thread, and every thread it starts
+/// afterwards, on CPU `cpu` only (benchmarks place the two ends of a
+/// ping-pong on different CPUs, as two hosts are).
+///
+/// ```
+/// // CPU 0 exists on every machine.
+/// lnet_examples::pin_to_cpu(0).unwrap();
+/// ```
+pub fn pin_to_cpu(cpu: usize) -> Result<(), String> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).map_err(|e| format!("CPU {cpu}: {e}"))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .map_err(|e| format!("pin to CPU {cpu}: {e}"))
+}
+
 /// The value after option `key` in `args` (`--port 5` → `Some("5")`).
 pub fn opt(args: &[String], key: &str) -> Option<String> {
     args.iter()

@@ -10,7 +10,8 @@
 //! Prints `READY <nid> <listen address> <incarnation>` once up. Options:
 //! `--addr IP` (127.0.0.1), `--port N` (0: any), `--accept all|secure|none`
 //! (all), `--protocol 2|3|4` (3), `--conns N` (1), `--checksum`,
-//! `--zerocopy BYTES`, `--timeout SECS` (socket timeout, 50).
+//! `--zerocopy BYTES`, `--timeout SECS` (socket timeout, 50), `--cpu N`
+//! (run on CPU N only).
 //!
 //! With `--verify NID --peer-port P` it is a client instead: it PUTs and
 //! GETs 0 B to 1 MiB against another `tcp_node` at NID, checks every byte,
@@ -28,6 +29,10 @@ pub use lnet_examples::{ECHO_PORTAL, PATTERN_PORTAL};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opt = |k: &str| lnet_examples::opt(&args, k);
+    if let Some(c) = opt("--cpu") {
+        // Before the runtime starts: its threads inherit the placement.
+        lnet_examples::pin_to_cpu(c.parse()?)?;
+    }
     let addr = opt("--addr")
         .unwrap_or_else(|| "127.0.0.1".into())
         .parse()?;
