@@ -1841,7 +1841,9 @@ impl Lnet {
         let src_nid = route.map_or(Nid::ANY, |r| r.1);
         let wants_response = op == Op::Get || ack == AckReq::Ack;
         let mut c = lock(&inner.containers[ci]);
-        let m = c.mds.get_mut(&mdh.0).ok_or(Error::NoEntry)?;
+        // One lookup: the MD and the container's response timers beside it.
+        let Container { mds, timers, .. } = &mut *c;
+        let m = mds.get_mut(&mdh.0).ok_or(Error::NoEntry)?;
         if m.unlinking || m.view.exhausted() {
             return Err(Error::NoEntry);
         }
@@ -1903,9 +1905,8 @@ impl Lnet {
                 deadline,
                 peer: target.nid,
             });
-            c.timers.insert((deadline, mdh.0), ());
+            timers.insert((deadline, mdh.0), ());
         }
-        let m = &c.mds[&mdh.0];
         let plen = if op == Op::Put { len } else { 0 };
         let ev = EvInfo {
             target,
