@@ -895,12 +895,29 @@ impl Shared {
 
     /// Whether a dial of type `ct` (our side's view) from a peer of
     /// incarnation `inc` would duplicate a connection `st` already has or
-    /// is accepting. Only the control connection is unique: how many bulk
-    /// connections a peer keeps is its own choice (its `conns_per_peer`),
-    /// so bulk dials are never refused as duplicates. A new incarnation
-    /// never duplicates: its connections replace the old ones.
+    /// is accepting. The control connection is unique. How many bulk
+    /// connections a peer dials is its own choice (its `conns_per_peer`),
+    /// except in a type we already supply in full by our own dials: that
+    /// one is the late half of a connection race (both ends dialled the
+    /// same direction; ours was up before theirs arrived and our dialling
+    /// had ended, so the NID-order rule no longer applied). A new
+    /// incarnation never duplicates: its connections replace the old ones.
     fn enough(&self, st: &PeerState, ct: ConnType, inc: u64) -> bool {
-        ct == ConnType::Control && st.incarnation.is_none_or(|i| i == inc) && self.have(st, ct) >= 1
+        if st.incarnation.is_some_and(|i| i != inc) {
+            return false;
+        }
+        match ct {
+            ConnType::Control => self.have(st, ct) >= 1,
+            ConnType::BulkIn | ConnType::BulkOut => {
+                let ours = st
+                    .conns
+                    .iter()
+                    .filter(|c| c.info.ctype == ct && c.info.active && !c.is_closing())
+                    .count();
+                ours >= usize::from(self.bulk_conns)
+            }
+            ConnType::Any => false,
+        }
     }
 
     /// Connections of type `ct` up or being accepted.
