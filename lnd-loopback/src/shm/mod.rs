@@ -278,6 +278,60 @@ fn remove_if_stale(p: &Path) -> bool {
     }
 }
 
+/// What a connect tells of the listener behind a socket file.
+#[derive(Debug, PartialEq, Eq)]
+enum Listener {
+    /// Refused: nothing listens.
+    Gone,
+    /// Accepted, then closed or reset at once: its process is exiting (a
+    /// killed process's listener closes with its other descriptors, maybe
+    /// after we saw its connection to us end).
+    Dying,
+    /// Anything else: somebody listens (perhaps the restarted peer).
+    Live,
+}
+
+fn probe_listener(p: &Path) -> Listener {
+    use std::io::Read;
+    match UnixStream::connect(p) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => Listener::Gone,
+        Err(_) => Listener::Live,
+        Ok(mut s) => {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
+            let mut b = [0u8; 1];
+            match s.read(&mut b) {
+                Ok(0) => Listener::Dying,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => Listener::Dying,
+                _ => Listener::Live,
+            }
+        }
+    }
+}
+
+/// Remove a dead peer's socket file once its listener is gone: looked at
+/// again for up to a second while it is still closing, on a thread of its
+/// own (the progress thread must not wait). A live listener's file stays.
+fn reap_socket_file(path: PathBuf) {
+    let reap = move || {
+        for _ in 0..100 {
+            match probe_listener(&path) {
+                Listener::Gone => {
+                    let _ = std::fs::remove_file(&path);
+                    return;
+                }
+                Listener::Live => return,
+                Listener::Dying => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("shm-reap".into())
+        .spawn(reap)
+    {
+        debug!(target: "net", error = %e, "no thread to remove a dead peer's socket file");
+    }
+}
+
 fn sock_path(dir: &Path, nid: Nid) -> PathBuf {
     dir.join(format!("{nid}.sock"))
 }
@@ -612,10 +666,10 @@ fn retire(sh: &Shared, c: &Arc<Conn>, err: Error) {
         // Nothing it owed us will come; then mark it down.
         sh.ni.peer_event(c.peer, PeerEvent::Restarted);
         sh.ni.peer_event(c.peer, PeerEvent::Down);
-        // A crashed peer leaves its socket file: remove it if nobody
+        // A crashed peer leaves its socket file: remove it once nobody
         // listens there any more.
         if !sh.stop.load(Ordering::Acquire) {
-            remove_if_stale(&sock_path(&sh.dir, c.peer));
+            reap_socket_file(sock_path(&sh.dir, c.peer));
         }
     }
 }

@@ -255,3 +255,36 @@ fn garbage_in_ring_slots_disconnects_with_a_counted_error() {
     assert!(left.is_empty(), "left behind: {left:?}");
     let _ = std::fs::remove_dir(&dir);
 }
+
+#[test]
+fn socket_file_probe_tells_gone_dying_and_live_listeners() {
+    let d = TestDir::new("probe");
+    std::fs::create_dir_all(&*d).unwrap();
+    // Gone: the file stays after its listener closed; a connect is refused.
+    let gone = d.join("gone.sock");
+    drop(UnixListener::bind(&gone).unwrap());
+    assert_eq!(probe_listener(&gone), Listener::Gone);
+    // Dying: accepted, then closed at once.
+    let dying = d.join("dying.sock");
+    let l = UnixListener::bind(&dying).unwrap();
+    let t = std::thread::spawn(move || drop(l.accept()));
+    assert_eq!(probe_listener(&dying), Listener::Dying);
+    t.join().unwrap();
+    // Live: a listener that keeps what it accepts (or has not accepted yet).
+    let live = d.join("live.sock");
+    let _l = UnixListener::bind(&live).unwrap();
+    assert_eq!(probe_listener(&live), Listener::Live);
+    // The reaper removes only the gone one, and only once it is gone.
+    reap_socket_file(gone.clone());
+    reap_socket_file(live.clone());
+    let t0 = Instant::now();
+    while gone.exists() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!gone.exists());
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(live.exists());
+    for p in [&dying, &live] {
+        let _ = std::fs::remove_file(p);
+    }
+}
