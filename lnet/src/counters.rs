@@ -234,8 +234,6 @@ impl<T> std::ops::Deref for CachePadded<T> {
     }
 }
 
-use CachePadded as Padded;
-
 /// A block of counters written on the message path, one copy per thread
 /// shard: each thread adds to its own copy, so no cache line is written
 /// by every thread (DESIGN.md principle 6); reading sums the copies.
@@ -257,13 +255,13 @@ use CachePadded as Padded;
 /// ```
 #[derive(Debug)]
 pub struct Sharded<T> {
-    shards: Box<[Padded<T>; STAT_SHARDS]>,
+    shards: Box<[CachePadded<T>; STAT_SHARDS]>,
 }
 
 impl<T: Default> Default for Sharded<T> {
     fn default() -> Self {
         Sharded {
-            shards: Box::new(std::array::from_fn(|_| Padded(T::default()))),
+            shards: Box::new(std::array::from_fn(|_| CachePadded(T::default()))),
         }
     }
 }

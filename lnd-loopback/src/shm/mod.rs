@@ -271,11 +271,7 @@ pub fn cleanup(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// Remove `p` when nothing listens on it. True when removed.
 fn remove_if_stale(p: &Path) -> bool {
-    match UnixStream::connect(p) {
-        Ok(_) => false,
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(p).is_ok(),
-        Err(_) => false,
-    }
+    probe_listener(p) == Listener::Gone && std::fs::remove_file(p).is_ok()
 }
 
 /// What a connect tells of the listener behind a socket file.
