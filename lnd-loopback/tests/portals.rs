@@ -469,6 +469,44 @@ fn ack_disabled_means_timeout_for_the_initiator() {
 }
 
 #[test]
+fn answered_operations_never_time_out_and_unanswered_ones_do() {
+    let l = node();
+    let q = EventQueue::new();
+    l.attach(
+        16,
+        ProcessId::ANY,
+        1,
+        0,
+        Unlink::Retain,
+        InsPos::Tail,
+        Md::new(vec![0u8; 8])
+            .options(MdOptions::OP_PUT | MdOptions::MANAGE_REMOTE)
+            .threshold(Threshold::Infinite),
+    )
+    .unwrap();
+    // 2,000 PUTs answered by ACKs (each leaves its deadline behind), then
+    // one whose ACK the target refuses.
+    for _ in 0..2_000 {
+        put(&l, vec![1; 8], true, 16, 1, 0, &q);
+        assert_eq!(next(&q).kind, EventKind::Send);
+        let e = next(&q);
+        assert_eq!((e.kind, e.unlinked), (EventKind::Ack, true));
+    }
+    target(
+        &l,
+        17,
+        1,
+        Md::new(vec![0u8; 8]).options(MdOptions::OP_PUT | MdOptions::ACK_DISABLE),
+    );
+    put(&l, vec![1; 8], true, 17, 1, 0, &q);
+    let e = until_final(&q);
+    assert_eq!(e.last().unwrap().status, Err(Error::Timeout));
+    // Well past every answered operation's deadline: still one timeout.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(l.counters().response_timeouts, 1);
+}
+
+#[test]
 fn early_unlink_and_response_timeout() {
     let l = node();
     let iq = EventQueue::new();

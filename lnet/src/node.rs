@@ -11,7 +11,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
@@ -1098,9 +1098,9 @@ impl Inner {
         if m.awaiting.as_ref().is_none_or(|a| a.kind != kind) {
             return None;
         }
-        let a = m.awaiting.take().expect("checked");
+        m.awaiting = None;
         m.view.threshold.dec();
-        c.timers.remove(&(a.deadline, md));
+        c.timers.remove();
         Some((md, c))
     }
 
@@ -1249,11 +1249,10 @@ impl Inner {
             let mut after = After::default();
             {
                 let mut c = lock(&self.containers[ci]);
-                while let Some((&(deadline, md), _)) = c.timers.iter().next() {
-                    if deadline > now {
-                        break;
+                while let Some((deadline, md)) = c.timers.pop_due(now) {
+                    if !awaits(&c.mds, md, deadline) {
+                        continue;
                     }
-                    c.timers.remove(&(deadline, md));
                     self.counters.response_timeout();
                     warn!(target: "neterror", md, "response timed out");
                     abort_md(&mut c, md, Error::Timeout, &mut after);
@@ -1349,7 +1348,61 @@ fn detach_me(table: &mut MatchTable<MeState>, m: &mut MdState) {
 }
 
 type MdEntry<'a> = std::collections::hash_map::OccupiedEntry<'a, u64, MdState>;
-type Timers = BTreeMap<(Instant, u64), ()>;
+
+/// The response deadlines of a container's MDs, in the order they were
+/// set. Every deadline is the time it was set (read under the container
+/// lock) plus the node's one response timeout, so that order is also
+/// deadline order: setting one is a push, the next due is at the front.
+///
+/// An answered operation leaves its entry behind (no search per ACK or
+/// REPLY); due entries are checked against their MD, which must still
+/// wait with that same deadline. Stale entries are dropped whenever they
+/// outnumber the live ones (plus a constant), so the queue stays bounded
+/// by the MDs waiting.
+#[derive(Default)]
+struct Timers {
+    q: VecDeque<(Instant, u64)>,
+    /// Deadlines still set (MDs with `awaiting`).
+    live: usize,
+}
+
+impl Timers {
+    /// Stale entries allowed beyond the live ones before a clean-up.
+    const SLACK: usize = 64;
+
+    fn insert(&mut self, deadline: Instant, md: u64) {
+        self.q.push_back((deadline, md));
+        self.live += 1;
+    }
+
+    /// A deadline was cleared (its response came or the MD was aborted).
+    fn remove(&mut self) {
+        self.live = self.live.saturating_sub(1);
+    }
+
+    /// The front entry if it is due by `now` (it may be stale).
+    fn pop_due(&mut self, now: Instant) -> Option<(Instant, u64)> {
+        match self.q.front() {
+            Some(&(d, _)) if d <= now => self.q.pop_front(),
+            _ => None,
+        }
+    }
+
+    fn wants_cleanup(&self) -> bool {
+        self.q.len() > 2 * self.live + Self::SLACK
+    }
+}
+
+/// Whether `md` still waits for a response due at `deadline`.
+fn awaits(
+    mds: &HashMap<u64, MdState, foldhash::fast::RandomState>,
+    md: u64,
+    deadline: Instant,
+) -> bool {
+    mds.get(&md)
+        .and_then(|m| m.awaiting.as_ref())
+        .is_some_and(|a| a.deadline == deadline)
+}
 
 /// MD `md`'s entry in `c`, found once, with the container's ME list and
 /// response timers beside it.
@@ -1374,8 +1427,8 @@ fn abort_md(c: &mut Container, md: u64, err: Error, after: &mut After) {
     let m = o.get_mut();
     let had_wait = m.awaiting.take();
     m.unlinking = true;
-    if let Some(a) = &had_wait {
-        timers.remove(&(a.deadline, md));
+    if had_wait.is_some() {
+        timers.remove();
     }
     if had_wait.is_some() || err == Error::Shutdown {
         m.abort = Some(err);
@@ -1405,9 +1458,9 @@ fn op_done(
     m.pending -= 1;
     if lost_response {
         // Consume the response's share of the threshold as if it came.
-        if let Some(a) = m.awaiting.take() {
+        if m.awaiting.take().is_some() {
             m.view.threshold.dec();
-            timers.remove(&(a.deadline, md));
+            timers.remove();
         }
     }
     emit_in(table, o, kind, ev, status, loan, after);
@@ -1905,7 +1958,7 @@ impl Lnet {
                 deadline,
                 peer: target.nid,
             });
-            timers.insert((deadline, mdh.0), ());
+            timers.insert(deadline, mdh.0);
         }
         let plen = if op == Op::Put { len } else { 0 };
         let ev = EvInfo {
@@ -1942,6 +1995,10 @@ impl Lnet {
             credits_held: false,
             token: Some(TxToken::Initiator { md: mdh.0, ev }),
         });
+        if c.timers.wants_cleanup() {
+            let Container { mds, timers, .. } = &mut *c;
+            timers.q.retain(|&(d, md)| awaits(mds, md, d));
+        }
         drop(c);
         match route {
             Some(_) => inner.send(tx),
@@ -2084,5 +2141,54 @@ impl std::fmt::Debug for Lnet {
             .field("nids", &self.nids())
             .field("pid", &self.pid())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(deadline: Instant) -> MdState {
+        let mut m = Lnet::md_state(Md::new(vec![0u8; 1]), None);
+        m.awaiting = Some(Awaiting {
+            kind: MsgType::Ack,
+            deadline,
+            peer: Nid::LO,
+        });
+        m
+    }
+
+    #[test]
+    fn response_deadlines_skip_answered_entries_and_stay_bounded() {
+        let mut mds: HashMap<u64, MdState, foldhash::fast::RandomState> = HashMap::default();
+        let mut t = Timers::default();
+        let t0 = Instant::now();
+        // 10,000 operations, each answered before the next starts, as a
+        // client issuing one RPC at a time does; one left unanswered.
+        for i in 0..10_000u64 {
+            let d = t0 + Duration::from_micros(i);
+            mds.insert(i, waiting(d));
+            t.insert(d, i);
+            if t.wants_cleanup() {
+                t.q.retain(|&(d, md)| awaits(&mds, md, d));
+            }
+            assert!(t.q.len() <= 2 * t.live + Timers::SLACK + 1);
+            if i != 5_000 {
+                mds.get_mut(&i).unwrap().awaiting = None;
+                t.remove();
+            }
+        }
+        assert_eq!(t.live, 1);
+        assert!(t.q.len() <= 2 + Timers::SLACK + 1, "{} entries", t.q.len());
+        // Only the unanswered one is found due, and only once it is.
+        assert_eq!(t.pop_due(t0 - Duration::from_secs(1)), None);
+        let mut due = Vec::new();
+        while let Some((d, md)) = t.pop_due(t0 + Duration::from_secs(1)) {
+            if awaits(&mds, md, d) {
+                due.push(md);
+            }
+        }
+        assert_eq!(due, [5_000]);
+        assert!(t.q.is_empty());
     }
 }
