@@ -13,7 +13,9 @@
 //!   blocking TCP ping-pong on loopback.
 //!
 //! `cargo bench -p lnet-examples --bench shm` (set `SHM_BENCH_SECS` for
-//! longer runs; 1 s per figure by default).
+//! longer runs, 1 s per figure by default; `SHM_BENCH_ROUNDS` for more
+//! interleaved rounds of the copy paths, 3 by default: on a shared
+//! machine a single round of these swings by 0.2 either way).
 
 use std::io::IoSliceMut;
 use std::path::{Path, PathBuf};
@@ -250,7 +252,12 @@ fn main() {
         // each ratio the median of the rounds' ratios.
         let (mut pooled, mut mem, mut cma, mut raw) = (vec![], vec![], vec![], vec![]);
         let (mut pool_r, mut cma_r) = (vec![], vec![]);
-        for _ in 0..3 {
+        let nrounds = std::env::var("SHM_BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3usize)
+            .max(1);
+        for _ in 0..nrounds {
             let p = put_bw(&l, srv.id, ECHO, &in_pool, 4, secs / 3.0);
             let m = compare::memcpy_mib_s(MIB, secs / 3.0) * MIB as f64;
             let c = put_bw(&l, srv.id, ECHO, &plain, 4, secs / 3.0);
@@ -270,14 +277,14 @@ fn main() {
         };
         let (mem_m, raw_m) = (median(&mut mem), median(&mut raw));
         println!(
-            "1 MiB PUT, source in our pool (peer memcpy through its mapping): {:6.2} GB/s   memcpy 1 MiB {:6.2} GB/s   ratio {:.2} (median of 3 interleaved: {}; goal >= 0.9)",
+            "1 MiB PUT, source in our pool (peer memcpy through its mapping): {:6.2} GB/s   memcpy 1 MiB {:6.2} GB/s   ratio {:.2} (median of {nrounds} interleaved: {}; goal >= 0.9)",
             gbs(median(&mut pooled)),
             gbs(mem_m),
             median(&mut pool_r.clone()),
             rounds(&pool_r)
         );
         println!(
-            "1 MiB PUT, ordinary buffers (process_vm_readv by the peer):     {:6.2} GB/s   raw process_vm_readv {:6.2} GB/s   ratio {:.2} (median of 3 interleaved: {}; goal >= 0.9)",
+            "1 MiB PUT, ordinary buffers (process_vm_readv by the peer):     {:6.2} GB/s   raw process_vm_readv {:6.2} GB/s   ratio {:.2} (median of {nrounds} interleaved: {}; goal >= 0.9)",
             gbs(median(&mut cma)),
             gbs(raw_m),
             median(&mut cma_r.clone()),
