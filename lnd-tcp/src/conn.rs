@@ -81,7 +81,12 @@ pub(crate) struct Conn {
     wake: tokio::sync::Notify,
     w: OwnedWriteHalf,
     stats: Arc<Sharded<Stats>>,
+    /// No new sends: set when closing begins and when the writer exits.
     closing: AtomicBool,
+    /// Closing has begun (the once-only guard of [`Conn::begin_close`]);
+    /// separate from `closing`, which the writer sets on its own exit
+    /// before its error is reported to `close_conn`.
+    close_begun: AtomicBool,
     close_tx: watch::Sender<bool>,
 }
 
@@ -132,6 +137,7 @@ impl Conn {
             w,
             stats,
             closing: AtomicBool::new(false),
+            close_begun: AtomicBool::new(false),
             close_tx,
         });
         (
@@ -151,11 +157,13 @@ impl Conn {
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
     }
-    /// Mark closing and stop both tasks; true the first time.
+    /// Mark closing and stop both tasks; true the first time (whether or
+    /// not the writer has already exited).
     pub(crate) fn begin_close(&self) -> bool {
-        if self.closing.swap(true, Ordering::AcqRel) {
+        if self.close_begun.swap(true, Ordering::AcqRel) {
             return false;
         }
+        self.closing.store(true, Ordering::Release);
         let _ = self.close_tx.send(true);
         self.wake.notify_one();
         // Wakes a reader waiting for the next message with end-of-file: the

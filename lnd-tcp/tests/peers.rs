@@ -681,3 +681,86 @@ fn simultaneous_connects_between_two_nodes_settle() {
     // The dials did cross (each side refused one), and it settled anyway.
     assert!(races > 0, "no race happened in 5 rounds");
 }
+
+/// A double that completes the hello on every connection (v3) and then
+/// neither reads nor writes until `done` says so (or 30 s pass).
+fn stalling_double(me: Ipv4Addr) -> (SocketAddr, mpsc::Sender<()>) {
+    let l = TcpListener::bind((me, 0)).unwrap();
+    let at = l.local_addr().unwrap();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let done_rx = Arc::new(std::sync::Mutex::new(done_rx));
+    std::thread::spawn(move || {
+        for s in l.incoming().take(8) {
+            let Ok(mut s) = s else { return };
+            let done_rx = done_rx.clone();
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(T)).unwrap();
+                read_n(&mut s, 16);
+                let h = read_n(&mut s, 8 + 48);
+                let peer = Ipv4Addr::from(u64::from_le_bytes(h[8..16].try_into().unwrap()) as u32);
+                let inv = match u32le(&h[8 + 40..]) {
+                    2 => 3,
+                    3 => 2,
+                    t => t,
+                };
+                s.write_all(&hello_nid4(3, me, peer, inv, 0x57a11)).unwrap();
+                // Hold the socket, reading nothing.
+                let _ = done_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30));
+                drop(s);
+            });
+        }
+    });
+    (at, done_tx)
+}
+
+#[test]
+fn a_connection_whose_writer_fails_first_is_dropped_and_its_messages_fail() {
+    // The peer stops reading: our bulk connection's writer times out while
+    // its reader still waits quietly for the next message. The connection
+    // must still be closed and forgotten (it once stayed listed, closing,
+    // so later messages were held for it instead of failing or redialling).
+    let peer: Ipv4Addr = "127.0.0.57".parse().unwrap();
+    let (at, done) = stalling_double(peer);
+    let (l, tcp, _) = node("127.0.0.58", |c| {
+        c.peer_port = at.port();
+        c.accept = AcceptMode::None;
+        c.tx_buffer_size = Some(64 << 10);
+    });
+    let pnid: Nid = "127.0.0.57@tcp".parse().unwrap();
+    let q = EventQueue::new();
+    let payload = bytes::Bytes::from(vec![9u8; 1 << 20]);
+    for _ in 0..4 {
+        let md = l
+            .md_bind(Md::new(payload.clone()).handler(q.handler()))
+            .unwrap();
+        l.put(md, AckReq::NoAck, ProcessId::new(pnid, 12345), 31, 0, 0, 0)
+            .unwrap();
+    }
+    // Each PUT ends once, with an error (nothing was read).
+    let mut ended = 0;
+    while ended < 4 {
+        let e = q.recv_timeout(T).expect("every PUT ends");
+        assert_eq!(e.kind, EventKind::Send);
+        assert!(e.status.is_err(), "{:?}", e.status);
+        ended += usize::from(e.unlinked);
+    }
+    // The stalled connection was closed for its timeout, counted, and is
+    // no longer listed: every connection ever set up is either listed or
+    // counted closed.
+    wait_for(|| {
+        let s = tcp.stats();
+        s.conns_closed >= 1 && s.timeouts >= 1
+    });
+    let s = tcp.stats();
+    assert_eq!(
+        tcp.conns(pnid).len() as u64 + s.conns_closed,
+        s.conns_established,
+        "{s:?} {:?}",
+        tcp.conns(pnid)
+    );
+    let _ = done.send(());
+    l.shutdown();
+}
