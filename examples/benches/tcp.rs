@@ -3,7 +3,10 @@
 //! streams as we have connections), and the round trip of an 8-byte PUT
 //! with ACK beside a plain TCP ping-pong of 8 bytes written here — blocking
 //! on both ends (the goal's bound), and with both ends on tokio runtimes
-//! like our nodes' (the runtime's own share of the ratio).
+//! like our nodes' (the runtime's own share of the ratio). The round trip
+//! is measured for two pairs of nodes: connections read on the LND's
+//! runtime (the default) and read by threads of their own
+//! (`TcpConfig::reader_threads`, on both ends).
 //!
 //! `cargo bench -p lnet-examples --bench tcp` (`-- --secs N` to change the
 //! measuring time per round, 5 s by default; `TCP_BENCH_ROUNDS` rounds, 3 by
@@ -26,6 +29,8 @@ use lnet_selftest::compare::{self, median};
 
 const SRV: &str = "127.0.0.21";
 const CLI: &str = "127.0.0.22";
+/// The client of the pair whose connections are read by threads.
+const CLI_THREADS: &str = "127.0.0.23";
 
 struct Srv(Child, ProcessId, u16);
 impl Drop for Srv {
@@ -56,10 +61,14 @@ fn threads() -> usize {
         .unwrap_or(2)
 }
 
-fn server() -> Srv {
+/// A `tcp_node` on `SRV`; `reader_threads`: a thread per connection reads it.
+fn server(reader_threads: bool) -> Srv {
     let mut p = Command::new(env!("CARGO_BIN_EXE_tcp_node"));
     p.args(["--addr", SRV, "--port", "0", "--conns", "1"])
         .args(["--threads", &threads().to_string()]);
+    if reader_threads {
+        p.arg("--reader-threads");
+    }
     if pinned() {
         p.args(["--cpu", "1"]);
     }
@@ -78,13 +87,15 @@ fn server() -> Srv {
     Srv(p, ProcessId::new(nid, lnet::LNET_PID_LUSTRE), port)
 }
 
-fn client(port: u16) -> (Lnet, Arc<TcpLnd>) {
-    let mut cfg = TcpConfig::new(CLI.parse().unwrap());
+/// Our client node at `addr`, dialling the server's `port`.
+fn client(addr: &str, port: u16, reader_threads: bool) -> (Lnet, Arc<TcpLnd>) {
+    let mut cfg = TcpConfig::new(addr.parse().unwrap());
     cfg.port = 0;
     cfg.peer_port = port;
     cfg.accept = AcceptMode::None;
     cfg.conns_per_peer = ConnsPerPeer::Fixed(1);
     cfg.threads = threads();
+    cfg.reader_threads = reader_threads;
     let tcp = TcpLnd::new(cfg);
     (
         lnd_loopback::builder().ni(tcp.clone()).build().unwrap(),
@@ -312,8 +323,8 @@ fn main() {
         // Before any runtime or thread starts: they inherit it.
         lnet_examples::pin_to_cpu(0).expect("pin the client end");
     }
-    let srv = server();
-    let (l, tcp) = client(srv.2);
+    let srv = server(false);
+    let (l, tcp) = client(CLI, srv.2, false);
     let l = Arc::new(l);
     // Warm up: connections, page faults.
     put_bw(&l, srv.1, 4, 0.5);
@@ -385,10 +396,18 @@ fn main() {
         .unwrap_or(5000);
     // Round trips, also in interleaved rounds: each round's figure is the
     // median of its `n` round trips, the result the median of the rounds.
-    let _ = put_rtt(&l, srv.1, 200);
-    let _ = put_rtt_cb(&l, srv.1, 200);
+    // The same with a second pair whose connections are read by threads
+    // of their own (`TcpConfig::reader_threads`) on both ends.
+    let srv_t = server(true);
+    let (l_t, _) = client(CLI_THREADS, srv_t.2, true);
+    let l_t = Arc::new(l_t);
+    for (node, to) in [(&l, srv.1), (&l_t, srv_t.1)] {
+        let _ = put_rtt(node, to, 200);
+        let _ = put_rtt_cb(node, to, 200);
+    }
     let (mut queued, mut plain, mut chained, mut means) = (vec![], vec![], vec![], vec![]);
     let (mut in_process, mut on_tokio) = (vec![], vec![]);
+    let (mut queued_t, mut chained_t) = (vec![], vec![]);
     for _ in 0..rounds {
         queued.push(median(&mut put_rtt(&l, srv.1, n)));
         plain.push(pingpong_2proc(n, false));
@@ -400,6 +419,8 @@ fn main() {
         let mut chain = put_rtt_cb(&l, srv.1, n);
         means.push(chain.iter().sum::<f64>() / chain.len() as f64);
         chained.push(median(&mut chain));
+        chained_t.push(median(&mut put_rtt_cb(&l_t, srv_t.1, n)));
+        queued_t.push(median(&mut put_rtt(&l_t, srv_t.1, n)));
     }
     // Ratios per round (each pairs figures measured minutes apart at most),
     // reduced to their median, as the shm bench does.
@@ -413,6 +434,7 @@ fn main() {
         (median(&mut r), shown)
     };
     let (ratio, per_round) = ratios(&chained, &plain);
+    let (ratio_t, per_round_t) = ratios(&chained_t, &plain);
     let (tokio_share, _) = ratios(&on_tokio, &plain);
     let (lnet_share, _) = ratios(&chained, &on_tokio);
     let threads_rtt = median(&mut in_process);
@@ -423,6 +445,7 @@ fn main() {
         median(&mut chained),
         median(&mut means),
     );
+    let (queued_t, chained_t) = (median(&mut queued_t), median(&mut chained_t));
     println!(
         "8-byte round trip, median of {n} per round, median of {rounds} interleaved rounds{}",
         if pinned() {
@@ -432,21 +455,33 @@ fn main() {
         }
     );
     println!(
-        "  lnet-rs PUT+ACK, next from the ACK callback          {chained:8.1} us   (mean {mean:.1})"
+        "  TCP ping-pong, blocking read/write, two processes    {plain:8.1} us   (the goal's bound)"
     );
-    println!("  lnet-rs PUT+ACK, a thread waiting on an event queue  {queued:8.1} us");
     println!(
-        "  TCP ping-pong, blocking read/write, two processes    {plain:8.1} us   ratio callback/TCP {ratio:.2} (goal <= 1.3; median of the rounds' ratios {per_round}; ratio of the medians {:.2}), queue/TCP {:.2}",
-        chained / plain,
+        "  lnet-rs PUT+ACK, reader threads, next from the ACK callback {chained_t:8.1} us   ratio callback/TCP {ratio_t:.2} (goal <= 1.3; rounds {per_round_t}; ratio of the medians {:.2})",
+        chained_t / plain
+    );
+    println!(
+        "  lnet-rs PUT+ACK, reader threads, a thread waiting on an event queue {queued_t:8.1} us   ratio {:.2}",
+        queued_t / plain
+    );
+    println!(
+        "  lnet-rs PUT+ACK, readers on the runtime (default), next from the ACK callback {chained:8.1} us   (mean {mean:.1})   ratio callback/TCP {ratio:.2} (goal <= 1.3; rounds {per_round}; ratio of the medians {:.2})",
+        chained / plain
+    );
+    println!(
+        "  lnet-rs PUT+ACK, readers on the runtime, a thread waiting on an event queue {queued:8.1} us   ratio {:.2}",
         queued / plain
     );
     println!(
-        "  TCP ping-pong, both ends on tokio, two processes     {tokio_rtt:8.1} us   ratio tokio/blocking {tokio_share:.2} (the runtime's share), callback/tokio {lnet_share:.2} (LNet's own)"
+        "  TCP ping-pong, both ends on tokio, two processes     {tokio_rtt:8.1} us   ratio tokio/blocking {tokio_share:.2} (the runtime's share), runtime callback/tokio {lnet_share:.2} (LNet's own)"
     );
     println!(
-        "  TCP ping-pong, two threads of one process            {threads_rtt:8.1} us   ratio callback/TCP {:.2} (no address-space switch per hop{})",
+        "  TCP ping-pong, two threads of one process            {threads_rtt:8.1} us   ratio runtime callback/TCP {:.2} (no address-space switch per hop{})",
         chained / threads_rtt,
         if pinned() { "; both on CPU 0" } else { "" }
     );
+    l_t.shutdown();
+    drop(srv_t);
     l.shutdown();
 }

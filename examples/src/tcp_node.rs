@@ -11,7 +11,8 @@
 //! `--addr IP` (127.0.0.1), `--port N` (0: any), `--accept all|secure|none`
 //! (all), `--protocol 2|3|4` (3), `--conns N` (1), `--checksum`,
 //! `--zerocopy BYTES`, `--timeout SECS` (socket timeout, 50), `--cpu N`
-//! (run on CPU N only).
+//! (run on CPU N only), `--reader-threads` (a thread per connection reads
+//! it, see `TcpConfig::reader_threads`).
 //!
 //! With `--verify NID --peer-port P` it is a client instead: it PUTs and
 //! GETs 0 B to 1 MiB against another `tcp_node` at NID, checks every byte,
@@ -48,6 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     cfg.conns_per_peer = ConnsPerPeer::Fixed(opt("--conns").map_or(Ok(1), |p| p.parse())?);
     cfg.checksum = args.iter().any(|a| a == "--checksum");
+    cfg.reader_threads = args.iter().any(|a| a == "--reader-threads");
     if let Some(z) = opt("--zerocopy") {
         cfg.zerocopy_min = Some(z.parse()?);
     }

@@ -117,6 +117,36 @@ fn put_and_get_of_every_size_between_two_processes() {
 }
 
 #[test]
+fn with_reader_threads_on_both_ends_every_size_moves_and_zerocopy_completes() {
+    let srv = Server::start("127.0.0.77", 0, &["--reader-threads"]);
+    let (l, tcp) = client("127.0.0.78", &srv, |c| {
+        c.conns_per_peer = ConnsPerPeer::Fixed(2);
+        c.zerocopy_min = Some(16 << 10);
+        c.reader_threads = true;
+    });
+    let reference = pattern(1 << 20, 7);
+    for (i, &n) in [0usize, 1, 4096, 65536, 1 << 20].iter().enumerate() {
+        let data = pattern(n, i as u8 + 11);
+        let off = (i as u32) << 20;
+        put(&l, srv.id(), data.clone(), off).unwrap();
+        assert_eq!(get(&l, srv.id(), ECHO, n, off).unwrap(), data, "echo {n}");
+        assert_eq!(
+            get(&l, srv.id(), PATTERN, n, 0).unwrap(),
+            reference[..n],
+            "pattern {n}"
+        );
+    }
+    assert_eq!(tcp.conns(srv.nid).len(), 5);
+    let s = tcp.stats();
+    // The 64 KiB and 1 MiB PUTs went zero-copy; their completions came
+    // through the error queue of a socket registered for writes only.
+    assert_eq!(s.zc_sends, 2, "{s:?}");
+    assert_eq!(s.protocol_errors + s.truncated + s.timeouts, 0, "{s:?}");
+    assert_eq!(s.conns_closed, 0, "{s:?}");
+    l.shutdown();
+}
+
+#[test]
 fn protocol_v2_with_checksums_and_v4() {
     let srv = Server::start("127.0.0.13", 0, &["--protocol", "2", "--checksum"]);
     // We offer v2 with checksums on every message; the server checks them.
@@ -312,12 +342,27 @@ fn ten_thousand_operations_in_flight_against_one_peer() {
 
 #[test]
 fn a_peer_killed_mid_transfer_fails_each_operation_once_then_traffic_resumes() {
-    let mut srv = Server::start("127.0.0.18", 0, &[]);
+    killed_mid_transfer(false, "127.0.0.18", "127.0.0.19");
+}
+
+#[test]
+fn with_reader_threads_a_peer_killed_mid_transfer_fails_each_operation_once() {
+    killed_mid_transfer(true, "127.0.0.79", "127.0.0.80");
+}
+
+fn killed_mid_transfer(reader_threads: bool, srv_addr: &str, cli_addr: &str) {
+    let extra: &[&str] = if reader_threads {
+        &["--reader-threads"]
+    } else {
+        &[]
+    };
+    let mut srv = Server::start(srv_addr, 0, extra);
     let port = srv.listen.port();
     let first_inc = srv.incarnation;
-    let (l, tcp) = client("127.0.0.19", &srv, |c| {
+    let (l, tcp) = client(cli_addr, &srv, |c| {
         c.min_reconnect = Duration::from_millis(100);
         c.max_reconnect = Duration::from_millis(400);
+        c.reader_threads = reader_threads;
     });
     put(&l, srv.id(), vec![1; 10], 0).unwrap();
     // Enough data (1 GiB, one shared buffer) that the kill lands mid-stream.
@@ -335,7 +380,7 @@ fn a_peer_killed_mid_transfer_fails_each_operation_once_then_traffic_resumes() {
     );
     // The server restarts on the same port with a new incarnation; the
     // client, never restarted, reconnects and traffic resumes.
-    let srv2 = Server::start("127.0.0.18", port, &[]);
+    let srv2 = Server::start(srv_addr, port, extra);
     assert_ne!(srv2.incarnation, first_inc);
     let data = pattern(200_000, 42);
     let mut resumed = false;

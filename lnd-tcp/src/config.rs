@@ -95,6 +95,14 @@ pub struct TcpConfig {
     pub peer_credits: i32,
     /// Worker threads of the LND's runtime.
     pub threads: usize,
+    /// Read every connection on a thread of its own, in blocking reads,
+    /// instead of on the runtime. A message then costs its reader one
+    /// wake-up and one `recv` (the runtime adds a poll and its scheduling),
+    /// which shortens a small message's round trip; but it is one thread
+    /// per connection: for nodes with few peers (a client), not for a
+    /// server with thousands of connections. Writes, timers and connection
+    /// set-up stay on the runtime either way. Off by default.
+    pub reader_threads: bool,
     /// Most NOOPs a peer may send in a burst before the rate limit (below)
     /// applies; beyond it the connection closes as a NOOP flood.
     pub noop_burst: u32,
@@ -130,6 +138,7 @@ impl TcpConfig {
             credits: 256,
             peer_credits: 8,
             threads: 2,
+            reader_threads: false,
             noop_burst: 1000,
             noop_rate: 100,
         }

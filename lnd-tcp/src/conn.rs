@@ -3,8 +3,8 @@
 //! the matched MD).
 
 use std::collections::VecDeque;
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::AsRawFd;
+use std::io::{IoSlice, IoSliceMut, Read};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use lnet::counters::Sharded;
 use lnet::wire::{ByteOrder, Header, MsgBody};
 use lnet::{Delivery, Error, Sink, TxMsg};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -79,7 +80,7 @@ pub(crate) struct Conn {
     zc_on: AtomicBool,
     q: std::sync::Mutex<TxQ>,
     wake: tokio::sync::Notify,
-    w: OwnedWriteHalf,
+    w: WriteIo,
     stats: Arc<Sharded<Stats>>,
     /// No new sends: set when closing begins and when the writer exits.
     closing: AtomicBool,
@@ -88,6 +89,78 @@ pub(crate) struct Conn {
     /// before its error is reported to `close_conn`.
     close_begun: AtomicBool,
     close_tx: watch::Sender<bool>,
+}
+
+/// Who reads a connection (see [`crate::TcpConfig::reader_threads`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReaderMode {
+    /// A task on the LND's runtime, woken by its poller.
+    Runtime,
+    /// A thread of its own, in blocking reads.
+    Thread,
+}
+
+/// The socket as the writer sees it.
+enum WriteIo {
+    /// Registered with the runtime for reading and writing.
+    Runtime(OwnedWriteHalf),
+    /// Registered for writability only: a thread of its own reads it, and
+    /// the runtime's poller must not wake up for every arriving segment.
+    /// The socket is in blocking mode (for that thread); writes stay
+    /// non-blocking with `MSG_DONTWAIT`.
+    Thread(AsyncFd<std::net::TcpStream>),
+}
+
+impl WriteIo {
+    fn fd(&self) -> RawFd {
+        match self {
+            WriteIo::Runtime(w) => w.as_ref().as_raw_fd(),
+            WriteIo::Thread(a) => a.as_raw_fd(),
+        }
+    }
+
+    /// Run the non-blocking operation `f` if the socket may be ready for
+    /// `interest`; `WouldBlock` clears that readiness until the poller
+    /// sees it again.
+    fn try_io<R>(
+        &self,
+        interest: Interest,
+        f: impl FnOnce() -> std::io::Result<R>,
+    ) -> std::io::Result<R> {
+        match self {
+            WriteIo::Runtime(w) => w.as_ref().try_io(interest, f),
+            WriteIo::Thread(a) => a.try_io(interest, |_| f()),
+        }
+    }
+
+    /// Wait until the socket may be ready for `interest`.
+    async fn ready(&self, interest: Interest) -> std::io::Result<()> {
+        match self {
+            WriteIo::Runtime(w) => w.as_ref().ready(interest).await.map(drop),
+            WriteIo::Thread(a) => a.ready(interest).await.map(drop),
+        }
+    }
+
+    fn shutdown(&self) {
+        let r = match self {
+            WriteIo::Runtime(w) => {
+                socket2::SockRef::from(w.as_ref()).shutdown(std::net::Shutdown::Both)
+            }
+            WriteIo::Thread(a) => {
+                socket2::SockRef::from(a.get_ref()).shutdown(std::net::Shutdown::Both)
+            }
+        };
+        let _ = r;
+    }
+}
+
+/// The socket as the reader sees it.
+pub(crate) enum ReadIo {
+    /// Read on the runtime.
+    Runtime(OwnedReadHalf),
+    /// Read with blocking reads by a thread of its own; the socket's
+    /// receive timeout is the socket timeout.
+    Thread(std::net::TcpStream),
 }
 
 /// A socket half with the signals that stop its task.
@@ -102,16 +175,20 @@ fn lockq(m: &std::sync::Mutex<TxQ>) -> std::sync::MutexGuard<'_, TxQ> {
 }
 
 impl Conn {
+    /// The connection over `s`, read as `mode` says (`sock_timeout`: a
+    /// thread's receive timeout), and its reader's and writer's halves.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         info: ConnInfo,
         framing: Framing,
         s: TcpStream,
+        mode: ReaderMode,
+        sock_timeout: Duration,
         stop: watch::Receiver<bool>,
         checksum: bool,
         zerocopy_min: Option<usize>,
         stats: Arc<Sharded<Stats>>,
-    ) -> (Arc<Conn>, Half<OwnedReadHalf>, Half<()>) {
+    ) -> std::io::Result<(Arc<Conn>, Half<ReadIo>, Half<()>)> {
         let (close_tx, close_rx) = watch::channel(false);
         // Before the first send can happen.
         let zc_on = zerocopy_min.is_some()
@@ -120,7 +197,21 @@ impl Conn {
                     |e| tracing::debug!(target: "net", error = %e, "SO_ZEROCOPY unavailable"),
                 )
                 .is_ok();
-        let (r, w) = s.into_split();
+        let (r, w) = match mode {
+            ReaderMode::Runtime => {
+                let (r, w) = s.into_split();
+                (ReadIo::Runtime(r), WriteIo::Runtime(w))
+            }
+            ReaderMode::Thread => {
+                // Off the runtime's poller, then back on for writability only.
+                let s = s.into_std()?;
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(sock_timeout.max(Duration::from_millis(1))))?;
+                let r = s.try_clone()?;
+                let w = zc::register_writable(s)?;
+                (ReadIo::Thread(r), WriteIo::Thread(w))
+            }
+        };
         let c = Arc::new(Conn {
             info,
             framing,
@@ -140,7 +231,7 @@ impl Conn {
             close_begun: AtomicBool::new(false),
             close_tx,
         });
-        (
+        Ok((
             c,
             Half {
                 io: r,
@@ -152,7 +243,7 @@ impl Conn {
                 stop,
                 close: close_rx,
             },
-        )
+        ))
     }
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
@@ -168,7 +259,7 @@ impl Conn {
         self.wake.notify_one();
         // Wakes a reader waiting for the next message with end-of-file: the
         // idle wait is a bare read, with no close signal to select on.
-        let _ = socket2::SockRef::from(self.w.as_ref()).shutdown(std::net::Shutdown::Both);
+        self.w.shutdown();
         true
     }
 
@@ -288,7 +379,7 @@ impl Conn {
     /// Write as much of `f` as the socket takes now; true when complete.
     fn write_some(&self, f: &mut Frame) -> std::io::Result<bool> {
         let total = f.total();
-        let fd = self.w.as_ref().as_raw_fd();
+        let fd = self.w.fd();
         while f.done < total {
             let hdr = &f.hdr[..f.hlen];
             let done = f.done;
@@ -297,21 +388,16 @@ impl Conn {
             let r = match &f.tx {
                 Some(tx) => tx.with_payload(|p| {
                     with_iov(hdr, p, done, |v| {
-                        if zc {
-                            let r = self
-                                .w
-                                .as_ref()
-                                .try_io(Interest::WRITABLE, || zc::send(fd, v));
-                            if r.is_ok() {
-                                calls += 1;
-                            }
-                            r
-                        } else {
-                            self.w.try_write_vectored(v)
+                        let r = self.w.try_io(Interest::WRITABLE, || zc::send(fd, v, zc));
+                        if zc && r.is_ok() {
+                            calls += 1;
                         }
+                        r
                     })
                 }),
-                None => self.w.try_write(&hdr[done..]),
+                None => self.w.try_io(Interest::WRITABLE, || {
+                    zc::send(fd, &[IoSlice::new(&hdr[done..])], false)
+                }),
             };
             f.zc_calls += calls;
             match r {
@@ -415,8 +501,8 @@ pub(crate) async fn writer(sh: &Arc<Shared>, c: &Arc<Conn>, half: Half<()>) -> R
 }
 
 fn reap_zc(c: &Conn, pending: &mut VecDeque<ZcPending>) -> Result<(), Reject> {
-    let fd = c.w.as_ref().as_raw_fd();
-    let done = match c.w.as_ref().try_io(Interest::ERROR, || zc::completions(fd)) {
+    let fd = c.w.fd();
+    let done = match c.w.try_io(Interest::ERROR, || zc::completions(fd)) {
         Ok(v) => v,
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
         Err(e) => return Err(e.into()),
@@ -452,7 +538,7 @@ async fn writer_loop(
         tokio::select! {
             _ = c.wake.notified() => {}
             _ = stopped(&mut stop, &mut close) => return Ok(()),
-            r = c.w.as_ref().ready(Interest::ERROR), if !pending.is_empty() => {
+            r = c.w.ready(Interest::ERROR), if !pending.is_empty() => {
                 r?;
                 reap_zc(c, pending)?;
                 continue;
@@ -483,12 +569,12 @@ async fn writer_loop(
             };
             while !c.write_some(&mut f)? {
                 tokio::select! {
-                    r = tokio::time::timeout(t, c.w.as_ref().writable()) => match r {
+                    r = tokio::time::timeout(t, c.w.ready(Interest::WRITABLE)) => match r {
                         Ok(r) => r?,
                         Err(_) => return Err(Reject::Timeout),
                     },
                     _ = stopped(&mut stop, &mut close) => return Err(Reject::Shutdown),
-                    r = c.w.as_ref().ready(Interest::ERROR), if !pending.is_empty() => {
+                    r = c.w.ready(Interest::ERROR), if !pending.is_empty() => {
                         r?;
                         reap_zc(c, pending)?;
                     }
@@ -508,6 +594,39 @@ async fn writer_loop(
             } else {
                 c.finish(f);
             }
+        }
+    }
+}
+
+/// One blocking read by a connection's own thread: at least one byte, or
+/// 0 at end-of-file. The socket's receive timeout (the socket timeout)
+/// ends a wait inside a message; between messages (`idle`) the thread
+/// keeps waiting, as the runtime's reader does (keepalives and the peer
+/// timeout judge an idle peer). Closing shuts the socket down, which ends
+/// the read.
+fn read_blocking(
+    c: &Conn,
+    idle: bool,
+    mut f: impl FnMut() -> std::io::Result<usize>,
+) -> Result<usize, Reject> {
+    loop {
+        match f() {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if c.is_closing() {
+                    return Err(Reject::Shutdown);
+                }
+                if !idle {
+                    return Err(Reject::Timeout);
+                }
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -535,7 +654,7 @@ struct Reader<'a> {
     sh: &'a Shared,
     peer: &'a Peer,
     c: &'a Conn,
-    half: Half<OwnedReadHalf>,
+    half: Half<ReadIo>,
     scratch: Vec<u8>,
     /// Read-ahead: one read takes the ksock header, the LNet header and a
     /// small payload (often the next message too) instead of one syscall
@@ -555,7 +674,7 @@ pub(crate) async fn reader(
     sh: &Arc<Shared>,
     peer: &Arc<Peer>,
     c: &Arc<Conn>,
-    half: Half<OwnedReadHalf>,
+    half: Half<ReadIo>,
 ) -> Result<(), Reject> {
     let mut r = Reader {
         sh,
@@ -597,6 +716,17 @@ impl Reader<'_> {
         self.rlen = 0;
         let t = self.sh.cfg.sock_timeout;
         let Half { io, stop, close } = &mut self.half;
+        let io = match io {
+            ReadIo::Runtime(io) => io,
+            ReadIo::Thread(s) => {
+                let n = read_blocking(self.c, idle, || s.read(&mut self.rbuf[..]))?;
+                if n == 0 {
+                    return Err(if idle { Reject::Eof } else { Reject::Truncated });
+                }
+                self.rlen = n;
+                return Ok(());
+            }
+        };
         let read = io.read(&mut self.rbuf[..]);
         let n = if idle {
             // Between messages: a bare read (no close signal or timer to
@@ -653,7 +783,13 @@ impl Reader<'_> {
                 done += self.take_buffered(&mut b[done..]);
                 continue;
             }
-            match self.half.io.try_read(&mut b[done..]) {
+            let r = match &mut self.half.io {
+                ReadIo::Runtime(io) => io.try_read(&mut b[done..]),
+                ReadIo::Thread(s) => Ok(read_blocking(self.c, idle && done == 0, || {
+                    s.read(&mut b[done..])
+                })?),
+            };
+            match r {
                 Ok(0) => {
                     return Err(if done == 0 && idle {
                         Reject::Eof
@@ -674,6 +810,10 @@ impl Reader<'_> {
     }
 
     async fn wait_readable(&mut self, forever: bool, t: Duration) -> Result<(), Reject> {
+        // A thread's reads block instead of saying `WouldBlock`.
+        let ReadIo::Runtime(io) = &self.half.io else {
+            return Ok(());
+        };
         let mut stop = self.half.stop.clone();
         let mut close = self.half.close.clone();
         let deadline = if forever {
@@ -682,7 +822,7 @@ impl Reader<'_> {
             Some(tokio::time::Instant::now() + t)
         };
         tokio::select! {
-            r = self.half.io.readable() => r.map_err(Reject::from),
+            r = io.readable() => r.map_err(Reject::from),
             _ = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -728,12 +868,20 @@ impl Reader<'_> {
                 self.refill(false).await?;
                 continue;
             }
-            let io = &self.half.io;
-            let r = sink.with_iov_mut(|iov| {
-                let mut v: &mut [IoSliceMut<'_>] = iov;
-                IoSliceMut::advance_slices(&mut v, done);
-                io.try_read_vectored(v)
-            });
+            let r = match &mut self.half.io {
+                ReadIo::Runtime(io) => sink.with_iov_mut(|iov| {
+                    let mut v: &mut [IoSliceMut<'_>] = iov;
+                    IoSliceMut::advance_slices(&mut v, done);
+                    io.try_read_vectored(v)
+                }),
+                ReadIo::Thread(s) => Ok(read_blocking(self.c, false, || {
+                    sink.with_iov_mut(|iov| {
+                        let mut v: &mut [IoSliceMut<'_>] = iov;
+                        IoSliceMut::advance_slices(&mut v, done);
+                        s.read_vectored(v)
+                    })
+                })?),
+            };
             match r {
                 Ok(0) => return Err(Reject::Truncated),
                 Ok(n) => {

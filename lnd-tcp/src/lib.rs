@@ -956,6 +956,11 @@ impl Shared {
         self.setup_socket(&est.stream);
         let local = est.stream.local_addr()?;
         let remote = est.stream.peer_addr()?;
+        let mode = if self.cfg.reader_threads {
+            conn::ReaderMode::Thread
+        } else {
+            conn::ReaderMode::Runtime
+        };
         let (c, rd, wr) = conn::Conn::new(
             ConnInfo {
                 ctype: est.ctype,
@@ -966,11 +971,13 @@ impl Shared {
             },
             est.framing,
             est.stream,
+            mode,
+            self.cfg.sock_timeout,
             self.stop.subscribe(),
             self.cfg.checksum,
             self.cfg.zerocopy_min,
             self.stats.clone(),
-        );
+        )?;
         let mut stale = Vec::new();
         let mut restarted = false;
         let was_up;
@@ -1020,10 +1027,29 @@ impl Shared {
         let sh = self.clone();
         let p = peer.clone();
         let c2 = c.clone();
-        self.handle.spawn(async move {
-            let r = conn::reader(&sh, &p, &c2, rd).await;
-            sh.close_conn(&p, &c2, r.err().unwrap_or(Reject::Eof));
-        });
+        match mode {
+            conn::ReaderMode::Runtime => {
+                self.handle.spawn(async move {
+                    let r = conn::reader(&sh, &p, &c2, rd).await;
+                    sh.close_conn(&p, &c2, r.err().unwrap_or(Reject::Eof));
+                });
+            }
+            conn::ReaderMode::Thread => {
+                // The reader's waits other than reads (a lazy portal's
+                // decision, the stop signals) still need the runtime.
+                let handle = self.handle.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("lnd-tcp-rx".into())
+                        .spawn(move || {
+                            let r = handle.block_on(conn::reader(&sh, &p, &c2, rd));
+                            sh.close_conn(&p, &c2, r.err().unwrap_or(Reject::Eof));
+                        });
+                if let Err(e) = spawned {
+                    self.close_conn(peer, &c, Reject::from(e));
+                }
+            }
+        }
         let sh = self.clone();
         let p = peer.clone();
         self.handle.spawn(async move {

@@ -1,5 +1,6 @@
-//! `MSG_ZEROCOPY` sends and their completions (Linux): the only unsafe
-//! code of this crate.
+//! Non-blocking `sendmsg`, plain or `MSG_ZEROCOPY`, zero-copy completions
+//! (Linux), and registering a socket with the runtime for writability
+//! only: the only unsafe code of this crate.
 //!
 //! A zero-copy `sendmsg` pins the caller's pages instead of copying them;
 //! the kernel reports on the socket's error queue, as ranges of per-call
@@ -30,25 +31,43 @@ pub(crate) fn enable(fd: RawFd) -> io::Result<()> {
     }
 }
 
-/// One non-blocking `sendmsg(MSG_ZEROCOPY)` of `iov`; returns bytes sent.
-/// Every call that sends bytes consumes one sequence number.
-pub(crate) fn send(fd: RawFd, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+/// One non-blocking `sendmsg` of `iov` (with `MSG_ZEROCOPY` when
+/// `zerocopy`); returns bytes sent. `MSG_DONTWAIT` makes it non-blocking
+/// whatever the socket's mode (a socket read by a thread of its own is
+/// in blocking mode). With `zerocopy`, every call that sends bytes
+/// consumes one sequence number.
+pub(crate) fn send(fd: RawFd, iov: &[IoSlice<'_>], zerocopy: bool) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is a valid empty message.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     // IoSlice is ABI-compatible with iovec on Unix (documented guarantee);
     // the kernel only reads through these pointers.
     msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
     msg.msg_iovlen = iov.len().min(libc::UIO_MAXIOV as usize) as _;
-    let flags = libc::MSG_ZEROCOPY | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    let mut flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    if zerocopy {
+        flags |= libc::MSG_ZEROCOPY;
+    }
     // SAFETY: `msg` describes `iov`, whose buffers stay borrowed for the
-    // call; pinning beyond it is the caller's job (it keeps the payload
-    // until `completions` reports the sequence number).
+    // call; with `zerocopy`, pinning beyond it is the caller's job (it
+    // keeps the payload until `completions` reports the sequence number).
     let n = unsafe { libc::sendmsg(fd, &msg, flags) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
     }
+}
+
+/// `s` registered with the current runtime for writability only (its
+/// reads are a thread's own, in blocking mode).
+pub(crate) fn register_writable(
+    s: std::net::TcpStream,
+) -> io::Result<tokio::io::unix::AsyncFd<std::net::TcpStream>> {
+    // SAFETY: a std TcpStream owns its descriptor: it stays open, refers to
+    // the same socket and is what `as_raw_fd` returns until the stream is
+    // dropped, which only the AsyncFd that owns it can do.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(s, tokio::io::Interest::WRITABLE) }
+        .map_err(|e| e.into_parts().1)
 }
 
 /// A completion: sequence numbers `lo..=hi` are released; `copied` when

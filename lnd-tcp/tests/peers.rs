@@ -369,11 +369,21 @@ fn wait_for(mut f: impl FnMut() -> bool) {
 
 #[test]
 fn bad_input_closes_only_that_connection_with_a_counted_reason() {
-    let (l, tcp, at) = node("127.0.0.57", |c| {
+    bad_input(false, "127.0.0.57");
+}
+
+#[test]
+fn with_reader_threads_bad_input_closes_only_that_connection() {
+    bad_input(true, "127.0.0.76");
+}
+
+fn bad_input(reader_threads: bool, addr: &str) {
+    let (l, tcp, at) = node(addr, |c| {
         c.noop_burst = 50;
         c.noop_rate = 10;
+        c.reader_threads = reader_threads;
     });
-    let us: Ipv4Addr = "127.0.0.57".parse().unwrap();
+    let us: Ipv4Addr = addr.parse().unwrap();
     let me: Ipv4Addr = "127.0.0.58".parse().unwrap();
     // A good peer that stays connected throughout.
     let (mut good, _) = dial(at, "127.0.0.59".parse().unwrap(), 3, 1);
@@ -718,18 +728,28 @@ fn stalling_double(me: Ipv4Addr) -> (SocketAddr, mpsc::Sender<()>) {
 
 #[test]
 fn a_connection_whose_writer_fails_first_is_dropped_and_its_messages_fail() {
+    writer_fails_first(false, "127.0.0.72", "127.0.0.73");
+}
+
+#[test]
+fn with_reader_threads_a_connection_whose_writer_fails_first_is_dropped() {
+    writer_fails_first(true, "127.0.0.74", "127.0.0.75");
+}
+
+fn writer_fails_first(reader_threads: bool, double: &str, us: &str) {
     // The peer stops reading: our bulk connection's writer times out while
     // its reader still waits quietly for the next message. The connection
     // must still be closed and forgotten (it once stayed listed, closing,
     // so later messages were held for it instead of failing or redialling).
-    let peer: Ipv4Addr = "127.0.0.57".parse().unwrap();
+    let peer: Ipv4Addr = double.parse().unwrap();
     let (at, done) = stalling_double(peer);
-    let (l, tcp, _) = node("127.0.0.58", |c| {
+    let (l, tcp, _) = node(us, |c| {
         c.peer_port = at.port();
         c.accept = AcceptMode::None;
         c.tx_buffer_size = Some(64 << 10);
+        c.reader_threads = reader_threads;
     });
-    let pnid: Nid = "127.0.0.57@tcp".parse().unwrap();
+    let pnid: Nid = format!("{double}@tcp").parse().unwrap();
     let q = EventQueue::new();
     let payload = bytes::Bytes::from(vec![9u8; 1 << 20]);
     for _ in 0..4 {
