@@ -515,8 +515,31 @@ fn secure_mode_takes_only_privileged_ports() {
 
 #[test]
 fn a_thousand_concurrent_connections() {
-    let (l, tcp, at) = node("127.0.0.67", |c| c.accept_timeout = Duration::from_secs(20));
-    let us: Ipv4Addr = "127.0.0.67".parse().unwrap();
+    thousand_connections(false, "127.0.0.67");
+}
+
+#[test]
+fn with_reader_threads_a_thousand_concurrent_connections_and_every_thread_ends() {
+    thousand_connections(true, "127.0.0.68");
+    // Shutdown closed every connection, which ends its thread's read.
+    wait_for(|| reader_threads_alive() == 0);
+}
+
+/// Threads of this process reading a connection (named `lnd-tcp-rx`).
+fn reader_threads_alive() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "lnd-tcp-rx")
+        .count()
+}
+
+fn thousand_connections(reader_threads: bool, addr: &str) {
+    let (l, tcp, at) = node(addr, |c| {
+        c.accept_timeout = Duration::from_secs(20);
+        c.reader_threads = reader_threads;
+    });
+    let us: Ipv4Addr = addr.parse().unwrap();
     let q = EventQueue::new();
     l.attach(
         32,
@@ -554,6 +577,13 @@ fn a_thousand_concurrent_connections() {
     }
     assert_eq!(seen.len(), N as usize, "one PUT from each peer");
     assert_eq!(tcp.stats().conns_closed, 0);
+    if reader_threads {
+        assert_eq!(
+            reader_threads_alive(),
+            N as usize,
+            "one reader per connection"
+        );
+    }
     l.shutdown();
 }
 
