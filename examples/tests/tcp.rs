@@ -73,24 +73,31 @@ fn get(l: &Lnet, to: ProcessId, portal: u32, len: usize, off: u32) -> Result<Vec
     get_from(l, to, portal, frags(&vec![0u8; len], 8191), off)
 }
 
+/// PUT and GET back 0 B, 1 B, 4 KiB, 64 KiB and 1 MiB (patterns seeded
+/// from `seed`) on the echo portal, and GET the pattern portal: all data
+/// verified.
+fn every_size_both_ways(l: &Lnet, srv: &Server, seed: u8) {
+    let reference = pattern(1 << 20, 7);
+    for (i, &n) in [0usize, 1, 4096, 65536, 1 << 20].iter().enumerate() {
+        let data = pattern(n, i as u8 + seed);
+        let off = (i as u32) << 20;
+        put(l, srv.id(), data.clone(), off).unwrap();
+        assert_eq!(get(l, srv.id(), ECHO, n, off).unwrap(), data, "echo {n}");
+        assert_eq!(
+            get(l, srv.id(), PATTERN, n, 0).unwrap(),
+            reference[..n],
+            "pattern {n}"
+        );
+    }
+}
+
 #[test]
 fn put_and_get_of_every_size_between_two_processes() {
     let srv = Server::start("127.0.0.11", 0, &[]);
     let (l, tcp) = client("127.0.0.12", &srv, |c| {
         c.conns_per_peer = ConnsPerPeer::Fixed(2)
     });
-    let reference = pattern(1 << 20, 7);
-    for (i, &n) in [0usize, 1, 4096, 65536, 1 << 20].iter().enumerate() {
-        let data = pattern(n, i as u8 + 1);
-        let off = (i as u32) << 20;
-        put(&l, srv.id(), data.clone(), off).unwrap();
-        assert_eq!(get(&l, srv.id(), ECHO, n, off).unwrap(), data, "echo {n}");
-        assert_eq!(
-            get(&l, srv.id(), PATTERN, n, 0).unwrap(),
-            reference[..n],
-            "pattern {n}"
-        );
-    }
+    every_size_both_ways(&l, &srv, 1);
     // Typed connections: one control, two bulk each way, all dialled by us.
     let mut types: Vec<_> = tcp.conns(srv.nid).iter().map(|c| c.ctype).collect();
     types.sort_by_key(|t| t.to_wire());
@@ -124,18 +131,7 @@ fn with_reader_threads_on_both_ends_every_size_moves_and_zerocopy_completes() {
         c.zerocopy_min = Some(16 << 10);
         c.reader_threads = true;
     });
-    let reference = pattern(1 << 20, 7);
-    for (i, &n) in [0usize, 1, 4096, 65536, 1 << 20].iter().enumerate() {
-        let data = pattern(n, i as u8 + 11);
-        let off = (i as u32) << 20;
-        put(&l, srv.id(), data.clone(), off).unwrap();
-        assert_eq!(get(&l, srv.id(), ECHO, n, off).unwrap(), data, "echo {n}");
-        assert_eq!(
-            get(&l, srv.id(), PATTERN, n, 0).unwrap(),
-            reference[..n],
-            "pattern {n}"
-        );
-    }
+    every_size_both_ways(&l, &srv, 11);
     assert_eq!(tcp.conns(srv.nid).len(), 5);
     let s = tcp.stats();
     // The 64 KiB and 1 MiB PUTs went zero-copy; their completions came
