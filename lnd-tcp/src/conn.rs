@@ -900,7 +900,11 @@ impl Reader<'_> {
         let f = self.c.framing;
         let mut kb = [0u8; KSOCK_HDR_SIZE];
         // Small messages arrive whole in the read-ahead: take their headers
-        // from it without going through the async fill (per message).
+        // from it without going through the async fill (per message). At a
+        // boundary the read-ahead is usually empty: refill it directly.
+        if self.rpos == self.rlen {
+            self.refill(true).await?;
+        }
         if !self.take_exact(&mut kb) {
             self.fill(&mut kb, true).await?;
         }
@@ -976,7 +980,10 @@ impl Reader<'_> {
                         return Err(e);
                     }
                     let m = sink.mlength();
-                    if let Err(e) = self.skip(plen as usize - m.min(plen as usize)).await {
+                    let rest = plen as usize - m.min(plen as usize);
+                    if rest > 0
+                        && let Err(e) = self.skip(rest).await
+                    {
                         sink.complete(Err(Error::Network(format!("receive failed: {e}"))));
                         return Err(e);
                     }
@@ -1001,7 +1008,9 @@ impl Reader<'_> {
                     break;
                 }
                 Delivery::Done => {
-                    self.skip(plen as usize).await?;
+                    if plen > 0 {
+                        self.skip(plen as usize).await?;
+                    }
                     break;
                 }
                 Delivery::Deferred(w) => {

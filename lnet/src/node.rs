@@ -362,6 +362,7 @@ impl EventPipe {
 
     /// Deliver `next`, then whatever queued meanwhile; the caller has
     /// claimed the pipe (`busy`).
+    #[inline]
     fn deliver_from(&self, mut next: Event) {
         loop {
             self.handler.deliver(next);
