@@ -146,6 +146,11 @@ lnet::lnd_stats! {
     tx_noops,
     /// NOOPs received.
     rx_noops,
+    /// Reader threads started ([`crate::TcpConfig::reader_threads`]); minus
+    /// `reader_threads_ended`, the ones running.
+    reader_threads_started,
+    /// Reader threads that have ended (their connection closed).
+    reader_threads_ended,
     /// Sends that used MSG_ZEROCOPY.
     zc_sends,
     /// MSG_ZEROCOPY sends the kernel completed by copying anyway.

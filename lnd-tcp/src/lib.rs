@@ -1044,9 +1044,11 @@ impl Shared {
                         .spawn(move || {
                             let r = handle.block_on(conn::reader(&sh, &p, &c2, rd));
                             sh.close_conn(&p, &c2, r.err().unwrap_or(Reject::Eof));
+                            Stats::inc(&sh.stats.local().reader_threads_ended);
                         });
-                if let Err(e) = spawned {
-                    self.close_conn(peer, &c, Reject::from(e));
+                match spawned {
+                    Ok(_) => Stats::inc(&self.stats.local().reader_threads_started),
+                    Err(e) => self.close_conn(peer, &c, Reject::from(e)),
                 }
             }
         }

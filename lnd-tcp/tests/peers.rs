@@ -520,21 +520,17 @@ fn a_thousand_concurrent_connections() {
 
 #[test]
 fn with_reader_threads_a_thousand_concurrent_connections_and_every_thread_ends() {
-    thousand_connections(true, "127.0.0.68");
+    let tcp = thousand_connections(true, "127.0.0.68");
     // Shutdown closed every connection, which ends its thread's read.
-    wait_for(|| reader_threads_alive() == 0);
+    wait_for(|| {
+        let s = tcp.stats();
+        s.reader_threads_ended == s.reader_threads_started
+    });
 }
 
-/// Threads of this process reading a connection (named `lnd-tcp-rx`).
-fn reader_threads_alive() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.trim() == "lnd-tcp-rx")
-        .count()
-}
-
-fn thousand_connections(reader_threads: bool, addr: &str) {
+/// Accept a thousand peers' connections and take a PUT from each; returns
+/// the (shut down) LND.
+fn thousand_connections(reader_threads: bool, addr: &str) -> Arc<TcpLnd> {
     let (l, tcp, at) = node(addr, |c| {
         c.accept_timeout = Duration::from_secs(20);
         c.reader_threads = reader_threads;
@@ -578,13 +574,12 @@ fn thousand_connections(reader_threads: bool, addr: &str) {
     assert_eq!(seen.len(), N as usize, "one PUT from each peer");
     assert_eq!(tcp.stats().conns_closed, 0);
     if reader_threads {
-        assert_eq!(
-            reader_threads_alive(),
-            N as usize,
-            "one reader per connection"
-        );
+        let s = tcp.stats();
+        let running = s.reader_threads_started - s.reader_threads_ended;
+        assert_eq!(running, u64::from(N), "one reader per connection: {s:?}");
     }
     l.shutdown();
+    tcp
 }
 
 #[test]
