@@ -88,6 +88,24 @@ pub fn attach_echo_and_pattern(
     Ok(())
 }
 
+/// `len` zeroed bytes starting on a page boundary, as the page-cache and
+/// bulk buffers a Lustre server hands LNet are (a plain `vec!` of a few
+/// MiB starts 16 bytes past a page, which costs copies into it their
+/// alignment with page-aligned sources).
+///
+/// ```
+/// let b = lnet_examples::page_aligned_zeroed(10_000);
+/// assert_eq!((b.len(), b.as_ptr() as usize % 4096), (10_000, 0));
+/// ```
+pub fn page_aligned_zeroed(len: usize) -> bytes::BytesMut {
+    const PAGE: usize = 4096;
+    let mut b = bytes::BytesMut::zeroed(len + PAGE);
+    let skip = b.as_ptr().align_offset(PAGE);
+    let mut aligned = b.split_off(skip);
+    aligned.truncate(len);
+    aligned
+}
+
 /// Run this process's calling thread, and every thread it starts
 /// afterwards, on CPU `cpu` only (benchmarks place the two ends of a
 /// ping-pong on different CPUs, as two hosts are).

@@ -2,7 +2,8 @@
 //! the peer process of the shm tests and benchmarks.
 //!
 //! * portal 10 (`ECHO_PORTAL`): one 8 MiB MD taking PUTs and serving GETs
-//!   at the offset the initiator names (any match bits);
+//!   at the offset the initiator names (any match bits); page-aligned, as
+//!   a server's bulk buffers are (or in our pool with `--pool-md`);
 //! * portal 11 (`PATTERN_PORTAL`): 1 MiB of `pattern(len, 7)` for GETs;
 //! * portal 12 (`LOAN_PORTAL`): PUTs of up to 1 MiB taken as loans (zero
 //!   copy when the sender's buffer is frozen pool memory) and dropped;
@@ -92,7 +93,7 @@ fn main() -> Res<()> {
         b.fill(0);
         b.into()
     } else {
-        vec![0u8; 8 << 20].into()
+        lnet_examples::page_aligned_zeroed(8 << 20).into()
     };
     let pat = pattern(1 << 20, 7);
     let pattern_addr;
