@@ -343,3 +343,37 @@ fn concurrent_first_sends_open_one_connection() {
     assert_eq!(st.conns_established, 1, "{st:?}");
     assert_eq!(st.conns_closed, 0, "{st:?}");
 }
+
+#[test]
+#[ignore = "needs soft-RoCE devices on 10.77.0.1/10.77.0.2: run scripts/rxe-vm.sh"]
+fn a_second_connection_from_the_same_peer_is_kept_beside_the_first() {
+    // A kernel o2iblnd with conns_per_peer > 1 opens several connections
+    // to one peer and keeps them all; so must we. (We used to replace the
+    // first with the second and close it, failing what was posted on it,
+    // and such a peer would dial it again.) The client plays that peer.
+    let srv = Server::start(21009, &[]);
+    let (l, rdma) = client(21009, |_| {});
+    let data = pattern(65536, 9);
+    put(&l, srv.id(), &data, 65536, 0).unwrap();
+    rdma.dial_extra(srv.nid);
+    let deadline = Instant::now() + T;
+    while rdma.stats().conns_established < 2 {
+        assert!(Instant::now() < deadline, "{:?}", rdma.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(rdma.conn_count(srv.nid), 2);
+    // Traffic both ways, on whichever connection, all data verified.
+    for i in 0..16u32 {
+        let d = pattern(4096 + i as usize * 1000, i as u8);
+        put(&l, srv.id(), &d, 8192, i << 16).unwrap();
+        assert!(get(&l, srv.id(), ECHO, d.len(), d.len(), i << 16).unwrap() == d);
+    }
+    // Had the server closed the first, we would have seen it go.
+    let s = rdma.stats();
+    assert_eq!(s.conns_closed, 0, "the server kept both: {s:?}");
+    assert_eq!(rdma.conn_count(srv.nid), 2);
+    l.shutdown();
+    let st = srv.stop();
+    assert!(st.contains("conns_established: 2"), "{st}");
+    assert!(st.contains("protocol_errors: 0"), "{st}");
+}

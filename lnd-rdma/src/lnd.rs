@@ -375,7 +375,14 @@ struct Conn {
 }
 
 struct PeerState {
+    /// The connection we send on (the newest).
     conn: Option<Arc<Conn>>,
+    /// The peer's other connections of the same incarnation: o2iblnd keeps
+    /// every connection a peer opens (a kernel with `conns_per_peer` > 1
+    /// opens several), so we keep them too; they carry the peer's sends
+    /// and complete what was posted on them. When `conn` closes, the
+    /// newest of these takes its place.
+    others: Vec<Arc<Conn>>,
     /// Messages waiting for a connection.
     queue: VecDeque<TxMsg>,
     /// Known incarnation (0: never connected).
@@ -389,6 +396,34 @@ struct PeerState {
     /// A connect is being set up (between the decision to dial and
     /// `conn` being set): nobody else dials meanwhile.
     dialing: bool,
+}
+
+impl PeerState {
+    /// Forget connection `c`: when it is the one we send on, the newest of
+    /// the others takes its place. True when `c` was the one we sent on
+    /// and none is left.
+    fn forget(&mut self, c: &Arc<Conn>) -> bool {
+        self.others.retain(|x| !Arc::ptr_eq(x, c));
+        if !self.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
+            return false;
+        }
+        self.conn = self.others.pop();
+        self.conn.is_none()
+    }
+
+    /// Make `c` the connection we send on; an established one it replaces
+    /// stays among the others.
+    fn promote(&mut self, c: &Arc<Conn>) {
+        if self.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
+            return;
+        }
+        self.others.retain(|x| !Arc::ptr_eq(x, c));
+        if let Some(old) = self.conn.replace(c.clone()) {
+            if lock(&old.st).state == State::Established {
+                self.others.push(old);
+            }
+        }
+    }
 }
 
 struct CacheEntry {
@@ -546,6 +581,23 @@ impl RdmaLnd {
         }
     }
 
+    /// Open one more connection to `peer` beside those it has, as a kernel
+    /// o2iblnd with `conns_per_peer` > 1 does (tests play such a peer
+    /// with it; we dial one connection per peer ourselves).
+    #[doc(hidden)]
+    pub fn dial_extra(&self, peer: Nid) {
+        self.sh.dial(peer, true);
+    }
+
+    /// Connections to `peer` we hold: the one we send on and the others
+    /// (established or being set up).
+    pub fn conn_count(&self, peer: Nid) -> usize {
+        let peers = self.sh.peers.lock(peer);
+        peers
+            .get()
+            .map_or(0, |p| usize::from(p.conn.is_some()) + p.others.len())
+    }
+
     /// The negotiated queue depth of the connection to `peer`, if one is
     /// established.
     pub fn conn_queue_depth(&self, peer: Nid) -> Option<u16> {
@@ -655,6 +707,7 @@ impl Shared {
     fn new_peer(&self) -> PeerState {
         PeerState {
             conn: None,
+            others: Vec::new(),
             queue: VecDeque::new(),
             incarnation: 0,
             params: self.my_params(),
@@ -1622,6 +1675,13 @@ impl Shared {
     }
 
     fn connect(self: &Arc<Self>, peer: Nid) {
+        self.dial(peer, false);
+    }
+
+    /// Dial `peer`; `extra`: one more connection beside those it has (what
+    /// a kernel o2iblnd with `conns_per_peer` > 1 does; tests use it to
+    /// play that peer).
+    fn dial(self: &Arc<Self>, peer: Nid, extra: bool) {
         let Some(ip) = peer.ip() else {
             self.fail_peer(peer, Error::NoRoute(format!("{peer} has no IP address")));
             return;
@@ -1633,10 +1693,12 @@ impl Shared {
         let params = {
             let mut peers = self.peers.lock(peer);
             let p = peers.get_or_insert_with(|| self.new_peer());
-            if p.conn.is_some() || p.dialing {
-                return;
+            if !extra {
+                if p.conn.is_some() || p.dialing {
+                    return;
+                }
+                p.dialing = true;
             }
-            p.dialing = true;
             p.params
         };
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff;
@@ -1649,7 +1711,7 @@ impl Shared {
             Ok(c) => c,
             Err(e) => {
                 if let Some(p) = self.peers.lock(peer).get_mut() {
-                    p.dialing = false;
+                    p.dialing &= extra;
                 }
                 warn!(target: "neterror", %peer, "connect: {e}");
                 self.conn_failed(peer, None, Error::Network(e));
@@ -1658,7 +1720,7 @@ impl Shared {
         };
         debug!(target: "net", %peer, conn = id, "connecting");
         lock(&self.conns).insert(id, c.clone());
-        {
+        if !extra {
             let mut peers = self.peers.lock(peer);
             let p = peers.get_or_insert_with(|| self.new_peer());
             p.dialing = false;
@@ -1870,16 +1932,32 @@ impl Shared {
             lock(&self.conns).remove(&id);
             return;
         }
-        // Replace whatever we had (a losing active attempt or a stale conn).
-        let restarted = {
+        // The new connection is the one we send on. An established one of
+        // the same incarnation stays beside it (o2iblnd keeps every
+        // connection a peer opens); a losing attempt of ours, or anything
+        // from an earlier incarnation, is closed.
+        let (restarted, stale) = {
             let mut peers = self.peers.lock(peer);
             let p = peers.get_or_insert_with(|| self.new_peer());
             let restarted = p.incarnation != 0 && p.incarnation != req.srcstamp;
             p.incarnation = req.srcstamp;
+            let mut stale = Vec::new();
+            if restarted {
+                stale.append(&mut p.others);
+                stale.extend(p.conn.take());
+            }
+            if let Some(o) = p.conn.take() {
+                if lock(&o.st).state == State::Established {
+                    p.others.push(o);
+                } else {
+                    stale.push(o);
+                }
+            }
             p.conn = Some(c.clone());
-            restarted
+            (restarted, stale)
         };
-        if let Some(o) = old {
+        drop(old);
+        for o in stale {
             if !Arc::ptr_eq(&o, &c) {
                 self.close_quiet(&o, Error::PeerDown(format!("{peer} reconnected")));
             }
@@ -1968,9 +2046,7 @@ impl Shared {
                     p.next_try = None;
                     p.down_since = None;
                     p.up = true;
-                    if p.conn.as_ref().is_none_or(|x| !Arc::ptr_eq(x, c)) {
-                        p.conn = Some(c.clone());
-                    }
+                    p.promote(c);
                     p.queue.drain(..).collect::<Vec<_>>()
                 }
                 None => vec![],
@@ -2031,8 +2107,7 @@ impl Shared {
                 self.discard(c);
                 let mut peers = self.peers.lock(c.peer);
                 if let Some(p) = peers.get_mut() {
-                    if p.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
-                        p.conn = None;
+                    if p.forget(c) {
                         p.next_try = Some(Instant::now() + self.cfg.reconnect_min);
                     }
                 }
@@ -2059,9 +2134,7 @@ impl Shared {
         if retry_now {
             self.discard(c);
             if let Some(p) = self.peers.lock(c.peer).get_mut() {
-                if p.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
-                    p.conn = None;
-                }
+                p.forget(c);
             }
             self.connect(c.peer);
         } else {
@@ -2091,8 +2164,12 @@ impl Shared {
             let Some(p) = peers.get_mut() else {
                 return;
             };
-            if c.is_some_and(|c| p.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c))) {
-                p.conn = None;
+            if let Some(c) = c {
+                p.forget(c);
+            }
+            if p.conn.is_some() {
+                // Another of its connections still serves the peer.
+                return;
             }
             let now = Instant::now();
             let since = *p.down_since.get_or_insert(now);
@@ -2135,11 +2212,12 @@ impl Shared {
         if !self.close_quiet(c, e) {
             return;
         }
+        // Down only when it was the last of the peer's connections.
         let was = {
             let mut peers = self.peers.lock(c.peer);
-            match peers.get_mut() {
-                Some(p) if p.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) => {
-                    p.conn = None;
+            let last = peers.get_mut().map(|p| (p.forget(c), p));
+            match last {
+                Some((true, p)) => {
                     p.next_try = Some(Instant::now() + p.backoff);
                     std::mem::replace(&mut p.up, false)
                 }
