@@ -1038,6 +1038,8 @@ impl Shared {
                 // The reader's waits other than reads (a lazy portal's
                 // decision, the stop signals) still need the runtime.
                 let handle = self.handle.clone();
+                // Counted before it starts, so `ended` never runs ahead.
+                Stats::inc(&self.stats.local().reader_threads_started);
                 let spawned =
                     std::thread::Builder::new()
                         .name("lnd-tcp-rx".into())
@@ -1046,9 +1048,9 @@ impl Shared {
                             sh.close_conn(&p, &c2, r.err().unwrap_or(Reject::Eof));
                             Stats::inc(&sh.stats.local().reader_threads_ended);
                         });
-                match spawned {
-                    Ok(_) => Stats::inc(&self.stats.local().reader_threads_started),
-                    Err(e) => self.close_conn(peer, &c, Reject::from(e)),
+                if let Err(e) = spawned {
+                    Stats::inc(&self.stats.local().reader_threads_ended);
+                    self.close_conn(peer, &c, Reject::from(e));
                 }
             }
         }
