@@ -371,16 +371,14 @@ impl TxMsg {
         self.finish(status);
     }
     fn finish(&mut self, status: Result<(), Error>) {
-        if let Some(tok) = self.token.take() {
-            drop(self.mem.take());
-            self.inner.tx_done(
-                self.ni,
-                self.peer,
-                &self.hdr,
-                self.credits_held,
-                tok,
-                status,
-            );
+        // The token by reference (it is large): cleared once done, so a
+        // drop afterwards does not finish again.
+        let st = &mut *self.0;
+        if let Some(tok) = &st.token {
+            drop(st.mem.take());
+            st.inner
+                .tx_done(st.ni, st.peer, &st.hdr, st.credits_held, tok, status);
+            st.token = None;
         }
     }
 }
@@ -514,13 +512,15 @@ impl Sink {
         self.finish(status);
     }
     fn finish(&mut self, status: Result<(), Error>) {
-        if let Some(tok) = self.token.take() {
-            drop(self.mem.take());
-            let loan = self
+        let st = &mut *self.0;
+        if let Some(tok) = &st.token {
+            drop(st.mem.take());
+            let loan = st
                 .loan
                 .take()
-                .or_else(|| self.alloc.take().map(BytesMut::freeze));
-            self.inner.rx_done(tok, status, loan);
+                .or_else(|| st.alloc.take().map(BytesMut::freeze));
+            st.inner.rx_done(tok, status, loan);
+            st.token = None;
         }
     }
 }

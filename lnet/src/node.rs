@@ -735,7 +735,7 @@ impl Inner {
         peer: Nid,
         hdr: &Header,
         credits_held: bool,
-        tok: TxToken,
+        tok: &TxToken,
         status: Result<(), Error>,
     ) {
         let mtype = hdr.msg_type();
@@ -777,27 +777,27 @@ impl Inner {
             }
         }
         let mut after = After::default();
-        match tok {
-            TxToken::Initiator { md, ev } => {
+        match *tok {
+            TxToken::Initiator { md, ref ev } => {
                 let mut c = lock(&self.containers[container_of(md)]);
                 op_done(
                     &mut c,
                     md,
                     EventKind::Send,
-                    &ev,
+                    ev,
                     status,
                     None,
                     !ok,
                     &mut after,
                 );
             }
-            TxToken::Reply { md, ev } => {
+            TxToken::Reply { md, ref ev } => {
                 let mut c = lock(&self.containers[container_of(md)]);
                 op_done(
                     &mut c,
                     md,
                     EventKind::Get,
-                    &ev,
+                    ev,
                     status,
                     None,
                     false,
@@ -1181,20 +1181,20 @@ impl Inner {
     /// A Sink completed.
     pub(crate) fn rx_done(
         self: &Arc<Self>,
-        tok: RxToken,
+        tok: &RxToken,
         status: Result<(), Error>,
         loan: Option<Bytes>,
     ) {
         let mut after = After::default();
-        match tok {
-            RxToken::Put { md, ev, ack } => {
+        match *tok {
+            RxToken::Put { md, ref ev, ack } => {
                 let mut c = lock(&self.containers[container_of(md)]);
                 let ok = status.is_ok();
                 op_done(
                     &mut c,
                     md,
                     EventKind::Put,
-                    &ev,
+                    ev,
                     status,
                     loan,
                     false,
@@ -1226,13 +1226,13 @@ impl Inner {
                     }));
                 }
             }
-            RxToken::Reply { md, ev } => {
+            RxToken::Reply { md, ref ev } => {
                 let mut c = lock(&self.containers[container_of(md)]);
                 op_done(
                     &mut c,
                     md,
                     EventKind::Reply,
-                    &ev,
+                    ev,
                     status,
                     loan,
                     false,
