@@ -297,7 +297,7 @@ impl Conn {
         match self.write_some(&mut f) {
             Ok(true) => {
                 self.release_inline();
-                self.finish(f);
+                self.finish(&mut f);
             }
             Ok(false) => {
                 let mut g = lockq(&self.q);
@@ -411,8 +411,8 @@ impl Conn {
     }
 
     /// Count a fully written frame and complete its message.
-    fn finish(&self, f: Frame) {
-        match f.tx {
+    fn finish(&self, f: &mut Frame) {
+        match f.tx.take() {
             Some(tx) => {
                 let st = self.stats.local();
                 Stats::inc(&st.tx_msgs);
@@ -592,7 +592,7 @@ async fn writer_loop(
                     });
                 }
             } else {
-                c.finish(f);
+                c.finish(&mut f);
             }
         }
     }

@@ -413,23 +413,30 @@ impl Shared {
     /// equals).
     fn pick(&self, st: &mut PeerState, nob: usize) -> Option<Arc<conn::Conn>> {
         let min_bulk = self.cfg.min_bulk;
-        let best = st
-            .conns
-            .iter()
-            .filter(|c| !c.is_closing())
-            .map(|c| proto::fit(c.info.ctype, nob, min_bulk))
-            .max()?;
+        let fit = |c: &Arc<conn::Conn>| {
+            if c.is_closing() {
+                Fit::No
+            } else {
+                proto::fit(c.info.ctype, nob, min_bulk)
+            }
+        };
+        // The best fit and how many share it, in one pass; then the
+        // round-robin choice among them (this runs per message).
+        let (mut best, mut n) = (Fit::No, 0usize);
+        for c in &st.conns {
+            let f = fit(c);
+            if f > best {
+                (best, n) = (f, 1);
+            } else if f == best {
+                n += 1;
+            }
+        }
         if best == Fit::No {
             return None;
         }
-        // Round-robin over the best fits, without collecting them (this
-        // runs per message).
-        let fits = |c: &&Arc<conn::Conn>| {
-            !c.is_closing() && proto::fit(c.info.ctype, nob, min_bulk) == best
-        };
-        let n = st.conns.iter().filter(fits).count();
         st.rr = st.rr.wrapping_add(1);
-        st.conns.iter().filter(fits).nth(st.rr % n).cloned()
+        let k = if n == 1 { 0 } else { st.rr % n };
+        st.conns.iter().filter(|c| fit(c) == best).nth(k).cloned()
     }
 
     /// Assign every held message to a connection (sent by the caller once
