@@ -412,17 +412,18 @@ impl PeerState {
     }
 
     /// Make `c` the connection we send on; an established one it replaces
-    /// stays among the others.
-    fn promote(&mut self, c: &Arc<Conn>) {
+    /// stays among the others, one still being set up is returned.
+    fn promote(&mut self, c: &Arc<Conn>) -> Option<Arc<Conn>> {
         if self.conn.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
-            return;
+            return None;
         }
         self.others.retain(|x| !Arc::ptr_eq(x, c));
-        if let Some(old) = self.conn.replace(c.clone()) {
-            if lock(&old.st).state == State::Established {
-                self.others.push(old);
-            }
+        let old = self.conn.replace(c.clone())?;
+        if lock(&old.st).state == State::Established {
+            self.others.push(old);
+            return None;
         }
+        Some(old)
     }
 }
 
@@ -1711,7 +1712,9 @@ impl Shared {
             Ok(c) => c,
             Err(e) => {
                 if let Some(p) = self.peers.lock(peer).get_mut() {
-                    p.dialing &= extra;
+                    if !extra {
+                        p.dialing = false;
+                    }
                 }
                 warn!(target: "neterror", %peer, "connect: {e}");
                 self.conn_failed(peer, None, Error::Network(e));
@@ -1946,17 +1949,9 @@ impl Shared {
                 stale.append(&mut p.others);
                 stale.extend(p.conn.take());
             }
-            if let Some(o) = p.conn.take() {
-                if lock(&o.st).state == State::Established {
-                    p.others.push(o);
-                } else {
-                    stale.push(o);
-                }
-            }
-            p.conn = Some(c.clone());
+            stale.extend(p.promote(&c));
             (restarted, stale)
         };
-        drop(old);
         for o in stale {
             if !Arc::ptr_eq(&o, &c) {
                 self.close_quiet(&o, Error::PeerDown(format!("{peer} reconnected")));
@@ -2046,7 +2041,8 @@ impl Shared {
                     p.next_try = None;
                     p.down_since = None;
                     p.up = true;
-                    p.promote(c);
+                    // One of ours still connecting finishes on its own.
+                    let _ = p.promote(c);
                     p.queue.drain(..).collect::<Vec<_>>()
                 }
                 None => vec![],

@@ -142,15 +142,11 @@ impl WriteIo {
     }
 
     fn shutdown(&self) {
-        let r = match self {
-            WriteIo::Runtime(w) => {
-                socket2::SockRef::from(w.as_ref()).shutdown(std::net::Shutdown::Both)
-            }
-            WriteIo::Thread(a) => {
-                socket2::SockRef::from(a.get_ref()).shutdown(std::net::Shutdown::Both)
-            }
+        let s = match self {
+            WriteIo::Runtime(w) => socket2::SockRef::from(w.as_ref()),
+            WriteIo::Thread(a) => socket2::SockRef::from(a.get_ref()),
         };
-        let _ = r;
+        let _ = s.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -716,36 +712,23 @@ impl Reader<'_> {
         self.rlen = 0;
         let t = self.sh.cfg.sock_timeout;
         let Half { io, stop, close } = &mut self.half;
-        let io = match io {
-            ReadIo::Runtime(io) => io,
-            ReadIo::Thread(s) => {
-                let n = read_blocking(self.c, idle, || s.read(&mut self.rbuf[..]))?;
-                if n == 0 {
-                    return Err(if idle { Reject::Eof } else { Reject::Truncated });
-                }
-                self.rlen = n;
-                return Ok(());
-            }
-        };
-        let read = io.read(&mut self.rbuf[..]);
-        let n = if idle {
+        let n = match io {
+            ReadIo::Thread(s) => read_blocking(self.c, idle, || s.read(&mut self.rbuf[..]))?,
             // Between messages: a bare read (no close signal or timer to
             // set up per message); closing the connection shuts the socket
             // down, which ends this read with end-of-file.
-            let n = read.await?;
-            if n == 0 && self.c.is_closing() {
-                return Err(Reject::Shutdown);
-            }
-            n
-        } else {
-            tokio::select! {
+            ReadIo::Runtime(io) if idle => io.read(&mut self.rbuf[..]).await?,
+            ReadIo::Runtime(io) => tokio::select! {
                 biased;
-                r = read => r?,
+                r = io.read(&mut self.rbuf[..]) => r?,
                 _ = tokio::time::sleep(t) => return Err(Reject::Timeout),
                 _ = stopped(stop, close) => return Err(Reject::Shutdown),
-            }
+            },
         };
         if n == 0 {
+            if idle && self.c.is_closing() {
+                return Err(Reject::Shutdown);
+            }
             return Err(if idle { Reject::Eof } else { Reject::Truncated });
         }
         self.rlen = n;

@@ -1389,8 +1389,12 @@ impl Timers {
         }
     }
 
-    fn wants_cleanup(&self) -> bool {
-        self.q.len() > 2 * self.live + Self::SLACK
+    /// Drop stale entries once they outnumber the live ones (plus the
+    /// slack): what keeps the queue bounded.
+    fn compact(&mut self, mds: &HashMap<u64, MdState, foldhash::fast::RandomState>) {
+        if self.q.len() > 2 * self.live + Self::SLACK {
+            self.q.retain(|&(d, md)| awaits(mds, md, d));
+        }
     }
 }
 
@@ -1996,10 +2000,8 @@ impl Lnet {
             credits_held: false,
             token: Some(TxToken::Initiator { md: mdh.0, ev }),
         });
-        if c.timers.wants_cleanup() {
-            let Container { mds, timers, .. } = &mut *c;
-            timers.q.retain(|&(d, md)| awaits(mds, md, d));
-        }
+        let Container { mds, timers, .. } = &mut *c;
+        timers.compact(mds);
         drop(c);
         match route {
             Some(_) => inner.send(tx),
@@ -2170,9 +2172,7 @@ mod tests {
             let d = t0 + Duration::from_micros(i);
             mds.insert(i, waiting(d));
             t.insert(d, i);
-            if t.wants_cleanup() {
-                t.q.retain(|&(d, md)| awaits(&mds, md, d));
-            }
+            t.compact(&mds);
             assert!(t.q.len() <= 2 * t.live + Timers::SLACK + 1);
             if i != 5_000 {
                 mds.get_mut(&i).unwrap().awaiting = None;
