@@ -174,9 +174,8 @@ pub fn memcpy_mib_s(size: usize, secs: f64) -> f64 {
 /// Median round trip of an 8-byte blocking TCP ping-pong from `client` to
 /// `server` (both local addresses), µs.
 pub fn tcp_pingpong_rtt_us(server: IpAddr, client: IpAddr, n: usize) -> Result<f64, PeerError> {
-    let fail = |e: std::io::Error| PeerError::Failed(format!("TCP ping-pong: {e}"));
-    let l = TcpListener::bind((server, 0)).map_err(fail)?;
-    let at = l.local_addr().map_err(fail)?;
+    let l = TcpListener::bind((server, 0)).map_err(pingpong_failed)?;
+    let at = l.local_addr().map_err(pingpong_failed)?;
     let h = std::thread::spawn(move || tcp_echo_one(&l));
     let r = tcp_pingpong_client(at, client, n);
     let _ = h.join();
@@ -198,22 +197,54 @@ pub fn tcp_echo_one(l: &TcpListener) {
 /// The timing end of the TCP ping-pong against an echo at `at`, bound to
 /// `client`: the median of `n` 8-byte round trips, µs.
 pub fn tcp_pingpong_client(at: SocketAddr, client: IpAddr, n: usize) -> Result<f64, PeerError> {
-    let fail = |e: std::io::Error| PeerError::Failed(format!("TCP ping-pong: {e}"));
-    let sock = socket_bound(client).map_err(fail)?;
-    sock.connect(&at.into()).map_err(fail)?;
-    let mut s: TcpStream = sock.into();
-    s.set_nodelay(true).map_err(fail)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(fail)?;
-    let mut v = Vec::with_capacity(n);
-    let mut b = [7u8; 8];
-    for _ in 0..n {
-        let t = Instant::now();
-        s.write_all(&b).map_err(fail)?;
-        s.read_exact(&mut b).map_err(fail)?;
-        v.push(t.elapsed().as_secs_f64() * 1e6);
-    }
+    let mut v = TcpPingPong::connect(at, client)?.round_trips(n)?;
     Ok(median(&mut v))
+}
+
+/// The timing end of an 8-byte TCP ping-pong, kept connected so that its
+/// round trips can be measured in blocks interleaved with those of the
+/// thing it bounds (a machine's drift then weighs on both alike).
+///
+/// ```no_run
+/// use lnet_selftest::compare::{TcpPingPong, median};
+/// let at = "127.0.0.1:7000".parse().unwrap(); // a `tcp_echo_one` there
+/// let mut pp = TcpPingPong::connect(at, "127.0.0.2".parse().unwrap())?;
+/// let mut v = pp.round_trips(1000)?;
+/// println!("{:.1} us", median(&mut v));
+/// # Ok::<(), lnet_selftest::compare::PeerError>(())
+/// ```
+#[derive(Debug)]
+pub struct TcpPingPong(TcpStream);
+
+impl TcpPingPong {
+    /// Connect from `client` (any port) to the echo at `at`, with
+    /// TCP_NODELAY, as our TCP connections are.
+    pub fn connect(at: SocketAddr, client: IpAddr) -> Result<Self, PeerError> {
+        let sock = socket_bound(client).map_err(pingpong_failed)?;
+        sock.connect(&at.into()).map_err(pingpong_failed)?;
+        let s: TcpStream = sock.into();
+        s.set_nodelay(true).map_err(pingpong_failed)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(pingpong_failed)?;
+        Ok(Self(s))
+    }
+
+    /// `n` round trips of 8 bytes, one after the other: each, in µs.
+    pub fn round_trips(&mut self, n: usize) -> Result<Vec<f64>, PeerError> {
+        let mut v = Vec::with_capacity(n);
+        let mut b = [7u8; 8];
+        for _ in 0..n {
+            let t = Instant::now();
+            self.0.write_all(&b).map_err(pingpong_failed)?;
+            self.0.read_exact(&mut b).map_err(pingpong_failed)?;
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(v)
+    }
+}
+
+fn pingpong_failed(e: std::io::Error) -> PeerError {
+    PeerError::Failed(format!("TCP ping-pong: {e}"))
 }
 
 fn socket_bound(addr: IpAddr) -> std::io::Result<socket2::Socket> {
@@ -440,6 +471,23 @@ mod tests {
         let lat = " #bytes #iterations    t_min[usec]    t_max[usec]  t_typical[usec]    t_avg[usec]    t_stdev[usec]   99% percentile[usec]   99.9% percentile[usec] \n 8       1000          20.10          300.5        25.30             27.00        3.1             40.0                  200.0\n";
         assert_eq!(perftest_row(lat, 8).unwrap()[4], 25.30);
         assert!(perftest_row("garbage", 8).is_none());
+    }
+
+    #[test]
+    fn a_kept_ping_pong_measures_blocks_on_one_connection() {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let l = TcpListener::bind((lo, 0)).unwrap();
+        let at = l.local_addr().unwrap();
+        let echo = std::thread::spawn(move || tcp_echo_one(&l));
+        let mut pp = TcpPingPong::connect(at, lo).unwrap();
+        for n in [10, 1, 25] {
+            let v = pp.round_trips(n).unwrap();
+            assert_eq!(v.len(), n);
+            assert!(v.iter().all(|t| *t > 0.0), "{v:?}");
+        }
+        // The echo served one connection: closing it ends the echo.
+        drop(pp);
+        echo.join().unwrap();
     }
 
     #[test]
