@@ -240,6 +240,10 @@ impl ChildNode {
             .recv_timeout(timeout)
             .unwrap_or_else(|e| panic!("no answer to {cmd}: {e}"))
     }
+    /// Its process id (for [`sigstop`]).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
     /// SIGKILL it and reap it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -272,25 +276,40 @@ impl Drop for ChildNode {
     }
 }
 
+/// SIGSTOP process `pid` (a [`ChildNode`]'s): it keeps its connections
+/// but answers nothing until continued or killed.
+pub fn sigstop(pid: u32) {
+    use nix::sys::signal::{Signal, kill};
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid"));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP the node");
+}
+
 /// The peer-killed-mid-transfer check shared by the transports' tests:
-/// `n` ACKed PUTs of `payload` to `to`'s echo portal; once two have
-/// succeeded, `kill` runs (SIGKILL of the peer). Asserts that every
-/// operation ends exactly once within `limit`, that some failed (the kill
-/// was mid-transfer) and that nothing comes after the final events.
-/// `pending` describes the LND's state for the timeout message.
+/// two ACKed PUTs of `payload` to `to`'s echo portal complete (the
+/// connection works); then `pause` stops the peer (SIGSTOP: it can no
+/// longer answer), the other `n - 2` are issued and `kill` runs (SIGKILL)
+/// while they are in flight. Asserts that every operation ends exactly
+/// once within `limit`, that all `n - 2` failed and that nothing comes
+/// after the final events. Stopping the peer first makes "in flight"
+/// certain: killed only once two had succeeded, a test thread starved for
+/// the ~0.2 s the rest take could find them all done. `pending` describes
+/// the LND's state for the timeout message.
+#[allow(clippy::too_many_arguments)]
 pub fn puts_across_a_peer_kill(
     l: &lnet::Lnet,
     to: lnet::ProcessId,
     payload: &bytes::Bytes,
     n: usize,
     limit: Duration,
+    pause: impl FnOnce(),
     kill: impl FnOnce(),
     pending: impl Fn() -> String,
 ) {
     use lnet::{AckReq, Md, Threshold};
+    assert!(n > 2, "two complete before the kill, the rest across it");
     let t = Duration::from_secs(60);
     let q = EventQueue::new();
-    for i in 0..n {
+    let issue = |i: usize| {
         let md = l
             .md_bind(
                 Md::new(payload.clone())
@@ -301,16 +320,22 @@ pub fn puts_across_a_peer_kill(
             .expect("bind");
         l.put(md, AckReq::Ack, to, ECHO_PORTAL, 0, 0, 0)
             .expect("put");
-    }
-    // Let a few complete, then kill the peer mid-stream.
+    };
     let mut ended = vec![0u32; n];
+    issue(0);
+    issue(1);
     let mut ok = 0;
     while ok < 2 {
         let e = q.recv_timeout(t).expect("event");
         if e.unlinked {
             ended[e.user_ptr as usize] += 1;
-            ok += usize::from(e.status.is_ok());
+            assert!(e.status.is_ok(), "before the kill: {:?}", e.status);
+            ok += 1;
         }
+    }
+    pause();
+    for i in 2..n {
+        issue(i);
     }
     kill();
     let deadline = std::time::Instant::now() + limit;
@@ -328,7 +353,7 @@ pub fn puts_across_a_peer_kill(
         }
     }
     assert!(ended.iter().all(|&k| k == 1), "each ends exactly once");
-    assert!(failed > 0, "the kill was mid-transfer");
+    assert_eq!(failed, n - 2, "every operation in flight at the kill fails");
     assert!(
         q.recv_timeout(Duration::from_millis(300)).is_none(),
         "nothing after the final events"

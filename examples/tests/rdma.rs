@@ -56,6 +56,9 @@ impl Server {
     fn kill(&mut self) {
         self.node.kill();
     }
+    fn pid(&self) -> u32 {
+        self.node.pid()
+    }
     /// Stop it and return its STATS line.
     fn stop(self) -> String {
         self.node.stop()
@@ -240,12 +243,14 @@ fn a_peer_killed_mid_transfer_fails_each_operation_once_then_traffic_resumes() {
     let (l, rdma) = client(21005, |c| c.timeout = Duration::from_secs(10));
     put(&l, srv.id(), &[1; 10], 10, 0).unwrap();
     let payload = bytes::Bytes::from(pattern(1 << 20, 3));
+    let pid = srv.pid();
     puts_across_a_peer_kill(
         &l,
         srv.id(),
         &payload,
         64,
         Duration::from_secs(120),
+        || lnet_examples::sigstop(pid),
         || srv.kill(),
         || format!("{:?}", rdma.stats()),
     );

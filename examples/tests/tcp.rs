@@ -45,6 +45,9 @@ impl Server {
     fn kill(&mut self) {
         self.node.kill();
     }
+    fn pid(&self) -> u32 {
+        self.node.pid()
+    }
 }
 
 fn client(addr: &str, server: &Server, tune: impl FnOnce(&mut TcpConfig)) -> (Lnet, Arc<TcpLnd>) {
@@ -361,8 +364,10 @@ fn killed_mid_transfer(reader_threads: bool, srv_addr: &str, cli_addr: &str) {
         c.reader_threads = reader_threads;
     });
     put(&l, srv.id(), vec![1; 10], 0).unwrap();
-    // Enough data (1 GiB, one shared buffer) that the kill lands mid-stream.
+    // 1 MiB each (one shared buffer): more than the sockets hold, so the
+    // client is mid-stream when the stopped peer is killed.
     let payload = bytes::Bytes::from(pattern(1 << 20, 3));
+    let pid = srv.pid();
     puts_across_a_peer_kill(
         &l,
         srv.id(),
@@ -371,6 +376,7 @@ fn killed_mid_transfer(reader_threads: bool, srv_addr: &str, cli_addr: &str) {
         // The response timeout (5 s) and slack: a connection left listed
         // after its writer failed once held these for 50 s.
         Duration::from_secs(20),
+        || lnet_examples::sigstop(pid),
         || srv.kill(),
         String::new,
     );
