@@ -276,12 +276,20 @@ impl Drop for ChildNode {
     }
 }
 
-/// SIGSTOP process `pid` (a [`ChildNode`]'s): it keeps its connections
-/// but answers nothing until continued or killed.
+/// SIGSTOP child process `pid` (a [`ChildNode`]'s) and wait until all its
+/// threads have stopped (the group stop the kernel reports to the parent:
+/// a signal alone lands asynchronously, and a thread may still answer a
+/// few messages meanwhile). It keeps its connections but answers nothing
+/// until killed.
 pub fn sigstop(pid: u32) {
     use nix::sys::signal::{Signal, kill};
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid"));
     kill(pid, Signal::SIGSTOP).expect("SIGSTOP the node");
+    match waitpid(pid, Some(WaitPidFlag::WUNTRACED)) {
+        Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {}
+        other => panic!("node {pid} did not stop: {other:?}"),
+    }
 }
 
 /// The peer-killed-mid-transfer check shared by the transports' tests:
