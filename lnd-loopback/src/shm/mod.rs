@@ -819,7 +819,6 @@ fn accept_loop(sh: &Arc<Shared>, l: UnixListener, pool: Option<Arc<Seg>>) {
         match l.accept() {
             Ok((s, _)) => {
                 if let Err(e) = accept_one(sh, s, &pool) {
-                    inc(&sh.env.stats.local().bad_hellos);
                     warn!(target: "neterror", error = %e, "shm hello refused");
                 }
             }
@@ -832,36 +831,62 @@ fn accept_loop(sh: &Arc<Shared>, l: UnixListener, pool: Option<Arc<Seg>>) {
     }
 }
 
+/// Serve one connecting peer's hello. A refusal is counted before it is
+/// answered and before the socket closes, so a peer that sees it refused
+/// also sees it counted.
 fn accept_one(sh: &Arc<Shared>, s: UnixStream, pool: &Option<Arc<Seg>>) -> Result<(), ShmError> {
+    let mut held = Some(s);
+    let r = serve_hello(sh, &mut held, pool);
+    if let Err((_, why)) = &r {
+        inc(&sh.env.stats.local().bad_hellos);
+        if let (Some(s), Some(why)) = (&held, why) {
+            reject(s, *why);
+        }
+    }
+    drop(held);
+    r.map_err(|(e, _)| e)
+}
+
+/// A refused hello: the error and the answer it gets, if any.
+type Refusal = (ShmError, Option<RejectReason>);
+
+/// The hello exchange of [`accept_one`]; `s` is taken when the
+/// connection is made.
+fn serve_hello(
+    sh: &Arc<Shared>,
+    held: &mut Option<UnixStream>,
+    pool: &Option<Arc<Seg>>,
+) -> Result<(), Refusal> {
+    let silent = |e: ShmError| (e, None);
+    let Some(s) = held.as_ref() else {
+        return Ok(());
+    };
     s.set_nonblocking(false)
-        .map_err(|e| ShmError::Os("socket", e))?;
+        .map_err(|e| silent(ShmError::Os("socket", e)))?;
     s.set_read_timeout(Some(sh.cfg.connect_timeout.min(Duration::from_secs(2))))
-        .map_err(|e| ShmError::Os("socket", e))?;
+        .map_err(|e| silent(ShmError::Os("socket", e)))?;
     let mut b = [0u8; Hello::LEN];
-    let fds = match sys::recv_with_fds(&s, &mut b, 3) {
+    let fds = match sys::recv_with_fds(s, &mut b, 3) {
         Ok(f) => f,
         // A probe (a survivor checking whether we are alive) or a silent
         // client: nothing to answer.
-        Err(e) => return Err(ShmError::Os("hello", e)),
+        Err(e) => return Err(silent(ShmError::Os("hello", e))),
     };
-    let h = Hello::decode(&b)?;
+    let h = Hello::decode(&b).map_err(silent)?;
     if h.dst_nid != u64::from(sh.nid.addr4().unwrap_or(0)) {
         inc(&sh.env.stats.local().wrong_nid);
-        reject(&s, RejectReason::WrongNid);
-        return Err(ShmError::BadHello("names a NID that is not ours"));
+        return Err((
+            ShmError::BadHello("names a NID that is not ours"),
+            Some(RejectReason::WrongNid),
+        ));
     }
     if sh.stop.load(Ordering::Acquire) {
-        reject(&s, RejectReason::Shutdown);
+        reject(s, RejectReason::Shutdown);
         return Ok(());
     }
     let peer = Nid::new4(sh.nid.net(), h.src_nid as u32);
-    let (pring, prh, ppool, pbell) = match map_peer(fds, h.flags) {
-        Ok(x) => x,
-        Err(e) => {
-            reject(&s, RejectReason::Invalid);
-            return Err(e);
-        }
-    };
+    let (pring, prh, ppool, pbell) =
+        map_peer(fds, h.flags).map_err(|e| (e, Some(RejectReason::Invalid)))?;
     // Simultaneous connects: the higher NID's connection wins. A second
     // hello from a live peer we are already connected to (same
     // incarnation) lost such a race too: keep the connection we have. A
@@ -875,16 +900,20 @@ fn accept_one(sh: &Arc<Shared>, s: UnixStream, pool: &Option<Arc<Seg>>) -> Resul
         };
         if lost {
             drop(peers);
-            reject(&s, RejectReason::Race);
+            reject(s, RejectReason::Race);
             return Ok(());
         }
     }
-    let (ring, _) = make_ring(&sh.cfg)?;
+    let (ring, _) = make_ring(&sh.cfg).map_err(silent)?;
     let reply = our_hello(sh, peer, false, pool.is_some());
     let fds = fds_of(&ring, pool, &sh.doorbell);
-    let c = Conn::new(sh.env.clone(), peer, &h, s, ring, pring, prh, ppool, pbell)?;
+    let Some(s) = held.take() else {
+        return Ok(());
+    };
+    let c =
+        Conn::new(sh.env.clone(), peer, &h, s, ring, pring, prh, ppool, pbell).map_err(silent)?;
     sys::send_with_fds(&c.sock, &reply.encode(), &fds)
-        .map_err(|e| ShmError::Os("hello reply", e))?;
+        .map_err(|e| silent(ShmError::Os("hello reply", e)))?;
     install(sh, c);
     Ok(())
 }
