@@ -4,15 +4,21 @@
 #  2. unit, integration and doc tests of all crates with --all-features
 #     (the multi-process shm and TCP tests included; the RDMA tests that
 #     need devices are listed as ignored here);
-#  3. the loom model checks of the shared-memory ring (a separate build
+#  3. the main job, README's first command, as a newcomer runs it (a
+#     selftest over shm between two processes; fails on any error);
+#  4. the loom model checks of the shared-memory ring (a separate build
 #     with `--cfg lnet_loom`; LOOM_MAX_PREEMPTIONS bounds the search, 4);
-#  4. the RDMA tests that need devices, inside a QEMU VM with two
+#  5. the RDMA tests that need devices, inside a QEMU VM with two
 #     soft-RoCE devices (scripts/rxe-vm.sh; built here, run there).
-# LNET_SKIP_VM=1 skips step 4 (for a quick local run; CI never sets it).
+# LNET_SKIP_VM=1 skips step 5 (for a quick local run; CI never sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 cargo test --workspace --all-features
+main_job=$(awk '/^```sh/{f=1;next} f&&/^```/{exit} f{print}' README.md | sed -n 1p | sed 's/ *#.*//')
+[ -n "$main_job" ] || { echo "README.md names no main job" >&2; exit 1; }
+echo "+ the main job (README.md): $main_job"
+eval "$main_job"
 echo "+ loom model checks of the shm ring"
 LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-4}" RUSTFLAGS="--cfg lnet_loom" \
   CARGO_TARGET_DIR=target/loom cargo test -p lnd-loopback --lib --release loom
