@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 cargo test --workspace --all-features
-main_job=$(awk '/^```sh/{f=1;next} f&&/^```/{exit} f{print}' README.md | sed -n 1p | sed 's/ *#.*//')
+main_job=$(scripts/readme-command.sh 1)
 [ -n "$main_job" ] || { echo "README.md names no main job" >&2; exit 1; }
 echo "+ the main job (README.md): $main_job"
 eval "$main_job"

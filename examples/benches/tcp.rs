@@ -442,7 +442,7 @@ fn main() {
     // The goal's pairs (the blocking ping-pong and our two callback
     // chains) are measured in blocks of `n / BLOCKS` round trips taken in
     // turn, so a drift of the machine within a round (these shared 2-core
-    // hosts drift by 10-20 % within seconds) weighs on all three alike.
+    // hosts drift by 20 % and more within seconds) weighs on all three alike.
     const BLOCKS: usize = 10;
     let block = (n / BLOCKS).max(1);
     let mut pp = PingPong::start();

@@ -56,9 +56,6 @@ impl Server {
     fn kill(&mut self) {
         self.node.kill();
     }
-    fn pid(&self) -> u32 {
-        self.node.pid()
-    }
     /// Stop it and return its STATS line.
     fn stop(self) -> String {
         self.node.stop()
@@ -243,7 +240,7 @@ fn a_peer_killed_mid_transfer_fails_each_operation_once_then_traffic_resumes() {
     let (l, rdma) = client(21005, |c| c.timeout = Duration::from_secs(10));
     put(&l, srv.id(), &[1; 10], 10, 0).unwrap();
     let payload = bytes::Bytes::from(pattern(1 << 20, 3));
-    let pid = srv.pid();
+    let pid = srv.node.pid();
     puts_across_a_peer_kill(
         &l,
         srv.id(),

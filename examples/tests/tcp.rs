@@ -45,9 +45,6 @@ impl Server {
     fn kill(&mut self) {
         self.node.kill();
     }
-    fn pid(&self) -> u32 {
-        self.node.pid()
-    }
 }
 
 fn client(addr: &str, server: &Server, tune: impl FnOnce(&mut TcpConfig)) -> (Lnet, Arc<TcpLnd>) {
@@ -367,7 +364,7 @@ fn killed_mid_transfer(reader_threads: bool, srv_addr: &str, cli_addr: &str) {
     // 1 MiB each (one shared buffer): more than the sockets hold, so the
     // client is mid-stream when the stopped peer is killed.
     let payload = bytes::Bytes::from(pattern(1 << 20, 3));
-    let pid = srv.pid();
+    let pid = srv.node.pid();
     puts_across_a_peer_kill(
         &l,
         srv.id(),

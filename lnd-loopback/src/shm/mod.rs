@@ -835,32 +835,50 @@ fn accept_loop(sh: &Arc<Shared>, l: UnixListener, pool: Option<Arc<Seg>>) {
 /// answered and before the socket closes, so a peer that sees it refused
 /// also sees it counted.
 fn accept_one(sh: &Arc<Shared>, s: UnixStream, pool: &Option<Arc<Seg>>) -> Result<(), ShmError> {
-    let mut held = Some(s);
-    let r = serve_hello(sh, &mut held, pool);
-    if let Err((_, why)) = &r {
-        inc(&sh.env.stats.local().bad_hellos);
-        if let (Some(s), Some(why)) = (&held, why) {
-            reject(s, *why);
+    let (h, peer, (pring, prh, ppool, pbell), ring) = match admit(sh, &s) {
+        Ok(Some(a)) => a,
+        // Answered: we are shutting down, or the peer lost a race.
+        Ok(None) => return Ok(()),
+        Err((e, why)) => {
+            inc(&sh.env.stats.local().bad_hellos);
+            if let Some(why) = why {
+                reject(&s, why);
+            }
+            return Err(e);
+        }
+    };
+    let reply = our_hello(sh, peer, false, pool.is_some());
+    let fds = fds_of(&ring, pool, &sh.doorbell);
+    let made =
+        Conn::new(sh.env.clone(), peer, &h, s, ring, pring, prh, ppool, pbell).and_then(|c| {
+            sys::send_with_fds(&c.sock, &reply.encode(), &fds)
+                .map_err(|e| ShmError::Os("hello reply", e))?;
+            Ok(c)
+        });
+    match made {
+        Ok(c) => {
+            install(sh, c);
+            Ok(())
+        }
+        Err(e) => {
+            inc(&sh.env.stats.local().bad_hellos);
+            Err(e)
         }
     }
-    drop(held);
-    r.map_err(|(e, _)| e)
 }
 
 /// A refused hello: the error and the answer it gets, if any.
 type Refusal = (ShmError, Option<RejectReason>);
 
-/// The hello exchange of [`accept_one`]; `s` is taken when the
-/// connection is made.
-fn serve_hello(
-    sh: &Arc<Shared>,
-    held: &mut Option<UnixStream>,
-    pool: &Option<Arc<Seg>>,
-) -> Result<(), Refusal> {
+/// A hello admitted: the peer's hello and NID, its segments mapped, and
+/// our ring for it.
+type Admitted = (Hello, Nid, PeerSegs, Arc<Seg>);
+
+/// The checks of [`accept_one`] on the connecting peer's hello, up to
+/// our ring for it; `None` when the hello was answered here (we are
+/// shutting down, or the peer lost a simultaneous connect).
+fn admit(sh: &Arc<Shared>, s: &UnixStream) -> Result<Option<Admitted>, Refusal> {
     let silent = |e: ShmError| (e, None);
-    let Some(s) = held.as_ref() else {
-        return Ok(());
-    };
     s.set_nonblocking(false)
         .map_err(|e| silent(ShmError::Os("socket", e)))?;
     s.set_read_timeout(Some(sh.cfg.connect_timeout.min(Duration::from_secs(2))))
@@ -882,11 +900,10 @@ fn serve_hello(
     }
     if sh.stop.load(Ordering::Acquire) {
         reject(s, RejectReason::Shutdown);
-        return Ok(());
+        return Ok(None);
     }
     let peer = Nid::new4(sh.nid.net(), h.src_nid as u32);
-    let (pring, prh, ppool, pbell) =
-        map_peer(fds, h.flags).map_err(|e| (e, Some(RejectReason::Invalid)))?;
+    let segs = map_peer(fds, h.flags).map_err(|e| (e, Some(RejectReason::Invalid)))?;
     // Simultaneous connects: the higher NID's connection wins. A second
     // hello from a live peer we are already connected to (same
     // incarnation) lost such a race too: keep the connection we have. A
@@ -901,21 +918,11 @@ fn serve_hello(
         if lost {
             drop(peers);
             reject(s, RejectReason::Race);
-            return Ok(());
+            return Ok(None);
         }
     }
     let (ring, _) = make_ring(&sh.cfg).map_err(silent)?;
-    let reply = our_hello(sh, peer, false, pool.is_some());
-    let fds = fds_of(&ring, pool, &sh.doorbell);
-    let Some(s) = held.take() else {
-        return Ok(());
-    };
-    let c =
-        Conn::new(sh.env.clone(), peer, &h, s, ring, pring, prh, ppool, pbell).map_err(silent)?;
-    sys::send_with_fds(&c.sock, &reply.encode(), &fds)
-        .map_err(|e| silent(ShmError::Os("hello reply", e)))?;
-    install(sh, c);
-    Ok(())
+    Ok(Some((h, peer, segs, ring)))
 }
 
 fn progress_loop(sh: &Arc<Shared>) {
