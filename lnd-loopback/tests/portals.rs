@@ -923,3 +923,157 @@ fn md_handles_are_unique_across_threads_and_nodes() {
     }
     assert_eq!(all[0].len() + all[1].len(), 6000);
 }
+
+// ------------------------------------- inline payloads copied in place
+
+/// A PUT of `len` payload bytes from 10.0.0.2@tcp to `l` (ACK to `ack`).
+fn put_hdr(
+    l: &Lnet,
+    portal: u32,
+    bits: u64,
+    len: u32,
+    ack: lnet::wire::WireHandle,
+) -> lnet::wire::Header {
+    lnet::wire::Header {
+        dest_nid: "10.0.0.1@tcp".parse().unwrap(),
+        src_nid: peer(2).nid,
+        dest_pid: l.pid(),
+        src_pid: peer(2).pid,
+        payload_length: len,
+        body: lnet::wire::MsgBody::Put {
+            ack_wmd: ack,
+            match_bits: bits,
+            hdr_data: 99,
+            ptl_index: portal,
+            offset: 0,
+        },
+    }
+}
+
+#[test]
+fn inline_put_is_copied_in_place_into_each_fragment_and_acked() {
+    let (l, h) = held_node(8, 8);
+    let ni = h.ni.get().unwrap();
+    let q = EventQueue::new();
+    let frags = MdBuffer::from_frags(vec![vec![0u8; 3].into(), vec![0u8; 100].into()]).unwrap();
+    target(
+        &l,
+        9,
+        5,
+        Md::new(frags)
+            .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
+            .handler(q.handler()),
+    );
+    let payload = pattern(10, 4);
+    let wmd = lnet::wire::WireHandle {
+        interface_cookie: 1,
+        object_cookie: 2,
+    };
+    let mut calls = Vec::new();
+    let d = ni
+        .parse_inline(&put_hdr(&l, 9, 5, 10, wmd), peer(2).nid, |off, dst| {
+            calls.push((off, dst.len()));
+            dst.copy_from_slice(&payload[off..off + dst.len()]);
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    assert!(matches!(d, lnet::Delivery::Done), "{d:?}");
+    assert_eq!(calls, [(0, 3), (3, 7)], "one call per destination slice");
+    let e = next(&q);
+    assert_eq!(
+        (e.kind, e.mlength, e.rlength, e.hdr_data),
+        (EventKind::Put, 10, 10, 99)
+    );
+    assert!(e.status.is_ok() && e.unlinked);
+    let mut got = vec![0u8; 10];
+    e.buffer.unwrap().copy_out(0, &mut got);
+    assert_eq!(got, payload);
+    // The ACK went out to the initiator, for the handle it gave.
+    let acks = h.take();
+    assert_eq!(acks.len(), 1);
+    match acks[0].header().body {
+        lnet::wire::MsgBody::Ack {
+            dst_wmd, mlength, ..
+        } => assert_eq!((dst_wmd, mlength), (wmd, 10)),
+        ref b => panic!("not an ACK: {b:?}"),
+    }
+    assert_eq!(acks[0].peer(), peer(2).nid);
+}
+
+#[test]
+fn inline_put_whose_copy_fails_ends_with_an_error_event() {
+    let (l, h) = held_node(8, 8);
+    let ni = h.ni.get().unwrap();
+    let q = EventQueue::new();
+    target(
+        &l,
+        9,
+        5,
+        Md::new(vec![0u8; 16])
+            .options(MdOptions::OP_PUT)
+            .handler(q.handler()),
+    );
+    let wmd = lnet::wire::WireHandle {
+        interface_cookie: 1,
+        object_cookie: 2,
+    };
+    let r = ni.parse_inline(&put_hdr(&l, 9, 5, 16, wmd), peer(2).nid, |_, _| {
+        Err("torn slot")
+    });
+    assert_eq!(
+        r.err(),
+        Some("torn slot"),
+        "the LND gets its own error back"
+    );
+    let e = next(&q);
+    assert_eq!(e.kind, EventKind::Put);
+    assert!(
+        matches!(e.status, Err(Error::Network(ref m)) if m.contains("torn slot")),
+        "{:?}",
+        e.status
+    );
+    assert!(e.unlinked);
+    assert_eq!(h.count(), 0, "no ACK for a failed receive");
+}
+
+#[test]
+fn inline_put_without_md_memory_or_match_is_left_to_the_lnd() {
+    let (l, h) = held_node(8, 8);
+    let ni = h.ni.get().unwrap();
+    let q = EventQueue::new();
+    target(
+        &l,
+        9,
+        5,
+        Md::new(MdBuffer::loan_only(64))
+            .options(MdOptions::OP_PUT | MdOptions::LOAN)
+            .handler(q.handler()),
+    );
+    let none = lnet::wire::WireHandle::NONE;
+    let mut called = false;
+    // Loan-only MD: a sink, for the LND to hand the payload over.
+    let d = ni
+        .parse_inline(&put_hdr(&l, 9, 5, 8, none), peer(2).nid, |_, _| {
+            called = true;
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    let lnet::Delivery::Receive(mut sink) = d else {
+        panic!("expected a sink: {d:?}")
+    };
+    assert!(!called);
+    assert!(sink.set_loan(Bytes::from_static(b"12345678")));
+    sink.complete(Ok(()));
+    let e = next(&q);
+    assert_eq!(e.loan.as_deref(), Some(&b"12345678"[..]));
+    // No match: dropped, counted, nothing copied.
+    let d = ni
+        .parse_inline(&put_hdr(&l, 9, 6, 8, none), peer(2).nid, |_, _| {
+            called = true;
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    assert!(matches!(d, lnet::Delivery::Discard(8)), "{d:?}");
+    assert!(!called);
+    assert_eq!(l.counters().drops_for(DropReason::NoMatch), 1);
+}

@@ -21,6 +21,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod lnd;
+mod mdtable;
 pub mod nid;
 pub mod nidrange;
 pub mod node;

@@ -143,6 +143,39 @@ impl NiContext {
             None => Delivery::Discard(hdr.payload_length),
         }
     }
+    /// [`NiContext::parse`] for a message whose whole payload the LND
+    /// holds (inline in its receive buffer): when a PUT matches an MD with
+    /// memory, the core calls `fill(offset, dst)` for each destination
+    /// slice (the matched length, in order; copy `dst.len()` bytes of the
+    /// payload from `offset`), completes the receive and returns
+    /// [`Delivery::Done`], with no [`Sink`] made. Any other outcome is
+    /// returned as `parse` returns it, for the LND to handle as usual.
+    ///
+    /// A `fill` error ends the receive with an error event and is
+    /// returned.
+    pub fn parse_inline<E: std::fmt::Display>(
+        &self,
+        hdr: &Header,
+        from: Nid,
+        mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+    ) -> Result<Delivery, E> {
+        let Some(i) = self.inner.upgrade() else {
+            return Ok(Delivery::Discard(hdr.payload_length));
+        };
+        let mut err = None;
+        let mut f = |off: usize, dst: &mut [u8]| {
+            fill(off, dst).map_err(|e| {
+                let core = Error::Network(format!("inline payload: {e}"));
+                err = Some(e);
+                core
+            })
+        };
+        let d = i.parse_with(self.ni, hdr, from, Some(&mut f));
+        match err {
+            Some(e) => Err(e),
+            None => Ok(d),
+        }
+    }
     /// Report a peer event.
     pub fn peer_event(&self, peer: Nid, ev: PeerEvent) {
         if let Some(i) = self.inner.upgrade() {

@@ -10,7 +10,6 @@
 //! never held together, nor across a call into an LND or an event handler.
 
 use std::cell::{Cell, RefCell};
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +30,7 @@ use crate::lnd::{
     Deferred, DeferredSender, Delivery, Lnd, LndInfo, NiContext, PeerEvent, SharedMem, Sink,
     SinkState, TxMsg, TxState,
 };
+use crate::mdtable::MdTable;
 use crate::nid::{LNET_PID_LUSTRE, Nid, Pid, ProcessId};
 use crate::portals::event::{Event, EventHandler, EventKind};
 use crate::portals::matching::{Decision, InsPos, MatchCriteria, MatchTable};
@@ -43,7 +43,7 @@ use crate::{LNET_MTU, MAX_PORTALS};
 const BOUND_SHARDS: usize = 16;
 const PEER_SHARDS: usize = 16;
 /// Container index bits in a cookie.
-const CONTAINER_BITS: u32 = 7;
+pub(crate) const CONTAINER_BITS: u32 = 7;
 
 /// Configuration of an [`Lnet`] instance.
 #[derive(Clone, Debug)]
@@ -408,7 +408,17 @@ struct MdState {
     abort: Option<Error>,
 }
 
+/// Copies an inline payload into the MD: (offset in the payload,
+/// destination slice).
+pub(crate) type Fill<'a> = &'a mut dyn FnMut(usize, &mut [u8]) -> Result<()>;
+
 impl MdState {
+    /// True when a payload can be copied straight into this MD's memory
+    /// (it has memory: not a loan-only MD).
+    fn fills_in_place(&self) -> bool {
+        !self.loan_only && self.mem.is_some()
+    }
+
     /// A sink over `[offset, offset + mlength)` of this MD.
     fn sink(
         &self,
@@ -451,7 +461,7 @@ struct Delayed {
 #[derive(Default)]
 struct Container {
     table: MatchTable<MeState>,
-    mds: HashMap<u64, MdState, foldhash::fast::RandomState>,
+    mds: MdTable<MdState>,
     lazy: bool,
     delayed: VecDeque<Delayed>,
     timers: Timers,
@@ -488,7 +498,7 @@ impl After {
         }
     }
 
-    fn run(mut self, inner: &Arc<Inner>) {
+    fn run(&mut self, inner: &Arc<Inner>) {
         if let Some((p, e)) = self.direct.take() {
             p.deliver_from(e);
         }
@@ -828,6 +838,20 @@ impl Inner {
     }
 
     pub(crate) fn parse(self: &Arc<Self>, ni: usize, hdr: &Header, from: Nid) -> Delivery {
+        self.parse_with(ni, hdr, from, None)
+    }
+
+    /// [`Inner::parse`]; with `fill`, a PUT's payload is at hand (inline in
+    /// the LND's receive buffer) and, when it lands in MD memory, is copied
+    /// by `fill` under the match and completed at once (one lookup, no
+    /// [`Sink`]): the result is then [`Delivery::Done`].
+    pub(crate) fn parse_with(
+        self: &Arc<Self>,
+        ni: usize,
+        hdr: &Header,
+        from: Nid,
+        fill: Option<Fill<'_>>,
+    ) -> Delivery {
         let Some(info) = self.ni_info(ni).copied() else {
             return self.drop_msg(ni, hdr, DropReason::NiDown);
         };
@@ -843,7 +867,7 @@ impl Inner {
         let mtype = hdr.msg_type();
         self.with_peer(ni, from, |p| p.counters.received(mtype, hdr.payload_length));
         match hdr.body {
-            MsgBody::Put { .. } => self.parse_put(ni, hdr, from),
+            MsgBody::Put { .. } => self.parse_put(ni, hdr, from, fill),
             MsgBody::Get { .. } => self.parse_get(ni, hdr, from, info.limits.reply_inline),
             MsgBody::Ack { .. } => self.parse_ack(ni, hdr),
             MsgBody::Reply { .. } => self.parse_reply(ni, hdr, from),
@@ -896,7 +920,7 @@ impl Inner {
                 let Some(mdc) = me.md else {
                     return Decision::Skip;
                 };
-                let Some(md) = mds.get(&mdc) else {
+                let Some(md) = mds.get(mdc) else {
                     return Decision::Skip;
                 };
                 if md.unlinking {
@@ -913,7 +937,7 @@ impl Inner {
     /// Commit a match on `md` and, when it is exhausted, detach it.
     fn commit(c: &mut Container, md: u64, offset: u32, mlength: u32) {
         let Container { table, mds, .. } = c;
-        let Some(m) = mds.get_mut(&md) else { return };
+        let Some(m) = mds.get_mut(md) else { return };
         m.view.commit(offset, mlength);
         m.pending += 1;
         if m.view.exhausted() {
@@ -921,7 +945,13 @@ impl Inner {
         }
     }
 
-    fn parse_put(self: &Arc<Self>, ni: usize, hdr: &Header, from: Nid) -> Delivery {
+    fn parse_put(
+        self: &Arc<Self>,
+        ni: usize,
+        hdr: &Header,
+        from: Nid,
+        fill: Option<Fill<'_>>,
+    ) -> Delivery {
         let MsgBody::Put {
             ptl_index,
             match_bits,
@@ -944,10 +974,13 @@ impl Inner {
             hdr.payload_length,
             offset,
         ) {
-            Some((md, MdMatch::Ok { offset, mlength })) => {
-                let sink = self.put_sink(&mut c, md, ni, hdr, from, offset, mlength);
-                Delivery::Receive(sink)
-            }
+            Some((md, MdMatch::Ok { offset, mlength })) => match fill {
+                Some(fill) if c.mds.get(md).is_some_and(MdState::fills_in_place) => {
+                    self.put_in_place(c, md, ni, hdr, from, offset, mlength, fill);
+                    Delivery::Done
+                }
+                _ => Delivery::Receive(self.put_sink(&mut c, md, ni, hdr, from, offset, mlength)),
+            },
             Some((_, _)) => {
                 drop(c);
                 self.drop_msg(ni, hdr, DropReason::TooLarge)
@@ -991,8 +1024,31 @@ impl Inner {
         offset: u32,
         mlength: u32,
     ) -> Sink {
+        let (m, ev, ack) = self.commit_put(c, md, ni, hdr, from, offset, mlength);
+        m.sink(
+            self,
+            offset,
+            mlength,
+            hdr.payload_length,
+            RxToken::Put { md, ev, ack },
+        )
+    }
+
+    /// Commit a PUT's match on `md` (detaching it when exhausted): the
+    /// MD, the PUT event's information and the ACK to send, if any.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_put<'c>(
+        &self,
+        c: &'c mut Container,
+        md: u64,
+        ni: usize,
+        hdr: &Header,
+        from: Nid,
+        offset: u32,
+        mlength: u32,
+    ) -> (&'c mut MdState, EvInfo, Option<(WireHandle, usize, Nid)>) {
         let Container { table, mds, .. } = c;
-        let m = mds.get_mut(&md).expect("matched md");
+        let m = mds.get_mut(md).expect("matched md");
         m.view.commit(offset, mlength);
         m.pending += 1;
         if m.view.exhausted() {
@@ -1007,13 +1063,84 @@ impl Inner {
         ev.offset = offset;
         let ack = (!ack_wmd.is_none() && !m.view.options.contains(MdOptions::ACK_DISABLE))
             .then_some((ack_wmd, ni, from));
-        m.sink(
-            self,
-            offset,
-            mlength,
-            hdr.payload_length,
-            RxToken::Put { md, ev, ack },
-        )
+        (m, ev, ack)
+    }
+
+    /// A matched PUT whose payload `fill` copies straight into the MD,
+    /// under the container lock (container, then memory: the order
+    /// `initiate` takes too), completed before the lock is released.
+    #[allow(clippy::too_many_arguments)]
+    fn put_in_place(
+        self: &Arc<Self>,
+        mut c: MutexGuard<'_, Container>,
+        md: u64,
+        ni: usize,
+        hdr: &Header,
+        from: Nid,
+        offset: u32,
+        mlength: u32,
+        fill: Fill<'_>,
+    ) {
+        let (m, ev, ack) = self.commit_put(&mut c, md, ni, hdr, from, offset, mlength);
+        let status = match &m.mem {
+            Some(mem) => {
+                let mut g = crate::lnd::lock_mem(mem);
+                let mut rel = 0;
+                let mut r = Ok(());
+                for s in g.slices_mut(offset as usize, mlength as usize).iter_mut() {
+                    r = fill(rel, s);
+                    if r.is_err() {
+                        break;
+                    }
+                    rel += s.len();
+                }
+                r
+            }
+            None => Err(Error::Invalid("in-place PUT without MD memory")),
+        };
+        let ok = status.is_ok();
+        let mut after = After::default();
+        op_done(
+            &mut c,
+            md,
+            EventKind::Put,
+            &ev,
+            status,
+            None,
+            false,
+            &mut after,
+        );
+        drop(c);
+        if let (true, Some((wmd, ni, peer))) = (ok, ack) {
+            after.push_send(self.ack_msg(&ev, wmd, ni, peer));
+        }
+        after.run(self);
+    }
+
+    /// The ACK of a PUT described by `ev`, to `wmd` at the initiator.
+    fn ack_msg(self: &Arc<Self>, ev: &EvInfo, wmd: WireHandle, ni: usize, peer: Nid) -> TxMsg {
+        TxMsg::new(TxState {
+            inner: self.clone(),
+            hdr: Header {
+                dest_nid: ev.initiator.nid,
+                src_nid: ev.target.nid,
+                dest_pid: ev.initiator.pid,
+                src_pid: self.cfg.pid,
+                payload_length: 0,
+                body: MsgBody::Ack {
+                    dst_wmd: wmd,
+                    match_bits: ev.match_bits,
+                    mlength: ev.mlength,
+                },
+            },
+            peer,
+            ni,
+            mem: None,
+            offset: 0,
+            len: 0,
+            credits_held: false,
+            token: Some(TxToken::Ack),
+        })
     }
 
     fn parse_get(self: &Arc<Self>, ni: usize, hdr: &Header, from: Nid, inline: bool) -> Delivery {
@@ -1049,7 +1176,7 @@ impl Inner {
         ev.rlength = sink_length;
         ev.mlength = mlength;
         ev.offset = offset;
-        let mem = c.mds[&md].mem.clone();
+        let mem = c.mds.get(md).expect("matched md").mem.clone();
         drop(c);
         let reply = TxMsg::new(TxState {
             inner: self.clone(),
@@ -1095,7 +1222,7 @@ impl Inner {
             return None;
         }
         let mut c = lock(&self.containers[ci]);
-        let m = c.mds.get_mut(&md)?;
+        let m = c.mds.get_mut(md)?;
         if m.awaiting.as_ref().is_none_or(|a| a.kind != kind) {
             return None;
         }
@@ -1143,7 +1270,7 @@ impl Inner {
         let Some((md, mut c)) = self.response_md(&dst_wmd, MsgType::Reply) else {
             return self.drop_msg(ni, hdr, DropReason::StaleHandle);
         };
-        let m = c.mds.get_mut(&md).expect("response md");
+        let m = c.mds.get_mut(md).expect("response md");
         let rlength = hdr.payload_length;
         let mlength = rlength.min(m.view.length);
         let mut ev = EvInfo {
@@ -1202,28 +1329,7 @@ impl Inner {
                 );
                 drop(c);
                 if let (true, Some((wmd, ni, peer))) = (ok, ack) {
-                    after.push_send(TxMsg::new(TxState {
-                        inner: self.clone(),
-                        hdr: Header {
-                            dest_nid: ev.initiator.nid,
-                            src_nid: ev.target.nid,
-                            dest_pid: ev.initiator.pid,
-                            src_pid: self.cfg.pid,
-                            payload_length: 0,
-                            body: MsgBody::Ack {
-                                dst_wmd: wmd,
-                                match_bits: ev.match_bits,
-                                mlength: ev.mlength,
-                            },
-                        },
-                        peer,
-                        ni,
-                        mem: None,
-                        offset: 0,
-                        len: 0,
-                        credits_held: false,
-                        token: Some(TxToken::Ack),
-                    }));
+                    after.push_send(self.ack_msg(ev, wmd, ni, peer));
                 }
             }
             RxToken::Reply { md, ref ev } => {
@@ -1277,7 +1383,7 @@ impl Inner {
                     .mds
                     .iter()
                     .filter(|(_, m)| m.awaiting.as_ref().is_some_and(|a| a.peer == peer))
-                    .map(|(k, _)| *k)
+                    .map(|(k, _)| k)
                     .collect();
                 for md in victims {
                     let err = Error::PeerDown(peer.to_string());
@@ -1322,7 +1428,7 @@ impl Inner {
                     let len = d.hdr.payload_length;
                     after.fires.push((d.tx, Delivery::Discard(len)));
                 }
-                let mds: Vec<u64> = c.mds.keys().copied().collect();
+                let mds: Vec<u64> = c.mds.cookies().collect();
                 for md in mds {
                     abort_md(&mut c, md, Error::Shutdown, &mut after);
                 }
@@ -1348,7 +1454,7 @@ fn detach_me(table: &mut MatchTable<MeState>, m: &mut MdState) {
     }
 }
 
-type MdEntry<'a> = std::collections::hash_map::OccupiedEntry<'a, u64, MdState>;
+type MdEntry<'a> = crate::mdtable::MdEntry<'a, MdState>;
 
 /// The response deadlines of a container's MDs, in the order they were
 /// set. Every deadline is the time it was set (read under the container
@@ -1391,7 +1497,7 @@ impl Timers {
 
     /// Drop stale entries once they outnumber the live ones (plus the
     /// slack): what keeps the queue bounded.
-    fn compact(&mut self, mds: &HashMap<u64, MdState, foldhash::fast::RandomState>) {
+    fn compact(&mut self, mds: &MdTable<MdState>) {
         if self.q.len() > 2 * self.live + Self::SLACK {
             self.q.retain(|&(d, md)| awaits(mds, md, d));
         }
@@ -1399,12 +1505,8 @@ impl Timers {
 }
 
 /// Whether `md` still waits for a response due at `deadline`.
-fn awaits(
-    mds: &HashMap<u64, MdState, foldhash::fast::RandomState>,
-    md: u64,
-    deadline: Instant,
-) -> bool {
-    mds.get(&md)
+fn awaits(mds: &MdTable<MdState>, md: u64, deadline: Instant) -> bool {
+    mds.get(md)
         .and_then(|m| m.awaiting.as_ref())
         .is_some_and(|a| a.deadline == deadline)
 }
@@ -1418,10 +1520,7 @@ fn md_entry(
     let Container {
         table, mds, timers, ..
     } = c;
-    match mds.entry(md) {
-        Entry::Occupied(o) => Some((o, table, timers)),
-        Entry::Vacant(_) => None,
-    }
+    mds.entry(md).map(|o| (o, table, timers))
 }
 
 /// End whatever MD `md` waits for with `err` and unlink it.
@@ -1512,7 +1611,7 @@ fn emit_in(
         rlength: ev.rlength,
         mlength: ev.mlength,
         offset: ev.offset,
-        md: MdHandle(*o.key()),
+        md: MdHandle(o.key()),
         user_ptr: m.user_ptr,
         hdr_data: ev.hdr_data,
         msg_type: ev.msg_type,
@@ -1532,7 +1631,7 @@ fn finish_in(
     event: Option<Event>,
     after: &mut After,
 ) {
-    let md = *o.key();
+    let md = o.key();
     let m = o.get_mut();
     let done = (m.unlinking || m.view.exhausted()) && m.pending == 0 && m.awaiting.is_none();
     if !done {
@@ -1711,7 +1810,8 @@ impl Lnet {
         }
         let inner = &self.inner;
         let mut after = After::default();
-        let cookie = inner.new_cookie(p);
+        let seq = inner.new_seq();
+        let cookie;
         {
             let mut c = lock(&inner.containers[p]);
             if inner.is_shutting_down() {
@@ -1721,13 +1821,16 @@ impl Lnet {
             if me_state.md.is_some() {
                 return Err(Error::Invalid("ME already has an MD"));
             }
-            me_state.md = Some(cookie);
-            c.mds.insert(cookie, Self::md_state(md, Some(me.0)));
+            cookie = c
+                .mds
+                .insert(seq, p, Self::md_state(md, Some(me.0)))
+                .ok_or(Error::Invalid("too many MDs on this portal"))?;
+            c.table.get_mut(me.0).expect("me").md = Some(cookie);
             // Offer waiting messages to the new MD, in arrival order.
             let crit = *c.table.criteria(me.0).expect("me");
             let mut i = 0;
             while i < c.delayed.len() {
-                if !c.mds.contains_key(&cookie) || c.mds[&cookie].me.is_none() {
+                if c.mds.get(cookie).is_none_or(|m| m.me.is_none()) {
                     break;
                 }
                 let d = &c.delayed[i];
@@ -1742,10 +1845,11 @@ impl Lnet {
                     i += 1;
                     continue;
                 }
-                match c.mds[&cookie]
-                    .view
-                    .try_match(Op::Put, d.hdr.payload_length, offset)
-                {
+                match c.mds.get(cookie).expect("attached md").view.try_match(
+                    Op::Put,
+                    d.hdr.payload_length,
+                    offset,
+                ) {
                     MdMatch::None => break,
                     MdMatch::Drop => {
                         let d = c.delayed.remove(i).expect("delayed");
@@ -1800,11 +1904,12 @@ impl Lnet {
         // Consecutive binds spread over the bound-MD containers.
         let seq = self.inner.new_seq();
         let shard = MAX_PORTALS + (seq as usize % BOUND_SHARDS);
-        let cookie = Inner::cookie(seq, shard);
+        let st = Self::md_state(md, None);
         lock(&self.inner.containers[shard])
             .mds
-            .insert(cookie, Self::md_state(md, None));
-        Ok(MdHandle(cookie))
+            .insert(seq, shard, st)
+            .map(MdHandle)
+            .ok_or(Error::Invalid("too many bound MDs"))
     }
 
     /// Unlink an MD (`LNetMDUnlink`). If nothing is in flight, its UNLINK
@@ -1819,7 +1924,7 @@ impl Lnet {
         let mut after = After::default();
         {
             let mut c = lock(&self.inner.containers[ci]);
-            if !c.mds.contains_key(&md.0) {
+            if !c.mds.contains(md.0) {
                 return Err(Error::NoEntry);
             }
             abort_md(&mut c, md.0, Error::Aborted, &mut after);
@@ -1839,7 +1944,7 @@ impl Lnet {
             let mut c = lock(&self.inner.containers[p]);
             let (_, st) = c.table.remove(me.0).ok_or(Error::NoEntry)?;
             if let Some(md) = st.md {
-                if let Some(m) = c.mds.get_mut(&md) {
+                if let Some(m) = c.mds.get_mut(md) {
                     m.me = None;
                 }
                 abort_md(&mut c, md, Error::Aborted, &mut after);
@@ -1901,7 +2006,7 @@ impl Lnet {
         let mut c = lock(&inner.containers[ci]);
         // One lookup: the MD and the container's response timers beside it.
         let Container { mds, timers, .. } = &mut *c;
-        let m = mds.get_mut(&mdh.0).ok_or(Error::NoEntry)?;
+        let m = mds.get_mut(mdh.0).ok_or(Error::NoEntry)?;
         if m.unlinking || m.view.exhausted() {
             return Err(Error::NoEntry);
         }
@@ -2163,20 +2268,23 @@ mod tests {
 
     #[test]
     fn response_deadlines_skip_answered_entries_and_stay_bounded() {
-        let mut mds: HashMap<u64, MdState, foldhash::fast::RandomState> = HashMap::default();
+        let mut mds: MdTable<MdState> = MdTable::default();
         let mut t = Timers::default();
         let t0 = Instant::now();
+        let mut kept = 0;
         // 10,000 operations, each answered before the next starts, as a
         // client issuing one RPC at a time does; one left unanswered.
         for i in 0..10_000u64 {
             let d = t0 + Duration::from_micros(i);
-            mds.insert(i, waiting(d));
-            t.insert(d, i);
+            let md = mds.insert(i, MAX_PORTALS, waiting(d)).unwrap();
+            t.insert(d, md);
             t.compact(&mds);
             assert!(t.q.len() <= 2 * t.live + Timers::SLACK + 1);
             if i != 5_000 {
-                mds.get_mut(&i).unwrap().awaiting = None;
+                mds.get_mut(md).unwrap().awaiting = None;
                 t.remove();
+            } else {
+                kept = md;
             }
         }
         assert_eq!(t.live, 1);
@@ -2189,7 +2297,7 @@ mod tests {
                 due.push(md);
             }
         }
-        assert_eq!(due, [5_000]);
+        assert_eq!(due, [kept]);
         assert!(t.q.is_empty());
     }
 }

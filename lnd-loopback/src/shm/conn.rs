@@ -608,7 +608,12 @@ impl Conn {
         }
         let poff = off + SLOT_HDR + HDR_NID4_SIZE;
         trace!(target: "nettrace", peer = %self.peer, ty = ?hdr.msg_type(), plen, "shm inline");
-        match self.env.ni.parse(&hdr, self.peer) {
+        // A PUT into MD memory is copied from the slot under the match.
+        let d = self
+            .env
+            .ni
+            .parse_inline(&hdr, self.peer, |rel, dst| self.inp.read(poff + rel, dst))?;
+        match d {
             Delivery::Receive(mut sink) => {
                 let n = sink.mlength().min(plen);
                 let r = fill_sink(&mut sink, 0, n, |rel, dst| self.inp.read(poff + rel, dst));
