@@ -52,6 +52,8 @@
 
 mod conn;
 mod ring;
+#[cfg(not(lnet_loom))]
+pub use ring::ring_floor_one_way_us;
 mod sys;
 pub mod wire;
 

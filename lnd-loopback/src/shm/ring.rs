@@ -43,8 +43,8 @@ pub(crate) const RING_CTL_SIZE: usize = 256;
 const _: () = assert!(std::mem::size_of::<RingCtl>() == RING_CTL_SIZE);
 
 impl RingCtl {
-    /// A zeroed control block (tests; in production it lives in a segment).
-    #[cfg(test)]
+    /// A zeroed control block (tests and the floor measurement; in
+    /// production it lives in a segment).
     pub(crate) fn new() -> Self {
         RingCtl {
             tail: AtomicU64::new(0),
@@ -380,4 +380,84 @@ mod loom_tests {
     fn loom_two_slots_full_and_empty() {
         run(2, 3);
     }
+}
+
+/// The floor under the shm transport's latency, in µs: the one-way time
+/// of `round_trips` ping-pongs between two threads, each message one
+/// inline slot of an 8-byte PUT (slot header, LNet header and payload:
+/// 96 bytes) written and published through this ring protocol, read and
+/// released on the other side. No LNet work at all: what is left is the
+/// ring's index protocol and the cache-line transfers between the two
+/// CPUs. Benchmarks print it beside the full path to show how much of
+/// a message's latency the transport itself accounts for.
+///
+/// ```
+/// let us = lnd_loopback::shm::ring_floor_one_way_us(1_000);
+/// assert!(us > 0.0);
+/// ```
+#[cfg(not(lnet_loom))]
+pub fn ring_floor_one_way_us(round_trips: u64) -> f64 {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+    const NSLOTS: u64 = 64;
+    const WORDS: usize = 12;
+    /// One direction: control block and slots, as in a segment (slots on
+    /// lines of their own).
+    struct Dir {
+        ctl: RingCtl,
+        slots: Vec<[AtomicU64; 16]>,
+    }
+    let dir = || {
+        Arc::new(Dir {
+            ctl: RingCtl::new(),
+            slots: (0..NSLOTS)
+                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                .collect(),
+        })
+    };
+    let (ab, ba) = (dir(), dir());
+    let side = move |out: Arc<Dir>, inp: Arc<Dir>, first: bool| {
+        let (mut p, mut q) = (Producer::new(NSLOTS), Consumer::new(NSLOTS));
+        let mut msg = [7u64; WORDS];
+        let send = |p: &mut Producer, msg: &[u64; WORDS]| {
+            // The peer releases each slot before answering: never full.
+            let i = p.reserve(&out.ctl).unwrap_or(0) as usize;
+            for (w, v) in out.slots[i].iter().zip(msg) {
+                w.store(*v, Ordering::Relaxed);
+            }
+            p.publish(&out.ctl);
+        };
+        let t0 = std::time::Instant::now();
+        let deadline = t0 + std::time::Duration::from_secs(60);
+        if first {
+            send(&mut p, &msg);
+        }
+        let mut done = 0;
+        while done < round_trips {
+            let i = match q.peek(&inp.ctl) {
+                Peek::Ready(i) => i as usize,
+                _ => {
+                    if std::time::Instant::now() > deadline {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                    continue;
+                }
+            };
+            for (v, w) in msg.iter_mut().zip(&inp.slots[i]) {
+                *v = w.load(Ordering::Relaxed);
+            }
+            q.release(&inp.ctl);
+            done += 1;
+            if !(first && done == round_trips) {
+                send(&mut p, &msg);
+            }
+        }
+        t0.elapsed().as_secs_f64() * 1e6 / done.max(1) as f64 / 2.0
+    };
+    let (ab2, ba2) = (ab.clone(), ba.clone());
+    let echo = std::thread::spawn(move || side(ba2, ab2, false));
+    let r = side(ab, ba, true);
+    let _ = echo.join();
+    r
 }
