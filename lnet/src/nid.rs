@@ -217,18 +217,6 @@ impl std::hash::Hash for Nid {
     }
 }
 
-impl Nid {
-    /// The NID folded into one word (to pick a shard with a single seeded
-    /// hash of one word; equal NIDs fold equally).
-    pub(crate) fn fold64(&self) -> u64 {
-        let (lo, hi) = self.addr.split_at(8);
-        let lo = u64::from_ne_bytes(lo.try_into().unwrap_or([0; 8]));
-        let hi = u64::from_ne_bytes(hi.try_into().unwrap_or([0; 8]));
-        lo ^ hi.rotate_left(29)
-            ^ (u64::from(self.ty.0) << 56 | u64::from(self.num) << 40 | u64::from(self.len) << 32)
-    }
-}
-
 /// Size of `struct lnet_nid` on the wire.
 pub const NID16_WIRE_SIZE: usize = 20;
 

@@ -11,7 +11,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
@@ -247,10 +247,51 @@ struct NiTx {
     handoffs: usize,
 }
 
-/// Peer NIs of one shard, by (NI index, peer NID).
-/// Seeded per process (foldhash): fast, and a peer cannot choose NIDs
-/// that collide.
-type PeerTable = HashMap<(usize, Nid), PeerNi, foldhash::fast::RandomState>;
+/// Peer NIs of one shard, by (NI index, peer NID). The key's hash is
+/// computed once, seeded per process (foldhash: fast, and a peer cannot
+/// choose NIDs that collide), and serves both to pick the shard and as
+/// the map's hash.
+type PeerTable = HashMap<PeerKey, PeerNi, BuildHasherDefault<PassHasher>>;
+
+/// A peer NI's key with its hash.
+#[derive(Clone, Copy, Debug)]
+struct PeerKey {
+    hash: u64,
+    ni: usize,
+    nid: Nid,
+}
+
+impl PartialEq for PeerKey {
+    fn eq(&self, o: &Self) -> bool {
+        self.ni == o.ni && self.nid == o.nid
+    }
+}
+impl Eq for PeerKey {}
+
+impl Hash for PeerKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(self.hash);
+    }
+}
+
+/// Passes a [`PeerKey`]'s precomputed hash through.
+#[derive(Default)]
+struct PassHasher(u64);
+
+impl Hasher for PassHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used; fold anything else in anyway.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = x;
+    }
+}
 
 struct PeerNi {
     credits: Credits,
@@ -624,9 +665,18 @@ impl Inner {
         })
     }
 
-    fn peer_shard(&self, ni: usize, nid: &Nid) -> &Mutex<PeerTable> {
-        let h = self.shard_hasher.hash_one(nid.fold64() ^ ni as u64);
-        &self.peers[(h as usize) % PEER_SHARDS]
+    fn peer_key(&self, ni: usize, nid: Nid) -> PeerKey {
+        PeerKey {
+            hash: self.shard_hasher.hash_one((ni, nid)),
+            ni,
+            nid,
+        }
+    }
+
+    /// The shard of `k`, from hash bits the map does not use for its
+    /// buckets (low bits) or tags (top seven).
+    fn peer_shard(&self, k: &PeerKey) -> &Mutex<PeerTable> {
+        &self.peers[((k.hash >> 32) as usize) % PEER_SHARDS]
     }
 
     /// Every NI's message counters: its own (drops, and messages that
@@ -634,8 +684,8 @@ impl Inner {
     fn ni_counters(&self) -> Vec<CounterSnapshot> {
         let mut v: Vec<CounterSnapshot> = self.nis.iter().map(|n| n.counters.snapshot()).collect();
         for shard in self.peers.iter() {
-            for ((ni, _), p) in lock(shard).iter() {
-                if let Some(s) = v.get_mut(*ni) {
+            for (k, p) in lock(shard).iter() {
+                if let Some(s) = v.get_mut(k.ni) {
                     s.add(&p.counters.snapshot());
                 }
             }
@@ -645,13 +695,14 @@ impl Inner {
 
     fn with_peer<R>(&self, ni: usize, nid: Nid, f: impl FnOnce(&mut PeerNi) -> R) -> R {
         let pc = self.ni_info(ni).map_or(8, |i| i.limits.peer_credits);
-        let mut g = lock(self.peer_shard(ni, &nid));
+        let k = self.peer_key(ni, nid);
+        let mut g = lock(self.peer_shard(&k));
         // Known peer (every message but the first): a lookup, not the
         // entry API (which moves the key in and out on every call).
-        if let Some(p) = g.get_mut(&(ni, nid)) {
+        if let Some(p) = g.get_mut(&k) {
             return f(p);
         }
-        let p = g.entry((ni, nid)).or_insert_with(|| PeerNi {
+        let p = g.entry(k).or_insert_with(|| PeerNi {
             credits: Credits::new(pc),
             queue: VecDeque::new(),
             counters: LockedCounters::default(),
@@ -2201,16 +2252,18 @@ impl Lnet {
     /// Counters of peer NI `peer` (on the NI that reaches it).
     pub fn peer_counters(&self, peer: Nid) -> Option<CounterSnapshot> {
         let ni = self.peer_ni_index(&peer);
-        lock(self.inner.peer_shard(ni, &peer))
-            .get(&(ni, peer))
+        let k = self.inner.peer_key(ni, peer);
+        lock(self.inner.peer_shard(&k))
+            .get(&k)
             .map(|p| p.counters.snapshot())
     }
 
     /// Credits of peer NI `peer`.
     pub fn peer_credits(&self, peer: Nid) -> Option<CreditSnapshot> {
         let ni = self.peer_ni_index(&peer);
-        lock(self.inner.peer_shard(ni, &peer))
-            .get(&(ni, peer))
+        let k = self.inner.peer_key(ni, peer);
+        lock(self.inner.peer_shard(&k))
+            .get(&k)
             .map(|p| CreditSnapshot {
                 max: p.credits.max(),
                 available: p.credits.available(),
@@ -2222,9 +2275,8 @@ impl Lnet {
     /// True unless an LND reported `peer` down.
     pub fn peer_is_up(&self, peer: Nid) -> bool {
         let ni = self.peer_ni_index(&peer);
-        lock(self.inner.peer_shard(ni, &peer))
-            .get(&(ni, peer))
-            .is_none_or(|p| p.up)
+        let k = self.inner.peer_key(ni, peer);
+        lock(self.inner.peer_shard(&k)).get(&k).is_none_or(|p| p.up)
     }
 
     /// Stop: every pending operation ends with an error event, every MD is
