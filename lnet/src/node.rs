@@ -10,8 +10,8 @@
 //! never held together, nor across a call into an LND or an event handler.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
@@ -36,12 +36,12 @@ use crate::portals::event::{Event, EventHandler, EventKind};
 use crate::portals::matching::{Decision, InsPos, MatchCriteria, MatchTable};
 use crate::portals::md::{MdBuffer, MdMatch, MdOptions, MdView, Op, Threshold};
 use crate::portals::{AckReq, Md, MdHandle, MeHandle, Unlink};
+use crate::shard::ShardedMap;
 use crate::sync::Slot;
 use crate::wire::{Header, MsgBody, MsgType, WireHandle};
 use crate::{LNET_MTU, MAX_PORTALS};
 
 const BOUND_SHARDS: usize = 16;
-const PEER_SHARDS: usize = 16;
 /// Container index bits in a cookie.
 pub(crate) const CONTAINER_BITS: u32 = 7;
 
@@ -137,8 +137,7 @@ impl LnetBuilder {
                 .map(|_| CachePadded::default())
                 .collect(),
             next_seq: AtomicU64::new(1),
-            shard_hasher: foldhash::fast::RandomState::default(),
-            peers: (0..PEER_SHARDS).map(|_| CachePadded::default()).collect(),
+            peers: ShardedMap::default(),
             counters: NodeCounters::default(),
             shutting_down: AtomicBool::new(false),
             monitor: Monitor::default(),
@@ -247,51 +246,10 @@ struct NiTx {
     handoffs: usize,
 }
 
-/// Peer NIs of one shard, by (NI index, peer NID). The key's hash is
-/// computed once, seeded per process (foldhash: fast, and a peer cannot
-/// choose NIDs that collide), and serves both to pick the shard and as
-/// the map's hash.
-type PeerTable = HashMap<PeerKey, PeerNi, BuildHasherDefault<PassHasher>>;
-
-/// A peer NI's key with its hash.
-#[derive(Clone, Copy, Debug)]
-struct PeerKey {
-    hash: u64,
-    ni: usize,
-    nid: Nid,
-}
-
-impl PartialEq for PeerKey {
-    fn eq(&self, o: &Self) -> bool {
-        self.ni == o.ni && self.nid == o.nid
-    }
-}
-impl Eq for PeerKey {}
-
-impl Hash for PeerKey {
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        h.write_u64(self.hash);
-    }
-}
-
-/// Passes a [`PeerKey`]'s precomputed hash through.
-#[derive(Default)]
-struct PassHasher(u64);
-
-impl Hasher for PassHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used; fold anything else in anyway.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, x: u64) {
-        self.0 = x;
-    }
-}
+/// Peer NIs by (NI index, peer NID), in locked shards; each lookup
+/// hashes its key once, seeded per process (a peer cannot choose NIDs
+/// that collide).
+type PeerTable = ShardedMap<(usize, Nid), PeerNi>;
 
 struct PeerNi {
     credits: Credits,
@@ -584,8 +542,7 @@ pub(crate) struct Inner {
     next_seq: AtomicU64,
     /// Shards on lines of their own: threads locking neighbouring shards
     /// do not share a cache line.
-    peers: Box<[CachePadded<Mutex<PeerTable>>]>,
-    shard_hasher: foldhash::fast::RandomState,
+    peers: PeerTable,
     counters: NodeCounters,
     shutting_down: AtomicBool,
     monitor: Monitor,
@@ -665,44 +622,27 @@ impl Inner {
         })
     }
 
-    fn peer_key(&self, ni: usize, nid: Nid) -> PeerKey {
-        PeerKey {
-            hash: self.shard_hasher.hash_one((ni, nid)),
-            ni,
-            nid,
-        }
-    }
-
-    /// The shard of `k`, from hash bits the map does not use for its
-    /// buckets (low bits) or tags (top seven).
-    fn peer_shard(&self, k: &PeerKey) -> &Mutex<PeerTable> {
-        &self.peers[((k.hash >> 32) as usize) % PEER_SHARDS]
-    }
-
     /// Every NI's message counters: its own (drops, and messages that
     /// never reached a peer) plus its peers'.
     fn ni_counters(&self) -> Vec<CounterSnapshot> {
         let mut v: Vec<CounterSnapshot> = self.nis.iter().map(|n| n.counters.snapshot()).collect();
-        for shard in self.peers.iter() {
-            for (k, p) in lock(shard).iter() {
-                if let Some(s) = v.get_mut(k.ni) {
-                    s.add(&p.counters.snapshot());
-                }
+        self.peers.for_each_mut(|(ni, _), p| {
+            if let Some(s) = v.get_mut(*ni) {
+                s.add(&p.counters.snapshot());
             }
-        }
+        });
         v
     }
 
     fn with_peer<R>(&self, ni: usize, nid: Nid, f: impl FnOnce(&mut PeerNi) -> R) -> R {
         let pc = self.ni_info(ni).map_or(8, |i| i.limits.peer_credits);
-        let k = self.peer_key(ni, nid);
-        let mut g = lock(self.peer_shard(&k));
+        let mut g = self.peers.lock((ni, nid));
         // Known peer (every message but the first): a lookup, not the
         // entry API (which moves the key in and out on every call).
-        if let Some(p) = g.get_mut(&k) {
+        if let Some(p) = g.get_mut() {
             return f(p);
         }
-        let p = g.entry(k).or_insert_with(|| PeerNi {
+        let p = g.get_or_insert_with(|| PeerNi {
             credits: Credits::new(pc),
             queue: VecDeque::new(),
             counters: LockedCounters::default(),
@@ -1457,11 +1397,8 @@ impl Inner {
         for ni in &self.nis {
             waiting.extend(lock(&ni.tx).queue.drain(..));
         }
-        for s in self.peers.iter() {
-            for p in lock(s).values_mut() {
-                waiting.extend(p.queue.drain(..));
-            }
-        }
+        self.peers
+            .for_each_mut(|_, p| waiting.extend(p.queue.drain(..)));
         for mut t in waiting {
             // Credit counters are not used after shutdown.
             t.credits_held = false;
@@ -2252,18 +2189,20 @@ impl Lnet {
     /// Counters of peer NI `peer` (on the NI that reaches it).
     pub fn peer_counters(&self, peer: Nid) -> Option<CounterSnapshot> {
         let ni = self.peer_ni_index(&peer);
-        let k = self.inner.peer_key(ni, peer);
-        lock(self.inner.peer_shard(&k))
-            .get(&k)
+        self.inner
+            .peers
+            .lock((ni, peer))
+            .get()
             .map(|p| p.counters.snapshot())
     }
 
     /// Credits of peer NI `peer`.
     pub fn peer_credits(&self, peer: Nid) -> Option<CreditSnapshot> {
         let ni = self.peer_ni_index(&peer);
-        let k = self.inner.peer_key(ni, peer);
-        lock(self.inner.peer_shard(&k))
-            .get(&k)
+        self.inner
+            .peers
+            .lock((ni, peer))
+            .get()
             .map(|p| CreditSnapshot {
                 max: p.credits.max(),
                 available: p.credits.available(),
@@ -2275,8 +2214,7 @@ impl Lnet {
     /// True unless an LND reported `peer` down.
     pub fn peer_is_up(&self, peer: Nid) -> bool {
         let ni = self.peer_ni_index(&peer);
-        let k = self.inner.peer_key(ni, peer);
-        lock(self.inner.peer_shard(&k)).get(&k).is_none_or(|p| p.up)
+        self.inner.peers.lock((ni, peer)).get().is_none_or(|p| p.up)
     }
 
     /// Stop: every pending operation ends with an error event, every MD is

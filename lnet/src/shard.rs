@@ -90,6 +90,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl<K: Hash + Eq + Copy, V> ShardedMap<K, V> {
     /// Lock `key`'s shard: the guard reads and changes `key`'s entry.
+    #[inline]
     pub fn lock(&self, key: K) -> KeyGuard<'_, K, V> {
         let h = self.hasher.hash_one(key);
         // Middle bits: the shard's table takes the low ones (bucket) and
@@ -138,14 +139,17 @@ pub struct KeyGuard<'a, K, V> {
 
 impl<K: Hash + Eq + Copy, V> KeyGuard<'_, K, V> {
     /// The value, if any.
+    #[inline]
     pub fn get(&self) -> Option<&V> {
         self.table.get(&self.key)
     }
     /// The value, to change.
+    #[inline]
     pub fn get_mut(&mut self) -> Option<&mut V> {
         self.table.get_mut(&self.key)
     }
     /// The value, made by `new` when there is none.
+    #[inline]
     pub fn get_or_insert_with(&mut self, new: impl FnOnce() -> V) -> &mut V {
         self.table.entry(self.key).or_insert_with(new)
     }
