@@ -151,8 +151,9 @@ impl NiContext {
     /// [`Delivery::Done`], with no [`Sink`] made. Any other outcome is
     /// returned as `parse` returns it, for the LND to handle as usual.
     ///
-    /// A `fill` error ends the receive with an error event and is
-    /// returned.
+    /// `fill` runs under the core's portal lock: it must copy and return,
+    /// never block or call back into the core. A `fill` error ends the
+    /// receive with an error event and is returned.
     pub fn parse_inline<E: std::fmt::Display>(
         &self,
         hdr: &Header,
