@@ -411,13 +411,19 @@ struct MdState {
 /// destination slice).
 pub(crate) type Fill<'a> = &'a mut dyn FnMut(usize, &mut [u8]) -> Result<()>;
 
-impl MdState {
-    /// True when a payload can be copied straight into this MD's memory
-    /// (it has memory: not a loan-only MD).
-    fn fills_in_place(&self) -> bool {
-        !self.loan_only && self.mem.is_some()
+/// Copy an inline payload into `[offset, offset + mlength)` of `mem`
+/// with `fill`, slice by slice.
+fn fill_mem(mem: &SharedMem, offset: u32, mlength: u32, fill: Fill<'_>) -> Result<()> {
+    let mut g = crate::lnd::lock_mem(mem);
+    let mut rel = 0;
+    for s in g.slices_mut(offset as usize, mlength as usize).iter_mut() {
+        fill(rel, s)?;
+        rel += s.len();
     }
+    Ok(())
+}
 
+impl MdState {
     /// A sink over `[offset, offset + mlength)` of this MD.
     fn sink(
         &self,
@@ -965,13 +971,26 @@ impl Inner {
             hdr.payload_length,
             offset,
         ) {
-            Some((md, MdMatch::Ok { offset, mlength })) => match fill {
-                Some(fill) if c.mds.get(md).is_some_and(MdState::fills_in_place) => {
-                    self.put_in_place(c, md, ni, hdr, from, offset, mlength, fill);
-                    Delivery::Done
+            Some((md, MdMatch::Ok { offset, mlength })) => {
+                let (m, ev, ack) = self.commit_put(&mut c, md, ni, hdr, from, offset, mlength);
+                match (fill, &m.mem) {
+                    // The payload is at hand and the MD has memory: copy it
+                    // in under the match (container, then memory: the order
+                    // `initiate` takes too) and complete now.
+                    (Some(fill), Some(mem)) if !m.loan_only => {
+                        let status = fill_mem(mem, offset, mlength, fill);
+                        self.put_done(c, md, &ev, ack, status, None);
+                        Delivery::Done
+                    }
+                    _ => Delivery::Receive(m.sink(
+                        self,
+                        offset,
+                        mlength,
+                        hdr.payload_length,
+                        RxToken::Put { md, ev, ack },
+                    )),
                 }
-                _ => Delivery::Receive(self.put_sink(&mut c, md, ni, hdr, from, offset, mlength)),
-            },
+            }
             Some((_, _)) => {
                 drop(c);
                 self.drop_msg(ni, hdr, DropReason::TooLarge)
@@ -1057,53 +1076,32 @@ impl Inner {
         (m, ev, ack)
     }
 
-    /// A matched PUT whose payload `fill` copies straight into the MD,
-    /// under the container lock (container, then memory: the order
-    /// `initiate` takes too), completed before the lock is released.
-    #[allow(clippy::too_many_arguments)]
-    fn put_in_place(
+    /// A PUT into `md` ended with `status`: its event, then its ACK when
+    /// it succeeded and one was asked for.
+    fn put_done(
         self: &Arc<Self>,
         mut c: MutexGuard<'_, Container>,
         md: u64,
-        ni: usize,
-        hdr: &Header,
-        from: Nid,
-        offset: u32,
-        mlength: u32,
-        fill: Fill<'_>,
+        ev: &EvInfo,
+        ack: Option<(WireHandle, usize, Nid)>,
+        status: Result<(), Error>,
+        loan: Option<Bytes>,
     ) {
-        let (m, ev, ack) = self.commit_put(&mut c, md, ni, hdr, from, offset, mlength);
-        let status = match &m.mem {
-            Some(mem) => {
-                let mut g = crate::lnd::lock_mem(mem);
-                let mut rel = 0;
-                let mut r = Ok(());
-                for s in g.slices_mut(offset as usize, mlength as usize).iter_mut() {
-                    r = fill(rel, s);
-                    if r.is_err() {
-                        break;
-                    }
-                    rel += s.len();
-                }
-                r
-            }
-            None => Err(Error::Invalid("in-place PUT without MD memory")),
-        };
         let ok = status.is_ok();
         let mut after = After::default();
         op_done(
             &mut c,
             md,
             EventKind::Put,
-            &ev,
+            ev,
             status,
-            None,
+            loan,
             false,
             &mut after,
         );
         drop(c);
         if let (true, Some((wmd, ni, peer))) = (ok, ack) {
-            after.push_send(self.ack_msg(&ev, wmd, ni, peer));
+            after.push_send(self.ack_msg(ev, wmd, ni, peer));
         }
         after.run(self);
     }
@@ -1306,22 +1304,8 @@ impl Inner {
         let mut after = After::default();
         match *tok {
             RxToken::Put { md, ref ev, ack } => {
-                let mut c = lock(&self.containers[container_of(md)]);
-                let ok = status.is_ok();
-                op_done(
-                    &mut c,
-                    md,
-                    EventKind::Put,
-                    ev,
-                    status,
-                    loan,
-                    false,
-                    &mut after,
-                );
-                drop(c);
-                if let (true, Some((wmd, ni, peer))) = (ok, ack) {
-                    after.push_send(self.ack_msg(ev, wmd, ni, peer));
-                }
+                let c = lock(&self.containers[container_of(md)]);
+                self.put_done(c, md, ev, ack, status, loan);
             }
             RxToken::Reply { md, ref ev } => {
                 let mut c = lock(&self.containers[container_of(md)]);
