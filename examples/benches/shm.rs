@@ -364,14 +364,23 @@ fn main() {
         for _ in 0..nrounds {
             // Both our busy-polling progress threads stop before UCX runs
             // (they would take its CPUs).
-            let srv = Srv::start(&dir, &["--busy-poll"]);
-            let (l, _shm) = client(&dir, |c| c.busy_poll = true);
+            // Pinned as UCX is below: server on CPU 0, client on CPU 1.
+            let srv = Srv::start(&dir, &["--busy-poll", "--cpu", "0"]);
+            let (l, _shm) = client(&dir, |c| {
+                c.busy_poll = true;
+                c.cpu = Some(1);
+            });
             let o = put_lat(&l, srv.id, 20_000);
             drop(srv);
             l.shutdown();
             ours.push(o);
-            match compare::ucx_perftest_lat_us("ucp_am_lat", &[], &[("UCX_TLS", "posix")], 100_000)
-            {
+            match compare::ucx_perftest_lat_us(
+                "ucp_am_lat",
+                &[],
+                &[("UCX_TLS", "posix")],
+                100_000,
+                Some((0, 1)),
+            ) {
                 Ok(u) => {
                     ucx.push(u);
                     ratios.push(o / u);
@@ -398,8 +407,13 @@ fn main() {
                 println!("8 B one-way latency, busy poll: {ours_m:6.3} us   ucx_perftest: {e}")
             }
         }
-        let uct =
-            compare::ucx_perftest_lat_us("am_lat", &["-x", "posix", "-d", "memory"], &[], 200_000);
+        let uct = compare::ucx_perftest_lat_us(
+            "am_lat",
+            &["-x", "posix", "-d", "memory"],
+            &[],
+            200_000,
+            Some((0, 1)),
+        );
         println!(
             "   bounds: our ring alone (two threads, no LNet work) {floor:.3} us{}",
             uct.map(|t| format!("; UCT am_lat posix {t:.3} us"))

@@ -17,7 +17,7 @@
 //! Options: `--addr N` (the NID number, required), `--dir DIR`
 //! (rendezvous directory), `--no-cma`, `--no-pool`, `--pool-md` (both MDs
 //! in the shared pool; the pattern is frozen, so peers may borrow it),
-//! `--busy-poll`, `--pool-size BYTES`.
+//! `--busy-poll`, `--cpu N` (pin the progress thread), `--pool-size BYTES`.
 //!
 //! With `--verify NID` it is a client instead: `--rounds N` times it PUTs
 //! and GETs 0 B to 1 MiB (at most `--stripe BYTES`) into its own stripe of
@@ -59,6 +59,9 @@ fn main() -> Res<()> {
     cfg.use_cma = !flag("--no-cma");
     cfg.use_pool = !flag("--no-pool");
     cfg.busy_poll = flag("--busy-poll");
+    if let Some(c) = opt("--cpu") {
+        cfg.cpu = Some(c.parse()?);
+    }
     if let Some(s) = opt("--pool-size") {
         cfg.pool_size = s.parse()?;
     }

@@ -323,17 +323,28 @@ pub fn ucx_posix_lat_us(iters: u64) -> Result<f64, PeerError> {
         &[],
         &[("UCX_TLS", "posix,self,tcp"), ("UCX_NET_DEVICES", "lo")],
         iters,
+        None,
     )
 }
 
 /// `ucx_perftest -t test` with `args` and `env`, server and client on this
-/// host: the average latency its `Final:` line reports, µs.
+/// host: the average latency its `Final:` line reports, µs. With
+/// `cpus = Some((s, c))` the server runs pinned to CPU `s` and the client
+/// to CPU `c` (its `-c` option).
 pub fn ucx_perftest_lat_us(
     test: &str,
     args: &[&str],
     env: &[(&str, &str)],
     iters: u64,
+    cpus: Option<(usize, usize)>,
 ) -> Result<f64, PeerError> {
+    let (srv_cpu, cli_cpu): (Vec<String>, Vec<String>) = match cpus {
+        Some((s, c)) => (
+            vec!["-c".into(), s.to_string()],
+            vec!["-c".into(), c.to_string()],
+        ),
+        None => (vec![], vec![]),
+    };
     let port = TcpListener::bind(("127.0.0.1", 0))
         .and_then(|l| l.local_addr())
         .map_err(|e| PeerError::Failed(e.to_string()))?
@@ -344,6 +355,7 @@ pub fn ucx_perftest_lat_us(
         "ucx-utils",
         Command::new("ucx_perftest")
             .args(["-t", test, "-p", &port])
+            .args(&srv_cpu)
             .args(args)
             .envs(env.iter().copied()),
     )?;
@@ -354,6 +366,7 @@ pub fn ucx_perftest_lat_us(
         Command::new("ucx_perftest")
             .args(["127.0.0.1", "-t", test, "-p", &port])
             .args(["-n", &iters.to_string()])
+            .args(&cli_cpu)
             .args(args)
             .envs(env.iter().copied()),
     );

@@ -143,6 +143,11 @@ pub struct ShmConfig {
     pub use_cma: bool,
     /// Never sleep: the progress thread polls its rings without pause.
     pub busy_poll: bool,
+    /// Pin the progress thread to this CPU (as UCX's `-c` or LNet's CPU
+    /// partitions do): with busy polling, a thread that never migrates
+    /// keeps its ring lines in its own cache. `None` (the default) leaves
+    /// placement to the scheduler.
+    pub cpu: Option<usize>,
     /// How long an idle progress thread spins before it sleeps (the
     /// starting point: it adapts between `spin / 8` and `spin * 4` to how
     /// soon work arrives after it sleeps).
@@ -166,6 +171,7 @@ impl ShmConfig {
             use_pool: true,
             use_cma: true,
             busy_poll: false,
+            cpu: None,
             spin: Duration::from_micros(50),
             connect_timeout: Duration::from_secs(5),
         }
@@ -523,7 +529,12 @@ impl Lnd for ShmLnd {
         th.push(
             std::thread::Builder::new()
                 .name(format!("shm-progress-{}", cfg.addr))
-                .spawn(move || progress_loop(&s1))
+                .spawn(move || {
+                    if let Some(cpu) = s1.cfg.cpu {
+                        pin_to(cpu);
+                    }
+                    progress_loop(&s1)
+                })
                 .map_err(|e| ShmError::Os("spawn", e))?,
         );
         th.push(
@@ -925,6 +936,19 @@ fn admit(sh: &Arc<Shared>, s: &UnixStream) -> Result<Option<Admitted>, Refusal> 
     }
     let (ring, _) = make_ring(&sh.cfg).map_err(silent)?;
     Ok(Some((h, peer, segs, ring)))
+}
+
+/// Pin the calling thread to `cpu`; a CPU that does not exist or is not
+/// ours is logged and ignored (the thread still runs, unpinned).
+fn pin_to(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    let r = set
+        .set(cpu)
+        .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+    match r {
+        Ok(()) => debug!(target: "net", cpu, "shm progress thread pinned"),
+        Err(e) => warn!(target: "net", cpu, error = %e, "shm progress thread not pinned"),
+    }
 }
 
 fn progress_loop(sh: &Arc<Shared>) {

@@ -288,3 +288,57 @@ fn socket_file_probe_tells_gone_dying_and_live_listeners() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+/// The CPUs the thread named `name` in this process may run on, from
+/// `/proc/self/task/*/status` (`Cpus_allowed_list`).
+fn thread_cpus(name: &str) -> Option<String> {
+    for t in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+        return status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_string());
+    }
+    None
+}
+
+#[test]
+fn progress_thread_runs_on_the_cpu_it_is_pinned_to() {
+    let d = TestDir::new("pin");
+    let mut cfg = ShmConfig::new(41).dir(&*d);
+    cfg.cpu = Some(0);
+    cfg.pool_size = 0;
+    let lnd = Arc::new(ShmLnd::new(cfg).unwrap());
+    let l = LnetBuilder::new(Arc::new(crate::LoLnd::new()))
+        .ni(lnd)
+        .build()
+        .unwrap();
+    // The thread pins itself as it starts: bounded wait for it.
+    let t0 = Instant::now();
+    let mut cpus = None;
+    while t0.elapsed() < Duration::from_secs(10) {
+        cpus = thread_cpus("shm-progress-41");
+        if cpus.as_deref() == Some("0") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(cpus.as_deref(), Some("0"));
+    l.shutdown();
+
+    // A CPU that does not exist: logged, the NI still comes up and runs.
+    let mut cfg = ShmConfig::new(42).dir(&*d);
+    cfg.cpu = Some(100_000);
+    cfg.pool_size = 0;
+    let lnd = Arc::new(ShmLnd::new(cfg).unwrap());
+    let l = LnetBuilder::new(Arc::new(crate::LoLnd::new()))
+        .ni(lnd)
+        .build()
+        .unwrap();
+    assert!(l.nids().iter().any(|n| n.to_string() == "42@shm"));
+    l.shutdown();
+}
