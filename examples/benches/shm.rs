@@ -32,7 +32,7 @@ use bytes::Bytes;
 use lnd_loopback::LoLnd;
 use lnd_loopback::shm::{ShmConfig, ShmLnd};
 use lnet::{
-    AckReq, EventHandler, EventKind, InsPos, Lnet, LnetBuilder, Md, MdOptions, ProcessId,
+    AckReq, EventHandler, EventKind, InsPos, Lnet, LnetBuilder, Md, MdHandle, MdOptions, ProcessId,
     Threshold, Unlink,
 };
 use lnet_examples::ChildNode;
@@ -41,6 +41,8 @@ use lnet_selftest::compare::{self, median};
 const ECHO: u32 = 10;
 const LOAN: u32 = 12;
 const PONG: u32 = 13;
+/// Match bits that have `shm_node` answer from its one reused MD.
+const REUSE_MD_BITS: u64 = 1;
 const MIB: usize = 1 << 20;
 
 struct Srv {
@@ -169,12 +171,20 @@ fn cma_raw_bw(pid: i32, addr: usize, secs: f64) -> f64 {
 /// One-way latency of an 8-byte PUT, in µs: a ping-pong of PUTs without
 /// ACK, each answered from an event callback on the LND's own thread (the
 /// server's `PONG_PORTAL` answers ours); time / (2 x round trips).
-fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize) -> f64 {
+/// With `reuse`, every PUT (ours and the server's answers) goes from one MD
+/// bound once (`Threshold::Infinite`, no event handler), as UCX's `am_lat`
+/// sends from one buffer; without, each from an MD bound for it, as an RPC
+/// layer binds one per request.
+fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize, reuse: bool) -> f64 {
     let left = Arc::new(AtomicUsize::new(0));
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let tx = Mutex::new(tx);
     let weak = Arc::downgrade(l);
     let left2 = left.clone();
+    let src = reuse.then(|| {
+        l.md_bind(Md::new(vec![7u8; 8]).threshold(Threshold::Infinite))
+            .unwrap()
+    });
     let me = l
         .attach(
             PONG,
@@ -192,7 +202,7 @@ fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize) -> f64 {
                     }
                     if left2.fetch_sub(1, Ordering::AcqRel) > 1 {
                         if let Some(l) = weak.upgrade() {
-                            ping(&l, to);
+                            ping(&l, to, src);
                         }
                     } else {
                         let _ = tx.lock().unwrap().send(());
@@ -203,7 +213,7 @@ fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize) -> f64 {
     let run = |n: usize| {
         left.store(n, Ordering::Release);
         let t0 = Instant::now();
-        ping(l, to);
+        ping(l, to, src);
         rx.recv_timeout(Duration::from_secs(60))
             .expect("ping-pong done");
         t0.elapsed().as_secs_f64() * 1e6 / n as f64 / 2.0
@@ -211,12 +221,20 @@ fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize) -> f64 {
     run(n / 10);
     let r = run(n);
     let _ = l.me_unlink(me.0);
+    if let Some(md) = src {
+        let _ = l.md_unlink(md);
+    }
     r
 }
 
-fn ping(l: &Lnet, to: ProcessId) {
-    let md = l.md_bind(Md::new(vec![7u8; 8])).unwrap();
-    l.put(md, AckReq::NoAck, to, PONG, 0, 0, 0).unwrap();
+/// An 8-byte PUT to the server's pong portal: from `src` (match bits
+/// `REUSE_MD_BITS`: answered from a reused MD too) or from an MD bound now.
+fn ping(l: &Lnet, to: ProcessId, src: Option<MdHandle>) {
+    let (md, bits) = match src {
+        Some(md) => (md, REUSE_MD_BITS),
+        None => (l.md_bind(Md::new(vec![7u8; 8])).unwrap(), 0),
+    };
+    l.put(md, AckReq::NoAck, to, PONG, bits, 0, 0).unwrap();
 }
 
 fn gbs(x: f64) -> f64 {
@@ -359,21 +377,24 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(5usize)
             .max(1);
-        let (mut ours, mut ucx, mut ratios) = (vec![], vec![], vec![]);
+        let (mut ours, mut reused, mut ucx) = (vec![], vec![], vec![]);
+        let (mut ratios, mut reused_ratios) = (vec![], vec![]);
         let mut ucx_err = None;
         for _ in 0..nrounds {
             // Both our busy-polling progress threads stop before UCX runs
-            // (they would take its CPUs).
-            // Pinned as UCX is below: server on CPU 0, client on CPU 1.
+            // (they would take its CPUs). Pinned as UCX is below: server
+            // on CPU 0, client on CPU 1.
             let srv = Srv::start(&dir, &["--busy-poll", "--cpu", "0"]);
             let (l, _shm) = client(&dir, |c| {
                 c.busy_poll = true;
                 c.cpu = Some(1);
             });
-            let o = put_lat(&l, srv.id, 20_000);
+            let o = put_lat(&l, srv.id, 20_000, false);
+            let r = put_lat(&l, srv.id, 20_000, true);
             drop(srv);
             l.shutdown();
             ours.push(o);
+            reused.push(r);
             match compare::ucx_perftest_lat_us(
                 "ucp_am_lat",
                 &[],
@@ -384,6 +405,7 @@ fn main() {
                 Ok(u) => {
                     ucx.push(u);
                     ratios.push(o / u);
+                    reused_ratios.push(r / u);
                 }
                 Err(e) => {
                     ucx_err = Some(e);
@@ -393,18 +415,31 @@ fn main() {
         }
         let floor = lnd_loopback::shm::ring_floor_one_way_us(200_000);
         let ours_m = median(&mut ours);
+        let reused_m = median(&mut reused);
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         match ucx_err {
             None => {
-                let list: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+                let ucx_m = median(&mut ucx);
                 println!(
-                    "8 B one-way latency, busy poll: {ours_m:6.3} us   ucx_perftest ucp_am_lat UCX_TLS=posix {:6.3} us   ratio {:.2} (goal <= 1.0; rounds {})",
-                    median(&mut ucx),
-                    median(&mut ratios),
-                    list.join(" ")
+                    "8 B one-way latency, busy poll, an MD bound per PUT: {ours_m:6.3} us   ucx_perftest ucp_am_lat UCX_TLS=posix {ucx_m:6.3} us   ratio {:.2} (goal <= 1.0; rounds {})",
+                    median(&mut ratios.clone()),
+                    list(&ratios)
+                );
+                println!(
+                    "8 B one-way latency, busy poll, one MD reused:       {reused_m:6.3} us   ucx_perftest ucp_am_lat UCX_TLS=posix {ucx_m:6.3} us   ratio {:.2} (goal <= 1.0; rounds {})",
+                    median(&mut reused_ratios.clone()),
+                    list(&reused_ratios)
                 );
             }
             Some(e) => {
-                println!("8 B one-way latency, busy poll: {ours_m:6.3} us   ucx_perftest: {e}")
+                println!(
+                    "8 B one-way latency, busy poll: {ours_m:6.3} us (one MD reused: {reused_m:6.3} us)   ucx_perftest: {e}"
+                )
             }
         }
         let uct = compare::ucx_perftest_lat_us(
@@ -425,7 +460,7 @@ fn main() {
     {
         let srv = Srv::start(&dir, &[]);
         let (l, shm) = client(&dir, |_| {});
-        let ours = put_lat(&l, srv.id, 50_000);
+        let ours = put_lat(&l, srv.id, 50_000, false);
         let sleeps = shm.stats().sleeps;
         drop(srv);
         l.shutdown();

@@ -8,7 +8,9 @@
 //! * portal 12 (`LOAN_PORTAL`): PUTs of up to 1 MiB taken as loans (zero
 //!   copy when the sender's buffer is frozen pool memory) and dropped;
 //! * portal 13 (`PONG_PORTAL`): each PUT is answered, from the event
-//!   callback, by an 8-byte PUT back to the initiator's portal 13.
+//!   callback, by an 8-byte PUT back to the initiator's portal 13 with the
+//!   same match bits: from an MD bound for that answer, or, for match bits
+//!   `REUSE_MD_BITS` (1), from one MD bound once for all answers.
 //!
 //! Prints `READY <nid> <pid>` once up. On a line `STATS` on stdin it prints
 //! `STATS <counters>` (the LND's [`StatsSnapshot`] in Debug form); on
@@ -44,6 +46,8 @@ pub const LOAN_PORTAL: u32 = 12;
 /// Portal that answers each PUT with a PUT of the same 8 bytes back to
 /// the initiator's `PONG_PORTAL` (a latency ping-pong).
 pub const PONG_PORTAL: u32 = 13;
+/// Match bits of a ping answered from one MD bound for all answers.
+pub const REUSE_MD_BITS: u64 = 1;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -124,6 +128,9 @@ fn main() -> Res<()> {
             .threshold(Threshold::Infinite),
     )?;
     let weak = Arc::downgrade(&node);
+    // The answer to a ping with match bits 1 comes from this one bound MD
+    // (as UCX answers from one buffer); others from an MD bound for it.
+    let pong_md = node.md_bind(Md::new(vec![0u8; 8]).threshold(Threshold::Infinite))?;
     node.attach(
         PONG_PORTAL,
         ProcessId::ANY,
@@ -138,10 +145,22 @@ fn main() -> Res<()> {
                 if e.kind != lnet::EventKind::Put {
                     return;
                 }
-                if let Some(l) = weak.upgrade() {
-                    if let Ok(md) = l.md_bind(Md::new(vec![0u8; 8])) {
-                        let _ = l.put(md, AckReq::NoAck, e.initiator, PONG_PORTAL, 0, 0, 0);
-                    }
+                let Some(l) = weak.upgrade() else { return };
+                let md = if e.match_bits == REUSE_MD_BITS {
+                    Ok(pong_md)
+                } else {
+                    l.md_bind(Md::new(vec![0u8; 8]))
+                };
+                if let Ok(md) = md {
+                    let _ = l.put(
+                        md,
+                        AckReq::NoAck,
+                        e.initiator,
+                        PONG_PORTAL,
+                        e.match_bits,
+                        0,
+                        0,
+                    );
                 }
             })),
     )?;
