@@ -380,6 +380,7 @@ fn main() {
         let (mut ours, mut reused, mut ucx) = (vec![], vec![], vec![]);
         let (mut ratios, mut reused_ratios) = (vec![], vec![]);
         let mut ucx_err = None;
+        let mut log = vec![];
         for _ in 0..nrounds {
             // Both our busy-polling progress threads stop before UCX runs
             // (they would take its CPUs). Pinned as UCX is below: server
@@ -403,6 +404,7 @@ fn main() {
                 Some((0, 1)),
             ) {
                 Ok(u) => {
+                    log.push(format!("{o:.3}/{r:.3}/{u:.3}"));
                     ucx.push(u);
                     ratios.push(o / u);
                     reused_ratios.push(r / u);
@@ -434,6 +436,10 @@ fn main() {
                     "8 B one-way latency, busy poll, one MD reused:       {reused_m:6.3} us   ucx_perftest ucp_am_lat UCX_TLS=posix {ucx_m:6.3} us   ratio {:.2} (goal <= 1.0; rounds {})",
                     median(&mut reused_ratios.clone()),
                     list(&reused_ratios)
+                );
+                println!(
+                    "   rounds, us (MD per PUT / one MD / UCX): {}",
+                    log.join("  ")
                 );
             }
             Some(e) => {
