@@ -15,9 +15,11 @@
 //!   blocking TCP ping-pong on loopback.
 //!
 //! `cargo bench -p lnet-examples --bench shm` (set `SHM_BENCH_SECS` for
-//! longer runs, 1 s per figure by default; `SHM_BENCH_ROUNDS` for more
-//! interleaved rounds of the copy paths, 3 by default: on a shared
-//! machine a single round of these swings by 0.2 either way;
+//! longer runs, 1 s per figure by default; `SHM_BENCH_ROUNDS` for the
+//! number of interleaved rounds the copy paths' time is cut into, 15 by
+//! default: on a shared machine memory bandwidth swings by 30% from one
+//! second to the next, so a figure and its bound are taken in turn in
+//! short rounds and each ratio is the median of the rounds' ratios;
 //! `SHM_BENCH_LAT_ROUNDS` for the busy-poll latency's rounds, 5 by
 //! default; `SHM_BENCH_ONLY=latency` for the latencies alone).
 
@@ -150,6 +152,25 @@ fn put_bw(l: &Arc<Lnet>, to: ProcessId, portal: u32, src: &Bytes, depth: usize, 
     n as f64 * src.len() as f64 / dt
 }
 
+/// `f()` on a thread pinned to `cpu` (unpinned, with a warning, where
+/// that CPU is not ours).
+fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut set = nix::sched::CpuSet::new();
+            let r = set
+                .set(cpu)
+                .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+            if let Err(e) = r {
+                eprintln!("bound not pinned to CPU {cpu}: {e}");
+            }
+            f()
+        })
+        .join()
+        .expect("bound thread")
+    })
+}
+
 fn cma_raw_bw(pid: i32, addr: usize, secs: f64) -> f64 {
     let mut dst = vec![0u8; MIB];
     let remote = [nix::sys::uio::RemoteIoVec {
@@ -261,8 +282,13 @@ fn main() {
     let only_lat = std::env::var("SHM_BENCH_ONLY").is_ok_and(|v| v == "latency");
     // --- pool path and CMA, against memcpy and raw CMA.
     if !only_lat {
-        let mut srv = Srv::start(&dir, &[]);
-        let (l, shm) = client(&dir, |_| {});
+        // The peer's progress thread, which makes our copies, is pinned to
+        // CPU 1 and each bound runs on a thread pinned there too: cores of
+        // a shared host differ in memory bandwidth (one vCPU's 1 MiB memcpy
+        // gets 26 GB/s while the other's gets 35), so figure and bound
+        // are taken on the same core.
+        let mut srv = Srv::start(&dir, &["--cpu", "1"]);
+        let (l, shm) = client(&dir, |c| c.cpu = Some(0));
         let pool = shm.pool().unwrap();
         let mut chunk = pool.alloc(MIB).unwrap();
         chunk.fill(5);
@@ -277,13 +303,17 @@ fn main() {
         let nrounds = std::env::var("SHM_BENCH_ROUNDS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(3usize)
+            .unwrap_or(15usize)
             .max(1);
+        // Short rounds: this host's memory bandwidth moves between phases
+        // (memcpy of 1 MiB 26 or 35 GB/s) lasting seconds; a figure and
+        // its bound taken tens of ms apart share a phase.
+        let per = secs / nrounds as f64;
         for _ in 0..nrounds {
-            let p = put_bw(&l, srv.id, ECHO, &in_pool, 4, secs / 3.0);
-            let m = compare::memcpy_mib_s(MIB, secs / 3.0) * MIB as f64;
-            let c = put_bw(&l, srv.id, ECHO, &plain, 4, secs / 3.0);
-            let r = cma_raw_bw(srv.pid, addr, secs / 3.0);
+            let p = put_bw(&l, srv.id, ECHO, &in_pool, 4, per);
+            let m = on_cpu(1, || compare::memcpy_mib_s(MIB, per)) * MIB as f64;
+            let c = put_bw(&l, srv.id, ECHO, &plain, 4, per);
+            let r = on_cpu(1, || cma_raw_bw(srv.pid, addr, per));
             pool_r.push(p / m);
             cma_r.push(c / r);
             pooled.push(p);
