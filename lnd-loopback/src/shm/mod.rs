@@ -966,17 +966,21 @@ fn progress_loop(sh: &Arc<Shared>) {
             gen_seen = g;
         }
         let mut work = 0;
-        let mut broken = Vec::new();
+        // An idle pass is these loads and nothing else (no Vec to build
+        // and drop): its length is what a busy poller adds to latency.
+        let mut broken = false;
         for c in &conns {
             match c.progress() {
                 Ok(n) => work += n,
-                Err(e) => broken.push((c.clone(), e)),
+                Err(e) => {
+                    broken = true;
+                    inc(&sh.env.stats.local().bad_slots);
+                    warn!(target: "neterror", peer = %c.peer, error = %e, "shm peer broke the protocol; disconnecting");
+                    retire(sh, c, Error::Network(e.to_string()));
+                }
             }
         }
-        for (c, e) in broken {
-            inc(&sh.env.stats.local().bad_slots);
-            warn!(target: "neterror", peer = %c.peer, error = %e, "shm peer broke the protocol; disconnecting");
-            retire(sh, &c, Error::Network(e.to_string()));
+        if broken {
             gen_seen = u64::MAX;
         }
         if work > 0 {
