@@ -309,14 +309,16 @@ fn thread_cpus(name: &str) -> Option<String> {
 #[test]
 fn progress_thread_runs_on_the_cpu_it_is_pinned_to() {
     let d = TestDir::new("pin");
-    let mut cfg = ShmConfig::new(41).dir(&*d);
-    cfg.cpu = Some(0);
-    cfg.pool_size = 0;
-    let lnd = Arc::new(ShmLnd::new(cfg).unwrap());
-    let l = LnetBuilder::new(Arc::new(crate::LoLnd::new()))
-        .ni(lnd)
-        .build()
-        .unwrap();
+    let pinned = |addr: u32, cpu: usize| {
+        let mut cfg = ShmConfig::new(addr).dir(&*d);
+        cfg.cpu = Some(cpu);
+        cfg.pool_size = 0;
+        LnetBuilder::new(Arc::new(crate::LoLnd::new()))
+            .ni(Arc::new(ShmLnd::new(cfg).unwrap()))
+            .build()
+            .unwrap()
+    };
+    let l = pinned(41, 0);
     // The thread pins itself as it starts: bounded wait for it.
     let t0 = Instant::now();
     let mut cpus = None;
@@ -331,14 +333,7 @@ fn progress_thread_runs_on_the_cpu_it_is_pinned_to() {
     l.shutdown();
 
     // A CPU that does not exist: logged, the NI still comes up and runs.
-    let mut cfg = ShmConfig::new(42).dir(&*d);
-    cfg.cpu = Some(100_000);
-    cfg.pool_size = 0;
-    let lnd = Arc::new(ShmLnd::new(cfg).unwrap());
-    let l = LnetBuilder::new(Arc::new(crate::LoLnd::new()))
-        .ni(lnd)
-        .build()
-        .unwrap();
+    let l = pinned(42, 100_000);
     assert!(l.nids().iter().any(|n| n.to_string() == "42@shm"));
     l.shutdown();
 }
