@@ -11,8 +11,8 @@
 //!   from the event callback of the one before) in busy-poll mode beside `ucx_perftest` over UCX's posix
 //!   transport (Debian's `ucx-utils`), the two measured in turn round by
 //!   round, with the floor of our ring alone (two threads passing 96-byte
-//!   slots, no LNet work) printed beside; and in the default mode beside a
-//!   blocking TCP ping-pong on loopback.
+//!   slots, no LNet work) taken in each round too and printed beside; and
+//!   in the default mode beside a blocking TCP ping-pong on loopback.
 //!
 //! `cargo bench -p lnet-examples --bench shm` (set `SHM_BENCH_SECS` for
 //! longer runs, 1 s per figure by default; `SHM_BENCH_ROUNDS` for the
@@ -407,7 +407,7 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(5usize)
             .max(1);
-        let (mut ours, mut reused, mut ucx) = (vec![], vec![], vec![]);
+        let (mut ours, mut reused, mut ucx, mut floors) = (vec![], vec![], vec![], vec![]);
         let (mut ratios, mut reused_ratios) = (vec![], vec![]);
         let mut ucx_err = None;
         let mut log = vec![];
@@ -426,6 +426,11 @@ fn main() {
             l.shutdown();
             ours.push(o);
             reused.push(r);
+            // The ring's floor in the same round: the host's cache-line
+            // transfer time moves (0.08 to 0.27 us seen) from minute to
+            // minute, for our ring and UCX's alike.
+            let f = lnd_loopback::shm::ring_floor_one_way_us(50_000, Some((0, 1)));
+            floors.push(f);
             match compare::ucx_perftest_lat_us(
                 "ucp_am_lat",
                 &[],
@@ -434,7 +439,7 @@ fn main() {
                 Some((0, 1)),
             ) {
                 Ok(u) => {
-                    log.push(format!("{o:.3}/{r:.3}/{u:.3}"));
+                    log.push(format!("{o:.3}/{r:.3}/{u:.3}/{f:.3}"));
                     ucx.push(u);
                     ratios.push(o / u);
                     reused_ratios.push(r / u);
@@ -445,9 +450,9 @@ fn main() {
                 }
             }
         }
-        let floor = lnd_loopback::shm::ring_floor_one_way_us(200_000);
         let ours_m = median(&mut ours);
         let reused_m = median(&mut reused);
+        let floor = median(&mut floors);
         let list = |v: &[f64]| {
             v.iter()
                 .map(|r| format!("{r:.2}"))
@@ -468,7 +473,7 @@ fn main() {
                     list(&reused_ratios)
                 );
                 println!(
-                    "   rounds, us (MD per PUT / one MD / UCX): {}",
+                    "   rounds, us (MD per PUT / one MD / UCX / our ring alone): {}",
                     log.join("  ")
                 );
             }
@@ -486,7 +491,7 @@ fn main() {
             Some((0, 1)),
         );
         println!(
-            "   bounds: our ring alone (two threads, no LNet work) {floor:.3} us{}",
+            "   bounds: our ring alone (two threads pinned as ours, no LNet work; median of the rounds) {floor:.3} us{}",
             uct.map(|t| format!("; UCT am_lat posix {t:.3} us"))
                 .unwrap_or_default()
         );

@@ -940,7 +940,7 @@ fn admit(sh: &Arc<Shared>, s: &UnixStream) -> Result<Option<Admitted>, Refusal> 
 
 /// Pin the calling thread to `cpu`; a CPU that does not exist or is not
 /// ours is logged and ignored (the thread still runs, unpinned).
-fn pin_to(cpu: usize) {
+pub(crate) fn pin_to(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
     let r = set
         .set(cpu)
@@ -987,16 +987,18 @@ fn progress_loop(sh: &Arc<Shared>) {
             idle_iters = 0;
             continue;
         }
-        // Read the clock only now and then: polling stays a few loads.
+        // Read the clock only now and then: polling stays a few loads (not
+        // even on the first idle pass after work, where a reply is most
+        // likely to land next; idleness is timed from the 64th pass).
         idle_iters += 1;
-        if idle_iters == 1 {
-            idle_since = Instant::now();
-        }
         if idle_iters % 64 != 0 {
             std::hint::spin_loop();
             continue;
         }
         let now = Instant::now();
+        if idle_iters == 64 {
+            idle_since = now;
+        }
         if now.duration_since(last_sock_check) >= sock_every {
             last_sock_check = now;
             if check_sockets(sh, &conns, 0) {

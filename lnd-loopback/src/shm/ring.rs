@@ -391,12 +391,17 @@ mod loom_tests {
 /// CPUs. Benchmarks print it beside the full path to show how much of
 /// a message's latency the transport itself accounts for.
 ///
+/// `cpus` pins the two threads (first, echo), as the benchmark pins the
+/// progress threads it compares this with. On a shared host the figure
+/// moves with the host's cache-line transfer time (0.08 to 0.27 µs seen
+/// here, minutes apart), so compare it only with figures taken beside it.
+///
 /// ```
-/// let us = lnd_loopback::shm::ring_floor_one_way_us(1_000);
+/// let us = lnd_loopback::shm::ring_floor_one_way_us(1_000, None);
 /// assert!(us > 0.0);
 /// ```
 #[cfg(not(lnet_loom))]
-pub fn ring_floor_one_way_us(round_trips: u64) -> f64 {
+pub fn ring_floor_one_way_us(round_trips: u64, cpus: Option<(usize, usize)>) -> f64 {
     use std::sync::Arc;
     use std::sync::atomic::AtomicU64;
     const NSLOTS: u64 = 64;
@@ -416,7 +421,10 @@ pub fn ring_floor_one_way_us(round_trips: u64) -> f64 {
         })
     };
     let (ab, ba) = (dir(), dir());
-    let side = move |out: Arc<Dir>, inp: Arc<Dir>, first: bool| {
+    let side = move |out: Arc<Dir>, inp: Arc<Dir>, first: bool, cpu: Option<usize>| {
+        if let Some(cpu) = cpu {
+            super::pin_to(cpu);
+        }
         let (mut p, mut q) = (Producer::new(NSLOTS), Consumer::new(NSLOTS));
         let mut msg = [7u64; WORDS];
         let send = |p: &mut Producer, msg: &[u64; WORDS]| {
@@ -456,8 +464,14 @@ pub fn ring_floor_one_way_us(round_trips: u64) -> f64 {
         t0.elapsed().as_secs_f64() * 1e6 / done.max(1) as f64 / 2.0
     };
     let (ab2, ba2) = (ab.clone(), ba.clone());
-    let echo = std::thread::spawn(move || side(ba2, ab2, false));
-    let r = side(ab, ba, true);
+    let echo = std::thread::spawn(move || side(ba2, ab2, false, cpus.map(|c| c.1)));
+    // The calling thread is pinned only for the measurement.
+    let before =
+        cpus.and_then(|_| nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok());
+    let r = side(ab, ba, true, cpus.map(|c| c.0));
+    if let Some(set) = before {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
     let _ = echo.join();
     r
 }
