@@ -464,14 +464,11 @@ pub fn ring_floor_one_way_us(round_trips: u64, cpus: Option<(usize, usize)>) -> 
         t0.elapsed().as_secs_f64() * 1e6 / done.max(1) as f64 / 2.0
     };
     let (ab2, ba2) = (ab.clone(), ba.clone());
+    // Both sides on threads of their own, so pinning never touches the
+    // caller's thread.
     let echo = std::thread::spawn(move || side(ba2, ab2, false, cpus.map(|c| c.1)));
-    // The calling thread is pinned only for the measurement.
-    let before =
-        cpus.and_then(|_| nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok());
-    let r = side(ab, ba, true, cpus.map(|c| c.0));
-    if let Some(set) = before {
-        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-    }
+    let first = std::thread::spawn(move || side(ab, ba, true, cpus.map(|c| c.0)));
+    let r = first.join().unwrap_or(f64::NAN);
     let _ = echo.join();
     r
 }
