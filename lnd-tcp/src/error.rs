@@ -80,6 +80,11 @@ pub enum Reject {
     /// Local shutdown.
     #[error("shutting down")]
     Shutdown,
+    /// The core asked for inline payload bytes outside the message (a
+    /// broken contract, not the peer's doing; the receive fails and the
+    /// connection closes rather than read out of bounds).
+    #[error("inline payload range outside the message")]
+    InlineRange,
 }
 
 impl From<std::io::Error> for Reject {
@@ -138,6 +143,9 @@ lnet::lnd_stats! {
     tx_msgs,
     /// LNet messages received.
     rx_msgs,
+    /// Received PUTs copied from the read-ahead straight into their MD
+    /// under the match (no sink).
+    rx_inline,
     /// Payload bytes sent.
     tx_bytes,
     /// Payload bytes received.
@@ -174,9 +182,10 @@ impl Stats {
             Reject::Truncated | Reject::Eof => &self.truncated,
             Reject::Timeout => &self.timeouts,
             Reject::Unprivileged(_) => &self.unprivileged,
-            Reject::BadMsgType(_) | Reject::BadZcAck(_) | Reject::BadHeader => {
-                &self.protocol_errors
-            }
+            Reject::BadMsgType(_)
+            | Reject::BadZcAck(_)
+            | Reject::BadHeader
+            | Reject::InlineRange => &self.protocol_errors,
             Reject::TooLong(_) => &self.too_long,
             Reject::Checksum => &self.checksum_errors,
             Reject::NoopFlood => &self.noop_floods,
