@@ -1077,3 +1077,52 @@ fn inline_put_without_md_memory_or_match_is_left_to_the_lnd() {
     assert!(!called);
     assert_eq!(l.counters().drops_for(DropReason::NoMatch), 1);
 }
+
+#[test]
+fn an_inline_put_is_counted_once_handled_after_its_event() {
+    // As LNet counts a message when it finalizes it: the PUT's event (and
+    // whatever its handler sends in answer) comes first.
+    let (l, h) = held_node(8, 8);
+    let l = Arc::new(l);
+    let ni = h.ni.get().unwrap();
+    let me: Arc<OnceLock<std::sync::Weak<Lnet>>> = Arc::new(OnceLock::new());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (me2, seen2) = (me.clone(), seen.clone());
+    let put = lnet::wire::MsgType::Put.index();
+    target(
+        &l,
+        9,
+        5,
+        Md::new(vec![0u8; 8])
+            .options(MdOptions::OP_PUT | MdOptions::MANAGE_REMOTE)
+            .threshold(Threshold::Infinite)
+            .handler(lnet::EventHandler::callback(move |e| {
+                if e.kind != EventKind::Put {
+                    return;
+                }
+                let l = me2.get().and_then(|w| w.upgrade()).expect("node");
+                let n = l
+                    .peer_counters(peer(2).nid)
+                    .map_or(0, |c| c.recv_count[put]);
+                seen2.lock().unwrap().push(n);
+            })),
+    );
+    me.set(Arc::downgrade(&l)).unwrap();
+    for _ in 0..3 {
+        let d = ni
+            .parse_inline(
+                &put_hdr(&l, 9, 5, 8, lnet::wire::WireHandle::NONE),
+                peer(2).nid,
+                |_, dst| {
+                    dst.fill(1);
+                    Ok::<(), String>(())
+                },
+            )
+            .unwrap();
+        assert!(matches!(d, lnet::Delivery::Done), "{d:?}");
+    }
+    // Each event saw the PUTs before it counted, not itself.
+    assert_eq!(*seen.lock().unwrap(), [0, 1, 2]);
+    let c = l.peer_counters(peer(2).nid).unwrap();
+    assert_eq!((c.recv_count[put], c.recv_length), (3, 24));
+}

@@ -862,14 +862,18 @@ impl Inner {
             return self.drop_msg(ni, hdr, DropReason::NotForUs);
         }
         let mtype = hdr.msg_type();
-        self.with_peer(ni, from, |p| p.counters.received(mtype, hdr.payload_length));
-        match hdr.body {
+        let d = match hdr.body {
             MsgBody::Put { .. } => self.parse_put(ni, hdr, from, fill),
             MsgBody::Get { .. } => self.parse_get(ni, hdr, from, info.limits.reply_inline),
             MsgBody::Ack { .. } => self.parse_ack(ni, hdr),
             MsgBody::Reply { .. } => self.parse_reply(ni, hdr, from),
-            MsgBody::Hello { .. } => self.drop_msg(ni, hdr, DropReason::BadType),
-        }
+            MsgBody::Hello { .. } => return self.drop_msg(ni, hdr, DropReason::BadType),
+        };
+        // Counted once handled, as LNet counts a message when it is
+        // finalized: after its event, and after whatever the event's
+        // handler sent in answer (off a ping-pong's critical path).
+        self.with_peer(ni, from, |p| p.counters.received(mtype, hdr.payload_length));
+        d
     }
 
     fn target_ev(&self, hdr: &Header, from: Nid) -> EvInfo {
@@ -2171,6 +2175,12 @@ impl Lnet {
     }
 
     /// Counters of peer NI `peer` (on the NI that reaches it).
+    ///
+    /// A message is counted once the core has handled it, as LNet counts
+    /// a message when it finalizes it: a PUT whose payload the LND had at
+    /// hand ([`NiContext::parse_inline`](crate::NiContext::parse_inline))
+    /// after its event, and after whatever that event's handler sent in
+    /// answer; any other message when its header has been matched.
     pub fn peer_counters(&self, peer: Nid) -> Option<CounterSnapshot> {
         let ni = self.peer_ni_index(&peer);
         self.inner
