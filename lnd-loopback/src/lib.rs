@@ -85,6 +85,7 @@ impl Lnd for LoLnd {
                 credits: 1 << 20,
                 peer_credits: 1 << 20,
                 reply_inline: false,
+                send_now_max: 0,
             },
         })
     }

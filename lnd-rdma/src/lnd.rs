@@ -638,6 +638,7 @@ impl Lnd for RdmaLnd {
                 credits: 256,
                 peer_credits: i32::from(self.sh.cfg.queue_depth),
                 reply_inline: true,
+                send_now_max: 0,
             },
         })
     }

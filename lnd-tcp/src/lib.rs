@@ -218,6 +218,7 @@ impl Lnd for TcpLnd {
             credits: sh.cfg.credits,
             peer_credits: sh.cfg.peer_credits,
             reply_inline: false,
+            send_now_max: 0,
         };
         *lock(&self.rt) = Some(rt);
         let _ = self.shared.set(sh);

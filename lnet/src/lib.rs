@@ -35,8 +35,8 @@ pub use counters::{CachePadded, CounterSnapshot, DropReason, MsgCounters, NodeCo
 pub use credits::{CreditSnapshot, Credits};
 pub use error::{Error, NidParseError, Result, WireError};
 pub use lnd::{
-    Deferred, Delivery, Lnd, LndInfo, LndLimits, MemKey, NiContext, PeerEvent, Sink, TxMsg,
-    copy_payload,
+    Deferred, Delivery, Lnd, LndInfo, LndLimits, MemKey, NiContext, PeerEvent, SEND_NOW_CAP,
+    SendNow, Sink, TxMsg, copy_payload,
 };
 pub use nid::{
     LNET_PID_ANY, LNET_PID_LUSTRE, LNET_PID_RESERVED, LNET_PID_USERFLAG, Net, NetType, Nid, Pid,

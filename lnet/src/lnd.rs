@@ -73,6 +73,26 @@ pub struct LndLimits {
     /// The LND sends the REPLY to an incoming GET itself (RDMA): `parse`
     /// returns [`Delivery::Reply`] for GETs.
     pub reply_inline: bool,
+    /// PUTs with payloads up to this size (capped at
+    /// [`SEND_NOW_CAP`]) are offered to [`Lnd::send_now`] first; 0 (the
+    /// default) never offers any.
+    pub send_now_max: u32,
+}
+
+/// The largest payload the core offers to [`Lnd::send_now`] (it copies
+/// the payload out of the MD onto its stack).
+pub const SEND_NOW_CAP: usize = 512;
+
+/// What [`Lnd::send_now`] did with a message.
+#[derive(Debug)]
+pub enum SendNow {
+    /// It left, as [`TxMsg::complete`] with success would say.
+    Sent,
+    /// It cannot leave at once (no connection yet, a backlog, no room):
+    /// the core sends it the usual way, through [`Lnd::send`].
+    Declined,
+    /// It failed: the core completes it with this error.
+    Failed(Error),
 }
 
 impl Default for LndLimits {
@@ -83,6 +103,7 @@ impl Default for LndLimits {
             credits: 256,
             peer_credits: 8,
             reply_inline: false,
+            send_now_max: 0,
         }
     }
 }
@@ -104,6 +125,29 @@ pub trait Lnd: Send + Sync + 'static {
     fn startup(&self, ni: NiContext) -> Result<LndInfo, Error>;
     /// Send a message; complete it exactly once.
     fn send(&self, tx: TxMsg);
+    /// Send a small message at once, from the calling thread, when that
+    /// takes no waiting and no queueing: header `hdr`, to `peer`, with
+    /// `payload` (at most [`LndLimits::send_now_max`] bytes, the core's
+    /// copy of the MD's). The core offers it only when no message waits
+    /// for a credit on this NI and no send is under way on this thread,
+    /// so a message sent now overtakes none; it takes no credits (it is
+    /// not in flight once this returns) and holds no core lock meanwhile.
+    /// Must not call back into the core. The default declines.
+    ///
+    /// ```
+    /// use lnet::{Lnd, SendNow};
+    /// # fn f(lnd: &dyn Lnd, hdr: &lnet::wire::Header) {
+    /// match lnd.send_now(hdr.dest_nid, hdr, b"8 bytes!") {
+    ///     SendNow::Sent => {}                  // gone; complete the PUT
+    ///     SendNow::Declined => { /* build a TxMsg and call send */ }
+    ///     SendNow::Failed(e) => eprintln!("{e}"),
+    /// }
+    /// # }
+    /// ```
+    fn send_now(&self, peer: Nid, hdr: &Header, payload: &[u8]) -> SendNow {
+        let _ = (peer, hdr, payload);
+        SendNow::Declined
+    }
     /// Stop: complete every message and sink still held (with errors) and
     /// release resources. Called once, at node shutdown.
     fn shutdown(&self);

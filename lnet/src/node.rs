@@ -12,7 +12,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,8 +27,8 @@ use crate::counters::{
 use crate::credits::{CreditSnapshot, Credits, SharedCredits};
 use crate::error::{Error, Result};
 use crate::lnd::{
-    Deferred, DeferredSender, Delivery, Lnd, LndInfo, NiContext, PeerEvent, SharedMem, Sink,
-    SinkState, TxMsg, TxState,
+    Deferred, DeferredSender, Delivery, Lnd, LndInfo, NiContext, PeerEvent, SEND_NOW_CAP, SendNow,
+    SharedMem, Sink, SinkState, TxMsg, TxState,
 };
 use crate::mdtable::MdTable;
 use crate::nid::{LNET_PID_LUSTRE, Nid, Pid, ProcessId};
@@ -130,6 +130,7 @@ impl LnetBuilder {
                         queue: VecDeque::new(),
                         handoffs: 0,
                     }),
+                    backlog: CachePadded::default(),
                     counters: MsgCounters::default(),
                 })
                 .collect(),
@@ -235,6 +236,11 @@ struct NiState {
     /// Taken and returned without a lock; `tx` only holds the waiters.
     credits: SharedCredits,
     tx: Mutex<NiTx>,
+    /// Messages waiting for a credit on this NI or any of its peers (the
+    /// queues of `tx` and of its peer NIs): while there are none, a small
+    /// PUT may leave through [`Lnd::send_now`] without overtaking any.
+    /// Changed under the queue's lock; read without one.
+    backlog: CachePadded<AtomicUsize>,
     counters: MsgCounters,
 }
 
@@ -677,6 +683,7 @@ impl Inner {
                 Some(tx)
             } else {
                 p.queue.push_back(tx);
+                self.nis[ni].backlog.fetch_add(1, Ordering::Relaxed);
                 None
             }
         });
@@ -694,6 +701,7 @@ impl Inner {
             let mut g = lock(&ni.tx);
             if g.handoffs == 0 {
                 g.queue.push_back(tx);
+                ni.backlog.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             g.handoffs -= 1;
@@ -715,10 +723,15 @@ impl Inner {
                 }
             }
         });
-        let Some(mut next) = first else { return };
+        let Some(first) = first else { return };
+        self.nis[first.ni].lnd.send(first);
+        self.drain_launch();
+    }
+
+    /// Hand the LND what queued on this thread's launch queue while a
+    /// send was under way, until it is empty; then close the queue.
+    fn drain_launch(self: &Arc<Self>) {
         loop {
-            let ni = next.ni;
-            self.nis[ni].lnd.send(next);
             let more = LAUNCH.with(|l| {
                 let mut l = l.borrow_mut();
                 let q = l.as_mut().expect("launch queue");
@@ -729,10 +742,80 @@ impl Inner {
                 n
             });
             match more {
-                Some(t) => next = t,
+                Some(t) => self.nis[t.ni].lnd.send(t),
                 None => return,
             }
         }
+    }
+
+    /// May a PUT of `plen` bytes to NI `ni` go through [`Lnd::send_now`]:
+    /// the LND takes that size, no message waits for a credit on the NI
+    /// (so it overtakes none), and no send is under way on this thread.
+    fn may_send_now(&self, ni: usize, plen: u32) -> bool {
+        let Some(n) = self.nis.get(ni) else {
+            return false;
+        };
+        let max = n.info.get().map_or(0, |i| i.limits.send_now_max) as usize;
+        // Relaxed: this thread's own queued messages are seen in program
+        // order; another thread's are unordered with ours anyway.
+        plen as usize <= max.min(SEND_NOW_CAP)
+            && n.backlog.load(Ordering::Relaxed) == 0
+            && !self.is_shutting_down()
+            && LAUNCH.with(|l| l.borrow().is_none())
+    }
+
+    /// Offer a small message to the LND's [`Lnd::send_now`] and complete
+    /// it here, or send it the usual way when declined. Runs as a send on
+    /// this thread's stack: what the completion's event handler sends
+    /// waits its turn instead of recursing.
+    fn send_now(self: &Arc<Self>, ni: usize, hdr: &Header, payload: &[u8], tok: TxToken) {
+        let peer = hdr.dest_nid;
+        LAUNCH.with(|l| *l.borrow_mut() = Some(VecDeque::new()));
+        match self.nis[ni].lnd.send_now(peer, hdr, payload) {
+            SendNow::Sent => self.sent_now(ni, peer, hdr, &tok, Ok(())),
+            SendNow::Failed(e) => self.sent_now(ni, peer, hdr, &tok, Err(e)),
+            SendNow::Declined => {
+                let mem = (!payload.is_empty())
+                    .then(|| Arc::new(Mutex::new(MdBuffer::from(payload.to_vec()))));
+                self.send(TxMsg::new(TxState {
+                    inner: self.clone(),
+                    hdr: *hdr,
+                    peer,
+                    ni,
+                    mem,
+                    offset: 0,
+                    len: payload.len(),
+                    credits_held: false,
+                    token: Some(tok),
+                }));
+            }
+        }
+        self.drain_launch();
+    }
+
+    /// A message [`Lnd::send_now`] took (or failed) completed: counted on
+    /// its peer NI (it took no credit), then its operation's bookkeeping.
+    fn sent_now(
+        self: &Arc<Self>,
+        ni: usize,
+        peer: Nid,
+        hdr: &Header,
+        tok: &TxToken,
+        status: Result<(), Error>,
+    ) {
+        let ok = status.is_ok();
+        if !ok {
+            debug!(target: "neterror", %peer, ?status, "send failed");
+        }
+        let mtype = hdr.msg_type();
+        self.with_peer(ni, peer, |p| {
+            if ok {
+                p.counters.sent(mtype, hdr.payload_length);
+            } else {
+                p.counters.error();
+            }
+        });
+        self.token_done(tok, status);
     }
 
     /// A TxMsg completed.
@@ -760,7 +843,10 @@ impl Inner {
             if n.credits.give_back() {
                 let mut g = lock(&n.tx);
                 match g.queue.pop_front() {
-                    Some(t) => release.push((t, true)),
+                    Some(t) => {
+                        n.backlog.fetch_sub(1, Ordering::Relaxed);
+                        release.push((t, true));
+                    }
                     None => g.handoffs += 1,
                 }
             }
@@ -772,6 +858,7 @@ impl Inner {
                 }
                 if p.credits.give_back() {
                     if let Some(t) = p.queue.pop_front() {
+                        self.nis[ni].backlog.fetch_sub(1, Ordering::Relaxed);
                         release.push((t, false));
                     }
                 }
@@ -783,6 +870,20 @@ impl Inner {
                 n.counters.error();
             }
         }
+        self.token_done(tok, status);
+        for (t, ni_ready) in release {
+            if ni_ready {
+                self.lnd_send(t);
+            } else {
+                self.send_ni(t);
+            }
+        }
+    }
+
+    /// The operation behind a completed message: its event and MD
+    /// bookkeeping.
+    fn token_done(self: &Arc<Self>, tok: &TxToken, status: Result<(), Error>) {
+        let ok = status.is_ok();
         let mut after = After::default();
         match *tok {
             TxToken::Initiator { md, ref ev } => {
@@ -814,13 +915,6 @@ impl Inner {
             TxToken::Ack => {}
         }
         after.run(self);
-        for (t, ni_ready) in release {
-            if ni_ready {
-                self.lnd_send(t);
-            } else {
-                self.send_ni(t);
-            }
-        }
     }
 
     // ------------------------------------------------------------- receive
@@ -1384,6 +1478,7 @@ impl Inner {
         let mut waiting = Vec::new();
         for ni in &self.nis {
             waiting.extend(lock(&ni.tx).queue.drain(..));
+            ni.backlog.store(0, Ordering::Relaxed);
         }
         self.peers
             .for_each_mut(|_, p| waiting.extend(p.queue.drain(..)));
@@ -2063,23 +2158,42 @@ impl Lnet {
                 MsgType::Get
             },
         };
+        let hdr = Header {
+            dest_nid: target.nid,
+            src_nid,
+            dest_pid: target.pid,
+            src_pid: inner.cfg.pid,
+            payload_length: plen,
+            body,
+        };
+        let ni = route.map_or(0, |r| r.0);
+        let token = TxToken::Initiator { md: mdh.0, ev };
+        if op == Op::Put && route.is_some() && inner.may_send_now(ni, plen) {
+            // A small PUT leaves from here at once when the LND can take
+            // it: no TxMsg, no credits (it is not in flight afterwards).
+            // Its payload is copied out under the MD's lock, and the LND
+            // called with no core lock held.
+            let mut buf = [0u8; SEND_NOW_CAP];
+            let n = plen as usize;
+            if let Some(mem) = &m.mem {
+                crate::lnd::lock_mem(mem).copy_out(0, &mut buf[..n]);
+            }
+            let Container { mds, timers, .. } = &mut *c;
+            timers.compact(mds);
+            drop(c);
+            inner.send_now(ni, &hdr, &buf[..n], token);
+            return Ok(());
+        }
         let tx = TxMsg::new(TxState {
             inner: inner.clone(),
-            hdr: Header {
-                dest_nid: target.nid,
-                src_nid,
-                dest_pid: target.pid,
-                src_pid: inner.cfg.pid,
-                payload_length: plen,
-                body,
-            },
+            hdr,
             peer: target.nid,
-            ni: route.map_or(0, |r| r.0),
+            ni,
             mem: if op == Op::Put { m.mem.clone() } else { None },
             offset: 0,
             len: plen as usize,
             credits_held: false,
-            token: Some(TxToken::Initiator { md: mdh.0, ev }),
+            token: Some(token),
         });
         let Container { mds, timers, .. } = &mut *c;
         timers.compact(mds);

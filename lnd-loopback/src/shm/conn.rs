@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 use lnet::counters::Sharded;
 use lnet::wire::{ByteOrder, HDR_NID4_SIZE, Header};
-use lnet::{Delivery, Error, MemPool, NiContext, Nid, Sink, TxMsg};
+use lnet::{Delivery, Error, MemPool, NiContext, Nid, SendNow, Sink, TxMsg};
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use tracing::{debug, trace};
 
@@ -348,6 +348,53 @@ impl Conn {
         Some(true)
     }
 
+    /// Write an inline slot at `off`: the LNet header `hb`, then `plen`
+    /// payload bytes by `payload(offset)`, then the slot header.
+    fn fill_inline(
+        &self,
+        off: usize,
+        hb: &[u8; HDR_NID4_SIZE],
+        plen: usize,
+        payload: impl FnOnce(usize) -> bool,
+    ) -> bool {
+        let mut shb = [0u8; SLOT_HDR];
+        SlotHdr {
+            kind: Kind::Inline,
+            flags: 0,
+            len: (HDR_NID4_SIZE + plen) as u32,
+            cookie: 0,
+        }
+        .encode(&mut shb);
+        self.out.write(off + SLOT_HDR, hb).is_ok()
+            && payload(off + SLOT_HDR + HDR_NID4_SIZE)
+            && self.out.write(off, &shb).is_ok()
+    }
+
+    /// [`lnet::Lnd::send_now`] on this connection: an inline slot written
+    /// straight into the ring, or declined (too large for a slot, a
+    /// backlog, no room).
+    pub(crate) fn send_now(&self, hdr: &Header, payload: &[u8]) -> SendNow {
+        let plen = payload.len();
+        if plen > self.env.eager {
+            return SendNow::Declined;
+        }
+        let hb = match hdr.encode_nid4(ByteOrder::NATIVE) {
+            Ok(h) => h,
+            Err(e) => return SendNow::Failed(Error::Network(format!("header: {e}"))),
+        };
+        let direct = self.write_direct(|off| {
+            self.fill_inline(off, &hb, plen, |at| self.out.write(at, payload).is_ok())
+        });
+        match direct {
+            Some(true) => {
+                inc(&self.env.stats.local().tx_inline);
+                SendNow::Sent
+            }
+            Some(false) => SendNow::Failed(Error::Network("shm slot write".into())),
+            None => SendNow::Declined,
+        }
+    }
+
     fn send_inline(&self, tx: TxMsg, hb: &[u8; HDR_NID4_SIZE], plen: usize) {
         let sh = SlotHdr {
             kind: Kind::Inline,
@@ -356,16 +403,10 @@ impl Conn {
             cookie: 0,
         };
         let direct = self.write_direct(|off| {
-            let mut shb = [0u8; SLOT_HDR];
-            sh.encode(&mut shb);
-            self.out.write(off + SLOT_HDR, hb).is_ok()
-                && tx
-                    .with_payload(|iov| {
-                        self.out
-                            .write_vectored(off + SLOT_HDR + HDR_NID4_SIZE, plen, iov, 0)
-                    })
+            self.fill_inline(off, hb, plen, |at| {
+                tx.with_payload(|iov| self.out.write_vectored(at, plen, iov, 0))
                     .is_ok_and(|n| n == plen)
-                && self.out.write(off, &shb).is_ok()
+            })
         });
         match direct {
             Some(true) => tx.complete(Ok(())),

@@ -72,8 +72,10 @@ use std::time::{Duration, Instant};
 
 use lnet::counters::Sharded;
 use lnet::shard::ShardedMap;
+use lnet::wire::Header;
 use lnet::{
-    Error, Lnd, LndInfo, LndLimits, MemPool, Net, NetType, NiContext, Nid, PeerEvent, TxMsg,
+    Error, Lnd, LndInfo, LndLimits, MemPool, Net, NetType, NiContext, Nid, PeerEvent, SendNow,
+    TxMsg,
 };
 use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -553,6 +555,7 @@ impl Lnd for ShmLnd {
                 credits: 1024,
                 peer_credits: (cfg.slots as i32 / 2).max(1),
                 reply_inline: false,
+                send_now_max: eager,
             },
         })
     }
@@ -591,6 +594,20 @@ impl Lnd for ShmLnd {
             }
         };
         conn.send_msg(tx);
+    }
+
+    fn send_now(&self, peer: Nid, hdr: &Header, payload: &[u8]) -> SendNow {
+        let Some(sh) = self.shared.get() else {
+            return SendNow::Declined;
+        };
+        if sh.stop.load(Ordering::Acquire) {
+            return SendNow::Declined;
+        }
+        let conn = match sh.peers.lock(peer).get() {
+            Some(PeerState::Up(c)) if !c.is_dead() => c.clone(),
+            _ => return SendNow::Declined,
+        };
+        conn.send_now(hdr, payload)
     }
 
     fn shutdown(&self) {

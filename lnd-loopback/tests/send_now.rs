@@ -1,0 +1,292 @@
+//! The core's immediate path for small PUTs ([`Lnd::send_now`]), against a
+//! test LND that records what it is offered: what goes that way, what
+//! falls back to [`Lnd::send`], what it may never overtake, and that event
+//! handlers sending again from its completions do not recurse.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use lnet::wire::{Header, MsgBody, MsgType};
+use lnet::{
+    AckReq, Error, EventHandler, EventKind, EventQueue, Lnd, LndInfo, LndLimits, Lnet, Md, NetType,
+    NiContext, Nid, ProcessId, SendNow, TxMsg,
+};
+
+const T: Duration = Duration::from_secs(10);
+/// The LND takes payloads up to this size at once.
+const MAX: usize = 64;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Take,
+    Decline,
+    Fail,
+}
+
+/// A `tcp` LND: `send_now` answers by `mode` and records what it took;
+/// `send` holds messages for the test (or completes them at once).
+struct Now {
+    mode: Mutex<Mode>,
+    peer_credits: i32,
+    complete_sends: bool,
+    offered: AtomicUsize,
+    taken: Mutex<Vec<(Nid, Header, Vec<u8>)>>,
+    held: Mutex<Vec<TxMsg>>,
+    ni: OnceLock<NiContext>,
+}
+
+impl Now {
+    fn node(mode: Mode, peer_credits: i32, complete_sends: bool) -> (Arc<Lnet>, Arc<Now>) {
+        let lnd = Arc::new(Now {
+            mode: Mutex::new(mode),
+            peer_credits,
+            complete_sends,
+            offered: AtomicUsize::new(0),
+            taken: Mutex::new(Vec::new()),
+            held: Mutex::new(Vec::new()),
+            ni: OnceLock::new(),
+        });
+        let l = lnd_loopback::builder()
+            .ni(lnd.clone())
+            .response_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        (Arc::new(l), lnd)
+    }
+    fn offered(&self) -> usize {
+        self.offered.load(Ordering::SeqCst)
+    }
+    fn held(&self) -> Vec<TxMsg> {
+        std::mem::take(&mut *self.held.lock().unwrap())
+    }
+}
+
+impl Lnd for Now {
+    fn net_type(&self) -> NetType {
+        NetType::SOCKLND
+    }
+    fn startup(&self, ni: NiContext) -> Result<LndInfo, Error> {
+        let _ = self.ni.set(ni);
+        Ok(LndInfo {
+            nid: "10.0.0.1@tcp".parse().unwrap(),
+            limits: LndLimits {
+                peer_credits: self.peer_credits,
+                send_now_max: MAX as u32,
+                ..LndLimits::default()
+            },
+        })
+    }
+    fn send(&self, tx: TxMsg) {
+        if self.complete_sends {
+            tx.complete(Ok(()));
+        } else {
+            self.held.lock().unwrap().push(tx);
+        }
+    }
+    fn send_now(&self, peer: Nid, hdr: &Header, payload: &[u8]) -> SendNow {
+        self.offered.fetch_add(1, Ordering::SeqCst);
+        match *self.mode.lock().unwrap() {
+            Mode::Take => {
+                self.taken
+                    .lock()
+                    .unwrap()
+                    .push((peer, *hdr, payload.to_vec()));
+                SendNow::Sent
+            }
+            Mode::Decline => SendNow::Declined,
+            Mode::Fail => SendNow::Failed(Error::Network("wire unplugged".into())),
+        }
+    }
+    fn shutdown(&self) {
+        self.held();
+    }
+}
+
+fn peer() -> ProcessId {
+    ProcessId::new("10.0.0.2@tcp".parse().unwrap(), 12345)
+}
+
+fn data(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 13 + 1) as u8).collect()
+}
+
+/// PUT `n` bytes to the peer (portal 4, match bits `bits`), its events to `q`.
+fn put(l: &Lnet, n: usize, bits: u64, q: &EventQueue) {
+    let md = l.md_bind(Md::new(data(n)).handler(q.handler())).unwrap();
+    l.put(md, AckReq::NoAck, peer(), 4, bits, 0, 0).unwrap();
+}
+
+fn sent(l: &Lnet) -> u64 {
+    l.peer_counters(peer().nid)
+        .map_or(0, |c| c.send_count[MsgType::Put.index()])
+}
+
+#[test]
+fn a_small_put_leaves_through_send_now_and_takes_no_credit() {
+    let (l, lnd) = Now::node(Mode::Take, 4, false);
+    let q = EventQueue::new();
+    put(&l, 8, 0x55, &q);
+    let e = q.recv_timeout(T).expect("SEND");
+    assert_eq!(e.kind, EventKind::Send);
+    assert!(e.status.is_ok() && e.unlinked, "{e:?}");
+    let taken = lnd.taken.lock().unwrap().clone();
+    assert_eq!(taken.len(), 1);
+    let (to, hdr, payload) = &taken[0];
+    assert_eq!(*to, peer().nid);
+    assert_eq!((hdr.dest_nid, hdr.dest_pid), (peer().nid, peer().pid));
+    assert_eq!(hdr.payload_length, 8);
+    assert!(
+        matches!(
+            hdr.body,
+            MsgBody::Put {
+                match_bits: 0x55,
+                ptl_index: 4,
+                ..
+            }
+        ),
+        "{:?}",
+        hdr.body
+    );
+    assert_eq!(*payload, data(8));
+    assert!(lnd.held().is_empty(), "nothing went through send()");
+    // Counted on the peer; no credit was taken, even for a moment.
+    assert_eq!(sent(&l), 1);
+    let c = l.peer_credits(peer().nid).unwrap();
+    assert_eq!((c.available, c.min, c.queued), (4, 4, 0));
+    // Up to the LND's limit, inclusive; 0 B too.
+    put(&l, MAX, 1, &q);
+    put(&l, 0, 2, &q);
+    for _ in 0..2 {
+        assert!(q.recv_timeout(T).expect("SEND").status.is_ok());
+    }
+    assert_eq!(lnd.offered(), 3);
+    assert_eq!(sent(&l), 3);
+}
+
+#[test]
+fn declined_or_larger_puts_go_the_usual_way_with_the_same_bytes() {
+    let (l, lnd) = Now::node(Mode::Decline, 4, false);
+    let q = EventQueue::new();
+    put(&l, 8, 7, &q);
+    assert_eq!(lnd.offered(), 1);
+    let held = lnd.held();
+    assert_eq!(held.len(), 1, "declined: sent through send()");
+    let mut got = vec![0u8; 8];
+    assert_eq!(held[0].copy_payload_to(0, &mut got), 8);
+    assert_eq!(got, data(8));
+    assert!(matches!(
+        held[0].header().body,
+        MsgBody::Put { match_bits: 7, .. }
+    ));
+    assert!(
+        q.recv_timeout(Duration::from_millis(50)).is_none(),
+        "not sent yet"
+    );
+    held.into_iter().for_each(|t| t.complete(Ok(())));
+    assert!(q.recv_timeout(T).expect("SEND").status.is_ok());
+    // Over the limit: never offered.
+    *lnd.mode.lock().unwrap() = Mode::Take;
+    put(&l, MAX + 1, 8, &q);
+    assert_eq!(lnd.offered(), 1);
+    let held = lnd.held();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].payload_len(), MAX + 1);
+    held.into_iter().for_each(|t| t.complete(Ok(())));
+    assert!(q.recv_timeout(T).expect("SEND").status.is_ok());
+    assert_eq!(sent(&l), 2);
+}
+
+#[test]
+fn a_send_now_that_fails_ends_the_put_with_its_error() {
+    let (l, lnd) = Now::node(Mode::Fail, 4, false);
+    let q = EventQueue::new();
+    put(&l, 8, 0, &q);
+    let e = q.recv_timeout(T).expect("SEND");
+    assert_eq!(e.kind, EventKind::Send);
+    assert!(
+        matches!(e.status, Err(Error::Network(ref m)) if m.contains("unplugged")),
+        "{:?}",
+        e.status
+    );
+    assert!(e.unlinked);
+    assert!(lnd.held().is_empty());
+    let c = l.peer_counters(peer().nid).unwrap();
+    assert_eq!((c.errors, c.send_count[MsgType::Put.index()]), (1, 0));
+}
+
+#[test]
+fn a_small_put_never_overtakes_one_waiting_for_a_credit() {
+    // One peer credit: a large PUT takes it, a second waits for it; a
+    // small PUT then must queue behind them, not leave at once.
+    let (l, lnd) = Now::node(Mode::Take, 1, false);
+    let q = EventQueue::new();
+    put(&l, 1000, 1, &q);
+    put(&l, 1000, 2, &q);
+    put(&l, 8, 3, &q);
+    assert_eq!(lnd.offered(), 0, "offered while others waited");
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let held = lnd.held();
+        assert_eq!(held.len(), 1, "one credit: one message at a time");
+        for t in held {
+            if let MsgBody::Put { match_bits, .. } = t.header().body {
+                order.push(match_bits);
+            }
+            t.complete(Ok(()));
+        }
+    }
+    assert_eq!(order, [1, 2, 3], "sent in the order they were put");
+    for _ in 0..3 {
+        assert!(q.recv_timeout(T).expect("SEND").status.is_ok());
+    }
+    // The queue drained: small PUTs leave at once again.
+    put(&l, 8, 4, &q);
+    assert_eq!(lnd.offered(), 1);
+    assert!(q.recv_timeout(T).expect("SEND").status.is_ok());
+    assert!(lnd.held().is_empty());
+}
+
+#[test]
+fn handlers_that_put_again_from_each_send_event_do_not_recurse() {
+    // Each SEND event's handler binds a new MD (with the same handler)
+    // and PUTs it: 100,000 in a chain, all from the first call's stack.
+    // They must take turns (the thread's launch queue), not nest a set of
+    // frames per PUT.
+    const N: usize = 100_000;
+    let (l, lnd) = Now::node(Mode::Take, 8, true);
+    let left = Arc::new(AtomicUsize::new(N));
+    let done = Arc::new(AtomicUsize::new(0));
+    let slot: Arc<OnceLock<(std::sync::Weak<Lnet>, EventHandler)>> = Arc::new(OnceLock::new());
+    let (left2, done2, slot2) = (left.clone(), done.clone(), slot.clone());
+    let handler = EventHandler::callback(move |e| {
+        if e.kind != EventKind::Send {
+            return;
+        }
+        assert!(e.status.is_ok(), "{:?}", e.status);
+        done2.fetch_add(1, Ordering::SeqCst);
+        if left2.fetch_sub(1, Ordering::SeqCst) > 1 {
+            let (w, h) = slot2.get().expect("set");
+            let l = w.upgrade().expect("node");
+            let md = l.md_bind(Md::new(data(8)).handler(h.clone())).unwrap();
+            l.put(md, AckReq::NoAck, peer(), 4, 0, 0, 0).unwrap();
+        }
+    });
+    slot.set((Arc::downgrade(&l), handler.clone()))
+        .ok()
+        .unwrap();
+    let md = l.md_bind(Md::new(data(8)).handler(handler)).unwrap();
+    // On a small stack: nesting would overflow it long before N.
+    let l2 = l.clone();
+    std::thread::Builder::new()
+        .stack_size(256 << 10)
+        .spawn(move || l2.put(md, AckReq::NoAck, peer(), 4, 0, 0, 0).unwrap())
+        .unwrap()
+        .join()
+        .expect("no stack overflow");
+    assert_eq!(done.load(Ordering::SeqCst), N);
+    // The first went at once; the ones its handlers sent took their turn
+    // through send().
+    assert_eq!(lnd.offered(), 1);
+    assert_eq!(sent(&l), N as u64);
+}
