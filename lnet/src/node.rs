@@ -420,13 +420,9 @@ pub(crate) type Fill<'a> = &'a mut dyn FnMut(usize, &mut [u8]) -> Result<()>;
 /// Copy an inline payload into `[offset, offset + mlength)` of `mem`
 /// with `fill`, slice by slice.
 fn fill_mem(mem: &SharedMem, offset: u32, mlength: u32, fill: Fill<'_>) -> Result<()> {
-    let mut g = crate::lnd::lock_mem(mem);
-    let mut rel = 0;
-    for s in g.slices_mut(offset as usize, mlength as usize).iter_mut() {
-        fill(rel, s)?;
-        rel += s.len();
-    }
-    Ok(())
+    crate::lnd::lock_mem(mem)
+        .try_for_each_mut(offset as usize, mlength as usize, fill)
+        .map(|_| ())
 }
 
 impl MdState {

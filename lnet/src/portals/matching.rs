@@ -172,7 +172,12 @@ impl<T> MatchTable<T> {
         bits: u64,
         mut decide: impl FnMut(u64, &mut T) -> Decision<R>,
     ) -> Option<(u64, R)> {
-        let bucket: &[(i64, u64)] = self.exact.get(&bits).map_or(&[], |b| b.as_slice());
+        // No hashing at all on a portal with only wildcard MEs.
+        let bucket: &[(i64, u64)] = if self.exact.is_empty() {
+            &[]
+        } else {
+            self.exact.get(&bits).map_or(&[], |b| b.as_slice())
+        };
         let mut bi = bucket.iter().peekable();
         let mut wi = self.wild.iter().peekable();
         loop {
@@ -195,7 +200,9 @@ impl<T> MatchTable<T> {
             let Some(e) = self.entries.get_mut(&key) else {
                 continue;
             };
-            if !e.crit.accepts(src, bits) {
+            // A wildcard ME was checked above on its inline criteria; an
+            // exact one's bits are its bucket's: only its initiator is left.
+            if take_bucket && !e.crit.match_id.matches(src) {
                 continue;
             }
             if let Decision::Stop(r) = decide(key, &mut e.value) {

@@ -356,23 +356,65 @@ impl MdBuffer {
 
     /// Copy `[off, off+dst.len())` out into `dst`; returns bytes copied.
     pub fn copy_out(&self, off: usize, dst: &mut [u8]) -> usize {
-        let mut done = 0;
-        for s in self.slices(off, dst.len()).iter() {
-            dst[done..done + s.len()].copy_from_slice(s);
-            done += s.len();
+        // Straight over the segments (no slice list to build): the core
+        // copies small payloads this way on every message.
+        let (mut off, mut done) = (off, 0);
+        for s in self.segs.iter() {
+            if done == dst.len() {
+                break;
+            }
+            let b = s.as_slice();
+            if off >= b.len() {
+                off -= b.len();
+                continue;
+            }
+            let n = (b.len() - off).min(dst.len() - done);
+            dst[done..done + n].copy_from_slice(&b[off..off + n]);
+            done += n;
+            off = 0;
         }
         done
     }
 
     /// Copy `src` in at `off`; returns bytes copied.
     pub fn copy_in(&mut self, off: usize, src: &[u8]) -> usize {
-        let mut done = 0;
-        for s in self.slices_mut(off, src.len()).iter_mut() {
-            let n = s.len();
-            s.copy_from_slice(&src[done..done + n]);
-            done += n;
+        let mut written = 0;
+        let r = self.try_for_each_mut(off, src.len(), |rel, d| {
+            d.copy_from_slice(&src[rel..rel + d.len()]);
+            written += d.len();
+            Ok::<(), std::convert::Infallible>(())
+        });
+        let Ok(_) = r;
+        written
+    }
+
+    /// Run `f` on each writable slice of `[off, off+len)` (clamped to the
+    /// memory), in order, with its offset in the range; the first error
+    /// stops the walk. Returns the length of the range covered.
+    pub(crate) fn try_for_each_mut<E>(
+        &mut self,
+        off: usize,
+        len: usize,
+        mut f: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+    ) -> Result<usize, E> {
+        let (mut off, mut rel) = (off, 0);
+        for s in self.segs.iter_mut() {
+            if rel == len {
+                break;
+            }
+            let l = s.len();
+            if off >= l {
+                off -= l;
+                continue;
+            }
+            let n = (l - off).min(len - rel);
+            if let Some(b) = s.as_mut_slice() {
+                f(rel, &mut b[off..off + n])?;
+            }
+            rel += n;
+            off = 0;
         }
-        done
+        Ok(rel)
     }
 }
 
@@ -635,5 +677,32 @@ mod tests {
         assert_eq!(&s.bytes_view(6, 5).unwrap()[..], b"world");
         assert!(!s.is_writable());
         assert_eq!(b.into_vec(), b"\0\0abcd\0\0");
+    }
+
+    #[test]
+    fn copies_match_a_flat_model_at_every_offset_and_length() {
+        // Fragments of 3, 1, 5 and 7 bytes (16 in all); every range,
+        // including ones running past the end (clamped).
+        let sizes = [3usize, 1, 5, 7];
+        let total: usize = sizes.iter().sum();
+        for off in 0..=total + 1 {
+            for len in 0..=total + 2 - off.min(total) {
+                let mut b =
+                    MdBuffer::from_frags(sizes.iter().map(|&n| vec![0u8; n].into()).collect())
+                        .unwrap();
+                let src: Vec<u8> = (1..=len as u8).collect();
+                let mut model = vec![0u8; total];
+                let n = len.min(total.saturating_sub(off));
+                model[off.min(total)..off.min(total) + n].copy_from_slice(&src[..n]);
+                assert_eq!(b.copy_in(off, &src), n, "copy_in {off}+{len}");
+                let mut out = vec![0xeeu8; len];
+                assert_eq!(b.copy_out(off, &mut out), n, "copy_out {off}+{len}");
+                assert_eq!(out[..n], model[off.min(total)..off.min(total) + n]);
+                assert!(out[n..].iter().all(|&x| x == 0xee), "nothing past the end");
+                let mut all = vec![0u8; total];
+                b.copy_out(0, &mut all);
+                assert_eq!(all, model, "{off}+{len}");
+            }
+        }
     }
 }
