@@ -60,13 +60,14 @@ pub mod wire;
 #[cfg(all(test, not(lnet_loom)))]
 mod tests;
 
+use std::cell::RefCell;
 use std::io::ErrorKind;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -353,6 +354,8 @@ enum PeerState {
 }
 
 pub(crate) struct Shared {
+    /// Unique in the process (names this NI in threads' connection caches).
+    id: u64,
     cfg: ShmConfig,
     nid: Nid,
     ni: NiContext,
@@ -507,7 +510,9 @@ impl Lnd for ShmLnd {
             stats: self.stats.clone(),
             eager: cfg.eager(),
         });
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let sh = Arc::new(Shared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             cfg: cfg.clone(),
             nid,
             ni,
@@ -570,10 +575,17 @@ impl Lnd for ShmLnd {
             return;
         }
         let peer = tx.peer();
+        if let Some(c) = cached_conn(sh, peer) {
+            c.send_msg(tx);
+            return;
+        }
         let conn = {
             let mut peers = sh.peers.lock(peer);
             match peers.get_mut() {
-                Some(PeerState::Up(c)) if !c.is_dead() => c.clone(),
+                Some(PeerState::Up(c)) if !c.is_dead() => {
+                    remember_conn(sh, peer, c);
+                    c.clone()
+                }
                 Some(PeerState::Connecting(q)) => {
                     q.push(tx);
                     return;
@@ -603,10 +615,14 @@ impl Lnd for ShmLnd {
         if sh.stop.load(Ordering::Acquire) {
             return SendNow::Declined;
         }
+        if let Some(c) = cached_conn(sh, peer) {
+            return c.send_now(hdr, payload);
+        }
         let conn = match sh.peers.lock(peer).get() {
             Some(PeerState::Up(c)) if !c.is_dead() => c.clone(),
             _ => return SendNow::Declined,
         };
+        remember_conn(sh, peer, &conn);
         conn.send_now(hdr, payload)
     }
 
@@ -632,6 +648,27 @@ impl Lnd for ShmLnd {
         let _ = std::fs::remove_file(&sh.path);
         debug!(target: "net", nid = %sh.nid, "shm NI down");
     }
+}
+
+thread_local! {
+    /// The connection this thread last sent on, with its NI's id and
+    /// peer: a stream of sends to one peer (a ping-pong's answers) skips
+    /// the peer table's hash, lock and reference count (two atomic
+    /// operations fewer per message, about 28 ns here). Weak: a connection
+    /// retired since is gone or dead, and looked up again.
+    static LAST_CONN: RefCell<Option<(u64, Nid, Weak<Conn>)>> = const { RefCell::new(None) };
+}
+
+fn remember_conn(sh: &Shared, peer: Nid, c: &Arc<Conn>) {
+    LAST_CONN.with(|l| *l.borrow_mut() = Some((sh.id, peer, Arc::downgrade(c))));
+}
+
+/// This thread's cached connection to `peer` on `sh`, if still live.
+fn cached_conn(sh: &Shared, peer: Nid) -> Option<Arc<Conn>> {
+    LAST_CONN.with(|l| match &*l.borrow() {
+        Some((id, p, w)) if *id == sh.id && *p == peer => w.upgrade().filter(|c| !c.is_dead()),
+        _ => None,
+    })
 }
 
 fn fail_connecting(sh: &Shared, peer: Nid, err: Error) {
