@@ -603,7 +603,6 @@ impl Conn {
             let mut shb = [0u8; SLOT_HDR];
             self.inp.read(off, &mut shb)?;
             let sh = SlotHdr::decode(&shb, slot_size)?;
-            inc(&self.env.stats.local().rx_msgs);
             if sh.kind == Kind::Inline {
                 self.on_inline(off, &sh)?;
             } else {
@@ -613,6 +612,8 @@ impl Conn {
                 let (_, msg) = wire::decode(&st.scratch[..total])?;
                 self.on_msg(sh.cookie, msg)?;
             }
+            // Counted once handled (off a ping-pong's critical path).
+            inc(&self.env.stats.local().rx_msgs);
             if cons.ring.release(ctl) {
                 self.ring_peer();
             }
