@@ -399,9 +399,57 @@ fn queue_event(pipe: Arc<EventPipe>, e: Event, after: &mut After) {
     }
 }
 
+/// An MD's memory: its own, reached under its container's lock, until an
+/// LND needs it outside that lock (a [`TxMsg`] or a [`Sink`] holds it);
+/// from then on shared, behind a mutex of its own. An MD whose payloads
+/// only ever travel inline (copied under the container lock) never pays
+/// for the sharing: no allocation, no second lock.
+enum MdMem {
+    Own(MdBuffer),
+    Shared(SharedMem),
+}
+
+impl MdMem {
+    /// The memory, shared (made so on first use).
+    fn shared(&mut self) -> SharedMem {
+        if let MdMem::Own(b) = self {
+            *self = MdMem::Shared(Arc::new(Mutex::new(std::mem::take(b))));
+        }
+        match self {
+            MdMem::Shared(s) => s.clone(),
+            MdMem::Own(_) => unreachable!("made shared above"),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&MdBuffer) -> R) -> R {
+        match self {
+            MdMem::Own(b) => f(b),
+            MdMem::Shared(s) => f(&crate::lnd::lock_mem(s)),
+        }
+    }
+
+    fn with_mut<R>(&mut self, f: impl FnOnce(&mut MdBuffer) -> R) -> R {
+        match self {
+            MdMem::Own(b) => f(b),
+            MdMem::Shared(s) => f(&mut crate::lnd::lock_mem(s)),
+        }
+    }
+
+    /// The buffer back at unlink; `None` while an LND still holds the
+    /// memory (a bug there: the caller warns).
+    fn into_buffer(self) -> Option<MdBuffer> {
+        match self {
+            MdMem::Own(b) => Some(b),
+            MdMem::Shared(a) => Arc::try_unwrap(a)
+                .ok()
+                .map(|mx| mx.into_inner().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+}
+
 struct MdState {
     view: MdView,
-    mem: Option<SharedMem>,
+    mem: MdMem,
     loan_only: bool,
     /// None when the MD has no handler: its events go nowhere.
     pipe: Option<Arc<EventPipe>>,
@@ -419,16 +467,15 @@ pub(crate) type Fill<'a> = &'a mut dyn FnMut(usize, &mut [u8]) -> Result<()>;
 
 /// Copy an inline payload into `[offset, offset + mlength)` of `mem`
 /// with `fill`, slice by slice.
-fn fill_mem(mem: &SharedMem, offset: u32, mlength: u32, fill: Fill<'_>) -> Result<()> {
-    crate::lnd::lock_mem(mem)
-        .try_for_each_mut(offset as usize, mlength as usize, fill)
+fn fill_mem(mem: &mut MdMem, offset: u32, mlength: u32, fill: Fill<'_>) -> Result<()> {
+    mem.with_mut(|b| b.try_for_each_mut(offset as usize, mlength as usize, fill))
         .map(|_| ())
 }
 
 impl MdState {
     /// A sink over `[offset, offset + mlength)` of this MD.
     fn sink(
-        &self,
+        &mut self,
         inner: &Arc<Inner>,
         offset: u32,
         mlength: u32,
@@ -440,7 +487,7 @@ impl MdState {
             mem: if self.loan_only {
                 None
             } else {
-                self.mem.clone()
+                Some(self.mem.shared())
             },
             offset: offset as usize,
             mlength: mlength as usize,
@@ -1067,12 +1114,13 @@ impl Inner {
         ) {
             Some((md, MdMatch::Ok { offset, mlength })) => {
                 let (m, ev, ack) = self.commit_put(&mut c, md, ni, hdr, from, offset, mlength);
-                match (fill, &m.mem) {
+                match fill {
                     // The payload is at hand and the MD has memory: copy it
-                    // in under the match (container, then memory: the order
-                    // `initiate` takes too) and complete now.
-                    (Some(fill), Some(mem)) if !m.loan_only => {
-                        let status = fill_mem(mem, offset, mlength, fill);
+                    // in under the match (container, then memory when
+                    // shared: the order `initiate` takes too) and complete
+                    // now.
+                    Some(fill) if !m.loan_only => {
+                        let status = fill_mem(&mut m.mem, offset, mlength, fill);
                         self.put_done(c, md, &ev, ack, status, None);
                         Delivery::Done
                     }
@@ -1259,7 +1307,7 @@ impl Inner {
         ev.rlength = sink_length;
         ev.mlength = mlength;
         ev.offset = offset;
-        let mem = c.mds.get(md).expect("matched md").mem.clone();
+        let mem = Some(c.mds.get_mut(md).expect("matched md").mem.shared());
         drop(c);
         let reply = TxMsg::new(TxState {
             inner: self.clone(),
@@ -1711,18 +1759,15 @@ fn finish_in(
     let m = o.remove();
     let Some(pipe) = m.pipe else {
         // No handler: no events; the buffer is simply released.
-        if m.mem.is_some_and(|a| Arc::strong_count(&a) > 1) {
+        if matches!(&m.mem, MdMem::Shared(a) if Arc::strong_count(a) > 1) {
             warn!(target: "neterror", md, "MD memory still referenced at unlink");
         }
         return;
     };
-    let buffer = m.mem.map(|a| match Arc::try_unwrap(a) {
-        Ok(mx) => mx.into_inner().unwrap_or_else(|e| e.into_inner()),
-        Err(_) => {
-            warn!(target: "neterror", md, "MD memory still referenced at unlink");
-            MdBuffer::default()
-        }
-    });
+    let buffer = Some(m.mem.into_buffer().unwrap_or_else(|| {
+        warn!(target: "neterror", md, "MD memory still referenced at unlink");
+        MdBuffer::default()
+    }));
     let last = match (event, m.abort) {
         (Some(mut e), None) => {
             e.unlinked = true;
@@ -1812,7 +1857,7 @@ impl Lnet {
                 threshold: md.threshold,
                 max_size: md.max_size,
             },
-            mem: Some(Arc::new(Mutex::new(md.buffer))),
+            mem: MdMem::Own(md.buffer),
             loan_only,
             pipe: (!matches!(md.handler, EventHandler::None)).then(|| {
                 Arc::new(EventPipe {
@@ -2089,13 +2134,7 @@ impl Lnet {
                 "PUT source larger than LNET_MTU or without memory",
             ));
         }
-        if op == Op::Get
-            && !m.loan_only
-            && !m
-                .mem
-                .as_ref()
-                .is_some_and(|x| crate::lnd::lock_mem(x).is_writable())
-        {
+        if op == Op::Get && !m.loan_only && !m.mem.with(|b| b.is_writable()) {
             return Err(Error::Invalid("GET sink with read-only memory"));
         }
         m.view.threshold.dec();
@@ -2171,9 +2210,7 @@ impl Lnet {
             // called with no core lock held.
             let mut buf = [0u8; SEND_NOW_CAP];
             let n = plen as usize;
-            if let Some(mem) = &m.mem {
-                crate::lnd::lock_mem(mem).copy_out(0, &mut buf[..n]);
-            }
+            m.mem.with(|b| b.copy_out(0, &mut buf[..n]));
             let Container { mds, timers, .. } = &mut *c;
             timers.compact(mds);
             drop(c);
@@ -2185,7 +2222,11 @@ impl Lnet {
             hdr,
             peer: target.nid,
             ni,
-            mem: if op == Op::Put { m.mem.clone() } else { None },
+            mem: if op == Op::Put {
+                Some(m.mem.shared())
+            } else {
+                None
+            },
             offset: 0,
             len: plen as usize,
             credits_held: false,
