@@ -1126,3 +1126,47 @@ fn an_inline_put_is_counted_once_handled_after_its_event() {
     let c = l.peer_counters(peer(2).nid).unwrap();
     assert_eq!((c.recv_count[put], c.recv_length), (3, 24));
 }
+
+#[test]
+fn an_md_filled_inline_then_through_a_sink_keeps_both_and_gives_them_back() {
+    // The first PUT lands under the match (the MD's memory still its own),
+    // the second through a sink (the memory then shared with the LND): the
+    // final event hands back one buffer holding both.
+    let (l, h) = held_node(8, 8);
+    let ni = h.ni.get().unwrap();
+    let q = EventQueue::new();
+    target(
+        &l,
+        9,
+        5,
+        Md::new(vec![0u8; 16])
+            .options(MdOptions::OP_PUT | MdOptions::MANAGE_REMOTE)
+            .threshold(Threshold::Finite(2))
+            .handler(q.handler()),
+    );
+    let none = lnet::wire::WireHandle::NONE;
+    let first = pattern(8, 1);
+    let d = ni
+        .parse_inline(&put_hdr(&l, 9, 5, 8, none), peer(2).nid, |off, dst| {
+            dst.copy_from_slice(&first[off..off + dst.len()]);
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    assert!(matches!(d, lnet::Delivery::Done), "{d:?}");
+    let e = next(&q);
+    assert!(e.status.is_ok() && !e.unlinked && e.buffer.is_none());
+    let mut hdr = put_hdr(&l, 9, 5, 8, none);
+    if let lnet::wire::MsgBody::Put { offset, .. } = &mut hdr.body {
+        *offset = 8;
+    }
+    let second = pattern(8, 2);
+    let lnet::Delivery::Receive(mut sink) = ni.parse(&hdr, peer(2).nid) else {
+        panic!("expected a sink")
+    };
+    sink.write_at(0, &second);
+    sink.complete(Ok(()));
+    let e = next(&q);
+    assert!(e.status.is_ok() && e.unlinked, "{e:?}");
+    let got = e.buffer.expect("the buffer comes back").into_vec();
+    assert_eq!(got, [first, second].concat());
+}
