@@ -386,6 +386,7 @@ impl EventPipe {
 /// Queue `e` on `pipe`: an idle pipe with nothing waiting is claimed and
 /// the event handed to `after` as is (one lock instead of a push, a
 /// pop and a re-check); otherwise it waits its turn in order.
+#[inline]
 fn queue_event(pipe: Arc<EventPipe>, e: Event, after: &mut After) {
     let mut q = lock(&pipe.q);
     if after.direct.is_none() && !q.busy && q.first.is_none() && q.rest.is_empty() {
@@ -1740,6 +1741,7 @@ fn emit_in(
 
 /// Queue `event` (if any) for the MD in `o`; when the MD is done, unlink
 /// it and hand its buffer back with the last event.
+#[inline]
 fn finish_in(
     table: &mut MatchTable<MeState>,
     mut o: MdEntry<'_>,
@@ -1750,7 +1752,10 @@ fn finish_in(
     let m = o.get_mut();
     let done = (m.unlinking || m.view.exhausted()) && m.pending == 0 && m.awaiting.is_none();
     if !done {
-        if let (Some(e), Some(pipe)) = (event, &m.pipe) {
+        // (Not a tuple match: that would move the event once more.)
+        if let Some(pipe) = &m.pipe
+            && let Some(e) = event
+        {
             queue_event(pipe.clone(), e, after);
         }
         return;
