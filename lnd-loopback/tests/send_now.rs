@@ -1,7 +1,7 @@
-//! The core's immediate path for small PUTs ([`Lnd::send_now`]), against a
-//! test LND that records what it is offered: what goes that way, what
-//! falls back to [`Lnd::send`], what it may never overtake, and that event
-//! handlers sending again from its completions do not recurse.
+//! The core's immediate path for small PUTs and GETs ([`Lnd::send_now`]),
+//! against a test LND that records what it is offered: what goes that way,
+//! what falls back to [`Lnd::send`], what it may never overtake, and that
+//! event handlers sending again from its completions do not recurse.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -289,4 +289,57 @@ fn handlers_that_put_again_from_each_send_event_do_not_recurse() {
     // through send().
     assert_eq!(lnd.offered(), 1);
     assert_eq!(sent(&l), N as u64);
+}
+
+#[test]
+fn a_get_leaves_at_once_and_its_reply_lands() {
+    let (l, lnd) = Now::node(Mode::Take, 4, false);
+    let q = EventQueue::new();
+    let md = l
+        .md_bind(
+            Md::new(vec![0u8; 16])
+                .threshold(lnet::Threshold::Finite(2))
+                .handler(q.handler()),
+        )
+        .unwrap();
+    l.get(md, peer(), 4, 9, 0).unwrap();
+    let e = q.recv_timeout(T).expect("SEND");
+    assert_eq!(e.kind, EventKind::Send);
+    assert!(e.status.is_ok() && !e.unlinked, "{e:?}");
+    assert!(lnd.held().is_empty());
+    let (to, get, payload) = lnd.taken.lock().unwrap()[0].clone();
+    assert_eq!((to, payload.len()), (peer().nid, 0));
+    let MsgBody::Get {
+        return_wmd,
+        match_bits: 9,
+        sink_length: 16,
+        ..
+    } = get.body
+    else {
+        panic!("not our GET: {:?}", get.body)
+    };
+    // The peer's REPLY, 10 bytes, into the GET's MD.
+    let reply = Header {
+        dest_nid: get.src_nid,
+        src_nid: get.dest_nid,
+        dest_pid: get.src_pid,
+        src_pid: get.dest_pid,
+        payload_length: 10,
+        body: MsgBody::Reply {
+            dst_wmd: return_wmd,
+        },
+    };
+    let ni = lnd.ni.get().unwrap();
+    let lnet::Delivery::Receive(mut sink) = ni.parse(&reply, peer().nid) else {
+        panic!("expected a sink for the REPLY")
+    };
+    sink.write_at(0, &data(10));
+    sink.complete(Ok(()));
+    let e = q.recv_timeout(T).expect("REPLY");
+    assert_eq!((e.kind, e.mlength), (EventKind::Reply, 10));
+    assert!(e.status.is_ok() && e.unlinked, "{e:?}");
+    let got = e.buffer.expect("buffer").into_vec();
+    assert_eq!(got[..10], data(10)[..]);
+    let c = l.peer_counters(peer().nid).unwrap();
+    assert_eq!(c.send_count[MsgType::Get.index()], 1);
 }

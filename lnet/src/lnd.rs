@@ -73,9 +73,9 @@ pub struct LndLimits {
     /// The LND sends the REPLY to an incoming GET itself (RDMA): `parse`
     /// returns [`Delivery::Reply`] for GETs.
     pub reply_inline: bool,
-    /// PUTs with payloads up to this size (capped at
-    /// [`SEND_NOW_CAP`]) are offered to [`Lnd::send_now`] first; 0 (the
-    /// default) never offers any.
+    /// PUTs with payloads up to this size (capped at [`SEND_NOW_CAP`]),
+    /// and GETs, are offered to [`Lnd::send_now`] first; 0 (the default)
+    /// offers none.
     pub send_now_max: u32,
 }
 

@@ -792,7 +792,8 @@ impl Inner {
         }
     }
 
-    /// May a PUT of `plen` bytes to NI `ni` go through [`Lnd::send_now`]:
+    /// May a message with `plen` payload bytes to NI `ni` go through
+    /// [`Lnd::send_now`]:
     /// the LND takes that size, no message waits for a credit on the NI
     /// (so it overtakes none), and no send is under way on this thread.
     fn may_send_now(&self, ni: usize, plen: u32) -> bool {
@@ -802,7 +803,8 @@ impl Inner {
         let max = n.info.get().map_or(0, |i| i.limits.send_now_max) as usize;
         // Relaxed: this thread's own queued messages are seen in program
         // order; another thread's are unordered with ours anyway.
-        plen as usize <= max.min(SEND_NOW_CAP)
+        max > 0
+            && plen as usize <= max.min(SEND_NOW_CAP)
             && n.backlog.load(Ordering::Relaxed) == 0
             && !self.is_shutting_down()
             && LAUNCH.with(|l| l.borrow().is_none())
@@ -2208,11 +2210,11 @@ impl Lnet {
         };
         let ni = route.map_or(0, |r| r.0);
         let token = TxToken::Initiator { md: mdh.0, ev };
-        if op == Op::Put && route.is_some() && inner.may_send_now(ni, plen) {
-            // A small PUT leaves from here at once when the LND can take
-            // it: no TxMsg, no credits (it is not in flight afterwards).
-            // Its payload is copied out under the MD's lock, and the LND
-            // called with no core lock held.
+        if route.is_some() && inner.may_send_now(ni, plen) {
+            // A small PUT, or a GET (no payload), leaves from here at once
+            // when the LND can take it: no TxMsg, no credits (it is not in
+            // flight afterwards). A PUT's payload is copied out under the
+            // container lock, and the LND called with no core lock held.
             let mut buf = [0u8; SEND_NOW_CAP];
             let n = plen as usize;
             m.mem.with(|b| b.copy_out(0, &mut buf[..n]));
