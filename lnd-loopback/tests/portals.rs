@@ -950,20 +950,20 @@ fn put_hdr(
     }
 }
 
+/// A held node with an ME on portal 9, match bits 5, for `md` (its events
+/// to the returned queue): the target of the inline-payload tests.
+fn inline_target(md: Md) -> (Lnet, Arc<Hold>, EventQueue) {
+    let (l, h) = held_node(8, 8);
+    let q = EventQueue::new();
+    target(&l, 9, 5, md.handler(q.handler()));
+    (l, h, q)
+}
+
 #[test]
 fn inline_put_is_copied_in_place_into_each_fragment_and_acked() {
-    let (l, h) = held_node(8, 8);
-    let ni = h.ni.get().unwrap();
-    let q = EventQueue::new();
     let frags = MdBuffer::from_frags(vec![vec![0u8; 3].into(), vec![0u8; 100].into()]).unwrap();
-    target(
-        &l,
-        9,
-        5,
-        Md::new(frags)
-            .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
-            .handler(q.handler()),
-    );
+    let (l, h, q) = inline_target(Md::new(frags).options(MdOptions::OP_PUT | MdOptions::TRUNCATE));
+    let ni = h.ni.get().unwrap();
     let payload = pattern(10, 4);
     let wmd = lnet::wire::WireHandle {
         interface_cookie: 1,
@@ -1002,17 +1002,8 @@ fn inline_put_is_copied_in_place_into_each_fragment_and_acked() {
 
 #[test]
 fn inline_put_whose_copy_fails_ends_with_an_error_event() {
-    let (l, h) = held_node(8, 8);
+    let (l, h, q) = inline_target(Md::new(vec![0u8; 16]).options(MdOptions::OP_PUT));
     let ni = h.ni.get().unwrap();
-    let q = EventQueue::new();
-    target(
-        &l,
-        9,
-        5,
-        Md::new(vec![0u8; 16])
-            .options(MdOptions::OP_PUT)
-            .handler(q.handler()),
-    );
     let wmd = lnet::wire::WireHandle {
         interface_cookie: 1,
         object_cookie: 2,
@@ -1038,17 +1029,10 @@ fn inline_put_whose_copy_fails_ends_with_an_error_event() {
 
 #[test]
 fn inline_put_without_md_memory_or_match_is_left_to_the_lnd() {
-    let (l, h) = held_node(8, 8);
-    let ni = h.ni.get().unwrap();
-    let q = EventQueue::new();
-    target(
-        &l,
-        9,
-        5,
-        Md::new(MdBuffer::loan_only(64))
-            .options(MdOptions::OP_PUT | MdOptions::LOAN)
-            .handler(q.handler()),
+    let (l, h, q) = inline_target(
+        Md::new(MdBuffer::loan_only(64)).options(MdOptions::OP_PUT | MdOptions::LOAN),
     );
+    let ni = h.ni.get().unwrap();
     let none = lnet::wire::WireHandle::NONE;
     let mut called = false;
     // Loan-only MD: a sink, for the LND to hand the payload over.
@@ -1132,18 +1116,12 @@ fn an_md_filled_inline_then_through_a_sink_keeps_both_and_gives_them_back() {
     // The first PUT lands under the match (the MD's memory still its own),
     // the second through a sink (the memory then shared with the LND): the
     // final event hands back one buffer holding both.
-    let (l, h) = held_node(8, 8);
-    let ni = h.ni.get().unwrap();
-    let q = EventQueue::new();
-    target(
-        &l,
-        9,
-        5,
+    let (l, h, q) = inline_target(
         Md::new(vec![0u8; 16])
             .options(MdOptions::OP_PUT | MdOptions::MANAGE_REMOTE)
-            .threshold(Threshold::Finite(2))
-            .handler(q.handler()),
+            .threshold(Threshold::Finite(2)),
     );
+    let ni = h.ni.get().unwrap();
     let none = lnet::wire::WireHandle::NONE;
     let first = pattern(8, 1);
     let d = ni

@@ -139,11 +139,16 @@ fn dial(to: SocketAddr, me: Ipv4Addr, version: u32, ctype: u32) -> (TcpStream, V
 
 /// Attach a use-once ME for a PUT of up to `n` bytes on `portal`.
 fn expect_put(l: &Lnet, portal: u32, n: usize, q: &EventQueue) {
+    expect_put_bits(l, portal, (0, u64::MAX), n, q);
+}
+
+/// [`expect_put`] for match bits `(bits, ignore)`.
+fn expect_put_bits(l: &Lnet, portal: u32, (bits, ignore): (u64, u64), n: usize, q: &EventQueue) {
     l.attach(
         portal,
         ProcessId::ANY,
-        0,
-        u64::MAX,
+        bits,
+        ignore,
         Unlink::Unlink,
         InsPos::Tail,
         Md::new(vec![0u8; n])
@@ -817,18 +822,7 @@ fn puts_verified(la: &Lnet, lb: &Lnet, nb: Nid, sizes: &[usize]) {
     let q = EventQueue::new();
     let data = |i: usize, n: usize| -> Vec<u8> { (0..n).map(|k| (k * 7 + i) as u8).collect() };
     for (i, &n) in sizes.iter().enumerate() {
-        lb.attach(
-            31,
-            ProcessId::ANY,
-            i as u64,
-            0,
-            Unlink::Unlink,
-            InsPos::Tail,
-            Md::new(vec![0u8; n])
-                .options(MdOptions::OP_PUT)
-                .handler(q.handler()),
-        )
-        .unwrap();
+        expect_put_bits(lb, 31, (i as u64, 0), n, &q);
     }
     for (i, &n) in sizes.iter().enumerate() {
         let md = la.md_bind(Md::new(data(i, n))).unwrap();
