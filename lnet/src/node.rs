@@ -823,20 +823,33 @@ impl Inner {
             SendNow::Declined => {
                 let mem = (!payload.is_empty())
                     .then(|| Arc::new(Mutex::new(MdBuffer::from(payload.to_vec()))));
-                self.send(TxMsg::new(TxState {
-                    inner: self.clone(),
-                    hdr: *hdr,
-                    peer,
-                    ni,
-                    mem,
-                    offset: 0,
-                    len: payload.len(),
-                    credits_held: false,
-                    token: Some(tok),
-                }));
+                self.send(self.initiator_tx(*hdr, ni, mem, payload.len(), tok));
             }
         }
         self.drain_launch();
+    }
+
+    /// Our PUT or GET as a message for [`Lnd::send`]: to the header's
+    /// destination on NI `ni`, `len` payload bytes from `mem`.
+    fn initiator_tx(
+        self: &Arc<Self>,
+        hdr: Header,
+        ni: usize,
+        mem: Option<SharedMem>,
+        len: usize,
+        tok: TxToken,
+    ) -> TxMsg {
+        TxMsg::new(TxState {
+            inner: self.clone(),
+            peer: hdr.dest_nid,
+            hdr,
+            ni,
+            mem,
+            offset: 0,
+            len,
+            credits_held: false,
+            token: Some(tok),
+        })
     }
 
     /// A message [`Lnd::send_now`] took (or failed) completed: counted on
@@ -2224,21 +2237,8 @@ impl Lnet {
             inner.send_now(ni, &hdr, &buf[..n], token);
             return Ok(());
         }
-        let tx = TxMsg::new(TxState {
-            inner: inner.clone(),
-            hdr,
-            peer: target.nid,
-            ni,
-            mem: if op == Op::Put {
-                Some(m.mem.shared())
-            } else {
-                None
-            },
-            offset: 0,
-            len: plen as usize,
-            credits_held: false,
-            token: Some(token),
-        });
+        let mem = (op == Op::Put).then(|| m.mem.shared());
+        let tx = inner.initiator_tx(hdr, ni, mem, plen as usize, token);
         let Container { mds, timers, .. } = &mut *c;
         timers.compact(mds);
         drop(c);

@@ -198,6 +198,17 @@ fn fill_sink(
     })
 }
 
+/// The header of an inline slot carrying an LNet header and `plen`
+/// payload bytes.
+fn inline_slot_hdr(plen: usize) -> SlotHdr {
+    SlotHdr {
+        kind: Kind::Inline,
+        flags: 0,
+        len: (HDR_NID4_SIZE + plen) as u32,
+        cookie: 0,
+    }
+}
+
 impl Conn {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
@@ -358,13 +369,7 @@ impl Conn {
         payload: impl FnOnce(usize) -> bool,
     ) -> bool {
         let mut shb = [0u8; SLOT_HDR];
-        SlotHdr {
-            kind: Kind::Inline,
-            flags: 0,
-            len: (HDR_NID4_SIZE + plen) as u32,
-            cookie: 0,
-        }
-        .encode(&mut shb);
+        inline_slot_hdr(plen).encode(&mut shb);
         self.out.write(off + SLOT_HDR, hb).is_ok()
             && payload(off + SLOT_HDR + HDR_NID4_SIZE)
             && self.out.write(off, &shb).is_ok()
@@ -396,12 +401,6 @@ impl Conn {
     }
 
     fn send_inline(&self, tx: TxMsg, hb: &[u8; HDR_NID4_SIZE], plen: usize) {
-        let sh = SlotHdr {
-            kind: Kind::Inline,
-            flags: 0,
-            len: (HDR_NID4_SIZE + plen) as u32,
-            cookie: 0,
-        };
         let direct = self.write_direct(|off| {
             self.fill_inline(off, hb, plen, |at| {
                 tx.with_payload(|iov| self.out.write_vectored(at, plen, iov, 0))
@@ -413,7 +412,7 @@ impl Conn {
             Some(false) => tx.complete(Err(Error::Network("shm slot write".into()))),
             None => {
                 let mut v = vec![0u8; SLOT_HDR + HDR_NID4_SIZE + plen];
-                sh.encode(&mut v);
+                inline_slot_hdr(plen).encode(&mut v);
                 v[SLOT_HDR..SLOT_HDR + HDR_NID4_SIZE].copy_from_slice(hb);
                 tx.copy_payload_to(0, &mut v[SLOT_HDR + HDR_NID4_SIZE..]);
                 self.enqueue(v, Some(tx));

@@ -575,17 +575,15 @@ impl Lnd for ShmLnd {
             return;
         }
         let peer = tx.peer();
-        if let Some(c) = cached_conn(sh, peer) {
+        if let Some(c) = up_conn(sh, peer) {
             c.send_msg(tx);
             return;
         }
         let conn = {
             let mut peers = sh.peers.lock(peer);
             match peers.get_mut() {
-                Some(PeerState::Up(c)) if !c.is_dead() => {
-                    remember_conn(sh, peer, c);
-                    c.clone()
-                }
+                // Came up since `up_conn` looked.
+                Some(PeerState::Up(c)) if !c.is_dead() => c.clone(),
                 Some(PeerState::Connecting(q)) => {
                     q.push(tx);
                     return;
@@ -615,15 +613,10 @@ impl Lnd for ShmLnd {
         if sh.stop.load(Ordering::Acquire) {
             return SendNow::Declined;
         }
-        if let Some(c) = cached_conn(sh, peer) {
-            return c.send_now(hdr, payload);
+        match up_conn(sh, peer) {
+            Some(c) => c.send_now(hdr, payload),
+            None => SendNow::Declined,
         }
-        let conn = match sh.peers.lock(peer).get() {
-            Some(PeerState::Up(c)) if !c.is_dead() => c.clone(),
-            _ => return SendNow::Declined,
-        };
-        remember_conn(sh, peer, &conn);
-        conn.send_now(hdr, payload)
     }
 
     fn shutdown(&self) {
@@ -659,16 +652,22 @@ thread_local! {
     static LAST_CONN: RefCell<Option<(u64, Nid, Weak<Conn>)>> = const { RefCell::new(None) };
 }
 
-fn remember_conn(sh: &Shared, peer: Nid, c: &Arc<Conn>) {
-    LAST_CONN.with(|l| *l.borrow_mut() = Some((sh.id, peer, Arc::downgrade(c))));
-}
-
-/// This thread's cached connection to `peer` on `sh`, if still live.
-fn cached_conn(sh: &Shared, peer: Nid) -> Option<Arc<Conn>> {
-    LAST_CONN.with(|l| match &*l.borrow() {
+/// The live connection to `peer` on `sh`: this thread's cached one, else
+/// the peer table's (then cached). None while it is connecting or down.
+fn up_conn(sh: &Shared, peer: Nid) -> Option<Arc<Conn>> {
+    let cached = LAST_CONN.with(|l| match &*l.borrow() {
         Some((id, p, w)) if *id == sh.id && *p == peer => w.upgrade().filter(|c| !c.is_dead()),
         _ => None,
-    })
+    });
+    if cached.is_some() {
+        return cached;
+    }
+    let c = match sh.peers.lock(peer).get() {
+        Some(PeerState::Up(c)) if !c.is_dead() => c.clone(),
+        _ => return None,
+    };
+    LAST_CONN.with(|l| *l.borrow_mut() = Some((sh.id, peer, Arc::downgrade(&c))));
+    Some(c)
 }
 
 fn fail_connecting(sh: &Shared, peer: Nid, err: Error) {
