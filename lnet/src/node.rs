@@ -362,41 +362,51 @@ impl EventPipe {
                 None => return,
             }
         };
-        self.deliver_from(next);
+        self.deliver_from(&mut Some(next));
     }
 
-    /// Deliver `next`, then whatever queued meanwhile; the caller has
-    /// claimed the pipe (`busy`).
+    /// Deliver the event in `first`, then whatever queued meanwhile; the
+    /// caller has claimed the pipe (`busy`). (Taken from its slot only for
+    /// the call: the event is not moved on its way.)
     #[inline]
-    fn deliver_from(&self, mut next: Event) {
+    fn deliver_from(&self, first: &mut Option<Event>) {
+        let Some(e) = first.take() else {
+            lock(&self.q).busy = false;
+            return;
+        };
+        self.handler.deliver(e);
         loop {
-            self.handler.deliver(next);
-            let mut g = lock(&self.q);
-            match g.pop() {
-                Some(e) => next = e,
-                None => {
-                    g.busy = false;
-                    return;
+            let next = {
+                let mut g = lock(&self.q);
+                match g.pop() {
+                    Some(e) => e,
+                    None => {
+                        g.busy = false;
+                        return;
+                    }
                 }
-            }
+            };
+            self.handler.deliver(next);
         }
     }
 }
 
-/// Queue `e` on `pipe`: an idle pipe with nothing waiting is claimed and
-/// the event handed to `after` as is (one lock instead of a push, a
-/// pop and a re-check); otherwise it waits its turn in order.
+/// Queue the event `make` builds on `pipe`: an idle pipe with nothing
+/// waiting is claimed and the event built straight into `after` (one lock
+/// instead of a push, a pop and a re-check, and no moves of the event on
+/// the way); otherwise it waits its turn in order.
 #[inline]
-fn queue_event(pipe: Arc<EventPipe>, e: Event, after: &mut After) {
+fn queue_event(pipe: &Arc<EventPipe>, make: impl FnOnce() -> Event, after: &mut After) {
     let mut q = lock(&pipe.q);
-    if after.direct.is_none() && !q.busy && q.first.is_none() && q.rest.is_empty() {
+    if after.direct_pipe.is_none() && !q.busy && q.first.is_none() && q.rest.is_empty() {
         q.busy = true;
         drop(q);
-        after.direct = Some((pipe, e));
+        after.direct_pipe = Some(pipe.clone());
+        after.direct_ev = Some(make());
     } else {
-        q.push(e);
+        q.push(make());
         drop(q);
-        after.push_pipe(pipe);
+        after.push_pipe(pipe.clone());
     }
 }
 
@@ -525,9 +535,11 @@ struct Container {
 /// Things to do once the container lock is released.
 #[derive(Default)]
 struct After {
-    /// An event for a pipe this After has claimed (see `queue_event`):
-    /// delivered first, and also if the After is dropped unrun.
-    direct: Option<(Arc<EventPipe>, Event)>,
+    /// A pipe this After has claimed (see `queue_event`), and the event
+    /// for it (both set or neither): delivered first, and also if the
+    /// After is dropped unrun.
+    direct_pipe: Option<Arc<EventPipe>>,
+    direct_ev: Option<Event>,
     /// The usual single pipe to drain, without allocating.
     pipe: Option<Arc<EventPipe>>,
     pipes: Vec<Arc<EventPipe>>,
@@ -553,10 +565,16 @@ impl After {
         }
     }
 
-    fn run(&mut self, inner: &Arc<Inner>) {
-        if let Some((p, e)) = self.direct.take() {
-            p.deliver_from(e);
+    /// Deliver the event of the pipe this After claimed, if any.
+    #[inline]
+    fn deliver_direct(&mut self) {
+        if let Some(p) = self.direct_pipe.take() {
+            p.deliver_from(&mut self.direct_ev);
         }
+    }
+
+    fn run(&mut self, inner: &Arc<Inner>) {
+        self.deliver_direct();
         if let Some(p) = self.pipe.take() {
             p.drain();
         }
@@ -584,9 +602,7 @@ impl After {
 impl Drop for After {
     fn drop(&mut self) {
         // A claimed pipe must not stay claimed: deliver what it holds.
-        if let Some((p, e)) = self.direct.take() {
-            p.deliver_from(e);
-        }
+        self.deliver_direct();
     }
 }
 
@@ -604,6 +620,9 @@ pub(crate) struct Inner {
     monitor: Monitor,
 }
 
+/// The stack buffer of an immediate send of at most this many bytes.
+const SEND_NOW_SMALL: usize = 64;
+
 /// Sequence numbers a thread takes from its node's counter at a time.
 const SEQ_BLOCK_LEN: u64 = 256;
 
@@ -611,9 +630,13 @@ thread_local! {
     /// This thread's block of cookie sequence numbers: (the node's epoch,
     /// next, end). A thread that switches nodes takes a new block.
     static SEQ_BLOCK: Cell<(u64, u64, u64)> = const { Cell::new((0, 0, 0)) };
-    /// Sends issued while an LND send is on this thread's stack wait here
-    /// (so an LND that completes inside `send`, like `lo`, never recurses).
-    static LAUNCH: RefCell<Option<VecDeque<TxMsg>>> = const { RefCell::new(None) };
+    /// True while an LND send is on this thread's stack: sends issued
+    /// meanwhile wait in `LAUNCH_Q` (so an LND that completes inside
+    /// `send`, like `lo`, never recurses). A flag of its own, without
+    /// drop glue, so the common check costs one load.
+    static LAUNCHING: Cell<bool> = const { Cell::new(false) };
+    /// The sends waiting for this thread's launch to return.
+    static LAUNCH_Q: RefCell<VecDeque<TxMsg>> = const { RefCell::new(VecDeque::new()) };
 }
 
 fn container_of(cookie: u64) -> usize {
@@ -754,40 +777,26 @@ impl Inner {
     }
 
     fn lnd_send(self: &Arc<Self>, tx: TxMsg) {
-        let first = LAUNCH.with(|l| {
-            let mut l = l.borrow_mut();
-            match l.as_mut() {
-                Some(q) => {
-                    q.push_back(tx);
-                    None
-                }
-                None => {
-                    *l = Some(VecDeque::new());
-                    Some(tx)
-                }
-            }
-        });
-        let Some(first) = first else { return };
-        self.nis[first.ni].lnd.send(first);
+        if LAUNCHING.get() {
+            LAUNCH_Q.with(|q| q.borrow_mut().push_back(tx));
+            return;
+        }
+        LAUNCHING.set(true);
+        self.nis[tx.ni].lnd.send(tx);
         self.drain_launch();
     }
 
     /// Hand the LND what queued on this thread's launch queue while a
-    /// send was under way, until it is empty; then close the queue.
+    /// send was under way, until it is empty; then end the launch.
     fn drain_launch(self: &Arc<Self>) {
         loop {
-            let more = LAUNCH.with(|l| {
-                let mut l = l.borrow_mut();
-                let q = l.as_mut().expect("launch queue");
-                let n = q.pop_front();
-                if n.is_none() {
-                    *l = None;
-                }
-                n
-            });
+            let more = LAUNCH_Q.with(|q| q.borrow_mut().pop_front());
             match more {
                 Some(t) => self.nis[t.ni].lnd.send(t),
-                None => return,
+                None => {
+                    LAUNCHING.set(false);
+                    return;
+                }
             }
         }
     }
@@ -807,7 +816,7 @@ impl Inner {
             && plen as usize <= max.min(SEND_NOW_CAP)
             && n.backlog.load(Ordering::Relaxed) == 0
             && !self.is_shutting_down()
-            && LAUNCH.with(|l| l.borrow().is_none())
+            && !LAUNCHING.get()
     }
 
     /// Offer a small message to the LND's [`Lnd::send_now`] and complete
@@ -816,7 +825,7 @@ impl Inner {
     /// waits its turn instead of recursing.
     fn send_now(self: &Arc<Self>, ni: usize, hdr: &Header, payload: &[u8], tok: TxToken) {
         let peer = hdr.dest_nid;
-        LAUNCH.with(|l| *l.borrow_mut() = Some(VecDeque::new()));
+        LAUNCHING.set(true);
         match self.nis[ni].lnd.send_now(peer, hdr, payload) {
             SendNow::Sent => self.sent_now(ni, peer, hdr, &tok, Ok(())),
             SendNow::Failed(e) => self.sent_now(ni, peer, hdr, &tok, Err(e)),
@@ -827,6 +836,28 @@ impl Inner {
             }
         }
         self.drain_launch();
+    }
+
+    /// [`Inner::send_now`] for our PUT or GET from bound MD `md`: its
+    /// first `n` (at most `N`) bytes copied onto the stack under the
+    /// container lock `c`, then offered with no core lock held.
+    fn send_copied<const N: usize>(
+        self: &Arc<Self>,
+        mut c: MutexGuard<'_, Container>,
+        md: u64,
+        n: usize,
+        ni: usize,
+        hdr: &Header,
+        tok: TxToken,
+    ) {
+        let mut buf = [0u8; N];
+        let Container { mds, timers, .. } = &mut *c;
+        if let Some(m) = mds.get(md) {
+            m.mem.with(|b| b.copy_out(0, &mut buf[..n]));
+        }
+        timers.compact(mds);
+        drop(c);
+        self.send_now(ni, hdr, &buf[..n], tok);
     }
 
     /// Our PUT or GET as a message for [`Lnd::send`]: to the header's
@@ -1728,11 +1759,11 @@ fn emit_in(
     after: &mut After,
 ) {
     let m = o.get();
-    if m.pipe.is_none() {
+    let Some(pipe) = &m.pipe else {
         finish_in(table, o, None, after);
         return;
-    }
-    let event = Event {
+    };
+    let make = || Event {
         kind,
         target: ev.target,
         initiator: ev.initiator,
@@ -1751,7 +1782,20 @@ fn emit_in(
         buffer: None,
         loan,
     };
+    if !is_done(m) {
+        // The usual case: the MD lives on; its event is built where it
+        // waits for delivery.
+        queue_event(pipe, make, after);
+        return;
+    }
+    let event = make();
     finish_in(table, o, Some(event), after);
+}
+
+/// True when MD `m` has nothing more to do: it is unlinked, or used up
+/// with nothing in flight and no response awaited.
+fn is_done(m: &MdState) -> bool {
+    (m.unlinking || m.view.exhausted()) && m.pending == 0 && m.awaiting.is_none()
 }
 
 /// Queue `event` (if any) for the MD in `o`; when the MD is done, unlink
@@ -1765,13 +1809,11 @@ fn finish_in(
 ) {
     let md = o.key();
     let m = o.get_mut();
-    let done = (m.unlinking || m.view.exhausted()) && m.pending == 0 && m.awaiting.is_none();
-    if !done {
-        // (Not a tuple match: that would move the event once more.)
+    if !is_done(m) {
         if let Some(pipe) = &m.pipe
             && let Some(e) = event
         {
-            queue_event(pipe.clone(), e, after);
+            queue_event(pipe, || e, after);
         }
         return;
     }
@@ -1796,7 +1838,7 @@ fn finish_in(
         }
         (e, abort) => {
             if let Some(e) = e {
-                queue_event(pipe.clone(), e, after);
+                queue_event(&pipe, || e, after);
             }
             Event {
                 kind: EventKind::Unlink,
@@ -1819,7 +1861,7 @@ fn finish_in(
             }
         }
     };
-    queue_event(pipe, last, after);
+    queue_event(&pipe, || last, after);
 }
 
 // ------------------------------------------------------------- public API
@@ -2228,13 +2270,14 @@ impl Lnet {
             // when the LND can take it: no TxMsg, no credits (it is not in
             // flight afterwards). A PUT's payload is copied out under the
             // container lock, and the LND called with no core lock held.
-            let mut buf = [0u8; SEND_NOW_CAP];
+            // A buffer sized to the payload's class: the usual tiny
+            // message zeroes 64 bytes of stack, not the whole cap.
             let n = plen as usize;
-            m.mem.with(|b| b.copy_out(0, &mut buf[..n]));
-            let Container { mds, timers, .. } = &mut *c;
-            timers.compact(mds);
-            drop(c);
-            inner.send_now(ni, &hdr, &buf[..n], token);
+            if n <= SEND_NOW_SMALL {
+                inner.send_copied::<SEND_NOW_SMALL>(c, mdh.0, n, ni, &hdr, token);
+            } else {
+                inner.send_copied::<SEND_NOW_CAP>(c, mdh.0, n, ni, &hdr, token);
+            }
             return Ok(());
         }
         let mem = (op == Op::Put).then(|| m.mem.shared());

@@ -45,6 +45,7 @@ const TAIL_SIZE: usize = 16 + UNION_SIZE;
 
 // Fixed-offset field access. Every offset is a constant and every buffer a
 // fixed-size array, so the bounds are checked at compile time.
+#[inline(always)]
 fn get32<const N: usize>(b: &[u8; N], at: usize, o: ByteOrder) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
@@ -54,6 +55,7 @@ fn get32<const N: usize>(b: &[u8; N], at: usize, o: ByteOrder) -> u32 {
     }
 }
 
+#[inline(always)]
 fn get64<const N: usize>(b: &[u8; N], at: usize, o: ByteOrder) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
@@ -63,6 +65,7 @@ fn get64<const N: usize>(b: &[u8; N], at: usize, o: ByteOrder) -> u64 {
     }
 }
 
+#[inline(always)]
 fn put32<const N: usize>(b: &mut [u8; N], at: usize, v: u32, o: ByteOrder) {
     b[at..at + 4].copy_from_slice(&match o {
         ByteOrder::Little => v.to_le_bytes(),
@@ -70,6 +73,7 @@ fn put32<const N: usize>(b: &mut [u8; N], at: usize, v: u32, o: ByteOrder) {
     });
 }
 
+#[inline(always)]
 fn put64<const N: usize>(b: &mut [u8; N], at: usize, v: u64, o: ByteOrder) {
     b[at..at + 8].copy_from_slice(&match o {
         ByteOrder::Little => v.to_le_bytes(),
@@ -78,6 +82,7 @@ fn put64<const N: usize>(b: &mut [u8; N], at: usize, v: u64, o: ByteOrder) {
 }
 
 /// The wire handle that opens every union but HELLO's.
+#[inline(always)]
 fn get_wmd(t: &[u8; TAIL_SIZE], o: ByteOrder) -> WireHandle {
     WireHandle {
         interface_cookie: get64(t, 16, o),
@@ -85,6 +90,7 @@ fn get_wmd(t: &[u8; TAIL_SIZE], o: ByteOrder) -> WireHandle {
     }
 }
 
+#[inline(always)]
 fn put_wmd(t: &mut [u8; TAIL_SIZE], h: WireHandle, o: ByteOrder) {
     put64(t, 16, h.interface_cookie, o);
     put64(t, 24, h.object_cookie, o);
@@ -246,6 +252,7 @@ impl Header {
 
     /// The 56 bytes after the NIDs: pids, type, length and the union, at
     /// fixed offsets (one pass, no cursor: this runs per message).
+    #[inline(always)]
     fn write_tail(&self, t: &mut [u8; TAIL_SIZE], o: ByteOrder) {
         put32(t, 0, self.dest_pid, o);
         put32(t, 4, self.src_pid, o);
@@ -301,6 +308,16 @@ impl Header {
 
     /// Encode in the 72-byte form. Fails if a NID needs the large form.
     pub fn encode_nid4(&self, order: ByteOrder) -> Result<[u8; HDR_NID4_SIZE], WireError> {
+        // One copy per order, each with its order a constant: every field
+        // is then a plain store (or a store and a byte swap).
+        match order {
+            ByteOrder::Little => self.encode_nid4_in(ByteOrder::Little),
+            ByteOrder::Big => self.encode_nid4_in(ByteOrder::Big),
+        }
+    }
+
+    #[inline(always)]
+    fn encode_nid4_in(&self, order: ByteOrder) -> Result<[u8; HDR_NID4_SIZE], WireError> {
         let d = self.dest_nid.to_nid4().ok_or(WireError::Inconsistent(
             "destination NID needs the large header",
         ))?;
@@ -327,6 +344,7 @@ impl Header {
         b
     }
 
+    #[inline(always)]
     fn read_tail(
         t: &[u8; TAIL_SIZE],
         o: ByteOrder,
@@ -403,6 +421,15 @@ impl Header {
     /// Decode the 72-byte form written in `order`. Extra bytes after the
     /// header are ignored (they are the payload).
     pub fn decode_nid4(buf: &[u8], order: ByteOrder) -> Result<Header, WireError> {
+        // As for encoding: one copy per order, its order a constant.
+        match order {
+            ByteOrder::Little => Self::decode_nid4_in(buf, ByteOrder::Little),
+            ByteOrder::Big => Self::decode_nid4_in(buf, ByteOrder::Big),
+        }
+    }
+
+    #[inline(always)]
+    fn decode_nid4_in(buf: &[u8], order: ByteOrder) -> Result<Header, WireError> {
         if buf.len() < HDR_NID4_SIZE {
             return Err(WireError::Short {
                 need: HDR_NID4_SIZE,
