@@ -180,7 +180,7 @@ impl FromStr for Net {
 ///
 /// Ordering compares network, then address, which gives the total order
 /// socklnd uses to break ties between simultaneous connections.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Eq, PartialOrd, Ord)]
 pub struct Nid {
     ty: NetType,
     num: u16,
@@ -189,10 +189,11 @@ pub struct Nid {
     addr: [u8; 16],
 }
 
-// Three words instead of a field at a time: NIDs are hashed on every
-// message (peer tables).
-impl std::hash::Hash for Nid {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+impl Nid {
+    /// The NID as three words (type, number and length; the two halves
+    /// of the address): what hashing and comparing for equality use.
+    #[inline]
+    fn words(&self) -> (u32, u64, u64) {
         let [
             a0,
             a1,
@@ -211,9 +212,29 @@ impl std::hash::Hash for Nid {
             b6,
             b7,
         ] = self.addr;
-        h.write_u32(u32::from(self.ty.0) | u32::from(self.num) << 8 | u32::from(self.len) << 24);
-        h.write_u64(u64::from_ne_bytes([a0, a1, a2, a3, a4, a5, a6, a7]));
-        h.write_u64(u64::from_ne_bytes([b0, b1, b2, b3, b4, b5, b6, b7]));
+        (
+            u32::from(self.ty.0) | u32::from(self.num) << 8 | u32::from(self.len) << 24,
+            u64::from_ne_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+            u64::from_ne_bytes([b0, b1, b2, b3, b4, b5, b6, b7]),
+        )
+    }
+}
+
+// Three words instead of a field at a time: NIDs are hashed and compared
+// on every message (peer tables, matching, routing).
+impl std::hash::Hash for Nid {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        let (t, a, b) = self.words();
+        h.write_u32(t);
+        h.write_u64(a);
+        h.write_u64(b);
+    }
+}
+
+impl PartialEq for Nid {
+    #[inline]
+    fn eq(&self, other: &Nid) -> bool {
+        self.words() == other.words()
     }
 }
 

@@ -343,7 +343,13 @@ impl PipeQ {
         }
     }
     fn pop(&mut self) -> Option<Event> {
-        self.first.take().or_else(|| self.rest.pop_front())
+        // (Checked first: `take` on an empty slot still copies the whole,
+        // event-sized, option.)
+        if self.first.is_some() {
+            self.first.take()
+        } else {
+            self.rest.pop_front()
+        }
     }
 }
 
@@ -1159,27 +1165,25 @@ impl Inner {
             hdr.payload_length,
             offset,
         ) {
-            Some((md, MdMatch::Ok { offset, mlength })) => {
-                let (m, ev, ack) = self.commit_put(&mut c, md, ni, hdr, from, offset, mlength);
-                match fill {
-                    // The payload is at hand and the MD has memory: copy it
-                    // in under the match (container, then memory when
-                    // shared: the order `initiate` takes too) and complete
-                    // now.
-                    Some(fill) if !m.loan_only => {
-                        let status = fill_mem(&mut m.mem, offset, mlength, fill);
-                        self.put_done(c, md, &ev, ack, status, None);
-                        Delivery::Done
-                    }
-                    _ => Delivery::Receive(m.sink(
+            Some((md, MdMatch::Ok { offset, mlength })) => match fill {
+                // The payload is at hand and the MD has memory: copy it in
+                // under the match (container, then memory when shared: the
+                // order `initiate` takes too) and complete now.
+                Some(fill) if c.mds.get(md).is_some_and(|m| !m.loan_only) => {
+                    self.put_filled(c, md, ni, hdr, from, (offset, mlength), fill);
+                    Delivery::Done
+                }
+                _ => {
+                    let (m, ev, ack) = self.commit_put(&mut c, md, ni, hdr, from, offset, mlength);
+                    Delivery::Receive(m.sink(
                         self,
                         offset,
                         mlength,
                         hdr.payload_length,
                         RxToken::Put { md, ev, ack },
-                    )),
+                    ))
                 }
-            }
+            },
             Some((_, _)) => {
                 drop(c);
                 self.drop_msg(ni, hdr, DropReason::TooLarge)
@@ -1208,6 +1212,47 @@ impl Inner {
                 self.drop_msg(ni, hdr, DropReason::NoMatch)
             }
         }
+    }
+
+    /// A PUT matched on `md` whose payload `fill` copies in now, under the
+    /// match: commit, copy, event and ACK with one MD lookup, and nothing
+    /// counted in flight (it never leaves the container lock).
+    #[allow(clippy::too_many_arguments)]
+    fn put_filled(
+        self: &Arc<Self>,
+        mut c: MutexGuard<'_, Container>,
+        md: u64,
+        ni: usize,
+        hdr: &Header,
+        from: Nid,
+        (offset, mlength): (u32, u32),
+        fill: Fill<'_>,
+    ) {
+        let Container { table, mds, .. } = &mut *c;
+        let Some(mut o) = mds.entry(md) else { return };
+        let m = o.get_mut();
+        m.view.commit(offset, mlength);
+        if m.view.exhausted() {
+            detach_me(table, m);
+        }
+        let status = fill_mem(&mut m.mem, offset, mlength, fill);
+        let MsgBody::Put { ack_wmd, .. } = hdr.body else {
+            unreachable!()
+        };
+        let ack = status.is_ok()
+            && !ack_wmd.is_none()
+            && !m.view.options.contains(MdOptions::ACK_DISABLE);
+        let mut ev = self.target_ev(hdr, from);
+        ev.rlength = hdr.payload_length;
+        ev.mlength = mlength;
+        ev.offset = offset;
+        let mut after = After::default();
+        emit_in(table, o, EventKind::Put, &ev, status, None, &mut after);
+        drop(c);
+        if ack {
+            after.push_send(self.ack_msg(&ev, ack_wmd, ni, from));
+        }
+        after.run(self);
     }
 
     /// Commit a PUT's match on `md` (detaching it when exhausted) and

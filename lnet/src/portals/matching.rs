@@ -178,6 +178,22 @@ impl<T> MatchTable<T> {
         } else {
             self.exact.get(&bits).map_or(&[], |b| b.as_slice())
         };
+        if bucket.is_empty() {
+            // Only wildcards can match (the usual case of a portal whose
+            // MEs all ignore some bits): no merge.
+            let Self { entries, wild, .. } = self;
+            for (k, c) in wild.values() {
+                if !c.accepts(src, bits) {
+                    continue;
+                }
+                if let Some(e) = entries.get_mut(k)
+                    && let Decision::Stop(r) = decide(*k, &mut e.value)
+                {
+                    return Some((*k, r));
+                }
+            }
+            return None;
+        }
         let mut bi = bucket.iter().peekable();
         let mut wi = self.wild.iter().peekable();
         loop {
