@@ -548,18 +548,29 @@ struct After {
     direct_ev: Option<Event>,
     /// The usual single pipe to drain, without allocating.
     pipe: Option<Arc<EventPipe>>,
-    pipes: Vec<Arc<EventPipe>>,
     /// The usual single send (an ACK or REPLY), without allocating.
     send: Option<TxMsg>,
-    sends: Vec<TxMsg>,
+    /// The rest, rare: allocated when first needed (and an After without
+    /// it costs one check to drop).
+    more: Option<Box<AfterMore>>,
+}
+
+#[derive(Default)]
+struct AfterMore {
+    pipes: Vec<Arc<EventPipe>>,
     fires: Vec<(DeferredSender, Delivery)>,
+    sends: Vec<TxMsg>,
 }
 
 impl After {
+    fn more(&mut self) -> &mut AfterMore {
+        self.more.get_or_insert_with(Box::default)
+    }
+
     fn push_send(&mut self, t: TxMsg) {
         match self.send {
             None => self.send = Some(t),
-            Some(_) => self.sends.push(t),
+            Some(_) => self.more().sends.push(t),
         }
     }
 
@@ -567,8 +578,13 @@ impl After {
         match &self.pipe {
             None => self.pipe = Some(p),
             Some(q) if Arc::ptr_eq(q, &p) => {}
-            Some(_) => self.pipes.push(p),
+            Some(_) => self.more().pipes.push(p),
         }
+    }
+
+    /// A deferred message's delivery, fired once the locks are released.
+    fn push_fire(&mut self, tx: DeferredSender, d: Delivery) {
+        self.more().fires.push((tx, d));
     }
 
     /// Deliver the event of the pipe this After claimed, if any.
@@ -584,23 +600,31 @@ impl After {
         if let Some(p) = self.pipe.take() {
             p.drain();
         }
-        if !self.pipes.is_empty() {
-            for p in std::mem::take(&mut self.pipes) {
-                p.drain();
+        let send = self.send.take();
+        match self.more.take() {
+            None => {
+                if let Some(t) = send {
+                    inner.send(t);
+                }
             }
+            Some(m) => m.run(send, inner),
         }
-        if !self.fires.is_empty() {
-            for (tx, d) in std::mem::take(&mut self.fires) {
-                tx.fire(d);
-            }
+    }
+}
+
+impl AfterMore {
+    /// The rest of [`After::run`], in the same order: pipes, deferred
+    /// deliveries, then sends (`first` before the others).
+    #[cold]
+    fn run(self, first: Option<TxMsg>, inner: &Arc<Inner>) {
+        for p in &self.pipes {
+            p.drain();
         }
-        if let Some(t) = self.send.take() {
+        for (tx, d) in self.fires {
+            tx.fire(d);
+        }
+        for t in first.into_iter().chain(self.sends) {
             inner.send(t);
-        }
-        if !self.sends.is_empty() {
-            for t in std::mem::take(&mut self.sends) {
-                inner.send(t);
-            }
         }
     }
 }
@@ -696,15 +720,23 @@ impl Inner {
 
     /// The NI that reaches `dst`, and the source NID to use.
     fn route(&self, dst: &Nid) -> Option<(usize, Nid)> {
-        if self.is_local(dst) {
+        // One pass: a NID of ours is local (through `lo`); otherwise the
+        // first NI (after `lo`) on the destination's network.
+        if *dst == Nid::LO {
             return Some((0, *dst));
         }
-        self.nis.iter().enumerate().skip(1).find_map(|(i, n)| {
-            n.info
-                .get()
-                .filter(|x| x.nid.net() == dst.net())
-                .map(|x| (i, x.nid))
-        })
+        let net = dst.net();
+        let mut via = None;
+        for (i, n) in self.nis.iter().enumerate() {
+            let Some(x) = n.info.get() else { continue };
+            if x.nid == *dst {
+                return Some((0, *dst));
+            }
+            if via.is_none() && i > 0 && x.nid.net() == net {
+                via = Some((i, x.nid));
+            }
+        }
+        via
     }
 
     /// Every NI's message counters: its own (drops, and messages that
@@ -1633,7 +1665,7 @@ impl Inner {
                 for d in c.delayed.drain(..) {
                     self.counters.drop_reason(DropReason::LazyFlushed);
                     let len = d.hdr.payload_length;
-                    after.fires.push((d.tx, Delivery::Discard(len)));
+                    after.push_fire(d.tx, Delivery::Discard(len));
                 }
                 let mds: Vec<u64> = c.mds.cookies().collect();
                 for md in mds {
@@ -2077,13 +2109,13 @@ impl Lnet {
                             n.counters.dropped(MsgType::Put, d.hdr.payload_length);
                         }
                         let len = d.hdr.payload_length;
-                        after.fires.push((d.tx, Delivery::Discard(len)));
+                        after.push_fire(d.tx, Delivery::Discard(len));
                     }
                     MdMatch::Ok { offset, mlength } => {
                         let d = c.delayed.remove(i).expect("delayed");
                         let sink =
                             inner.put_sink(&mut c, cookie, d.ni, &d.hdr, d.from, offset, mlength);
-                        after.fires.push((d.tx, Delivery::Receive(sink)));
+                        after.push_fire(d.tx, Delivery::Receive(sink));
                     }
                 }
             }
@@ -2188,7 +2220,7 @@ impl Lnet {
                 for d in c.delayed.drain(..) {
                     self.inner.counters.drop_reason(DropReason::LazyFlushed);
                     let len = d.hdr.payload_length;
-                    after.fires.push((d.tx, Delivery::Discard(len)));
+                    after.push_fire(d.tx, Delivery::Discard(len));
                 }
             }
         }

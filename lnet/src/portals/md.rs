@@ -358,6 +358,15 @@ impl MdBuffer {
     pub fn copy_out(&self, off: usize, dst: &mut [u8]) -> usize {
         // Straight over the segments (no slice list to build): the core
         // copies small payloads this way on every message.
+        if let Segs::One(seg) = &self.segs {
+            // The usual MD: one segment, no walk.
+            let b = seg.as_slice();
+            let n = b.len().saturating_sub(off).min(dst.len());
+            if n > 0 {
+                dst[..n].copy_from_slice(&b[off..off + n]);
+            }
+            return n;
+        }
         let (mut off, mut done) = (off, 0);
         for s in self.segs.iter() {
             if done == dst.len() {
@@ -397,6 +406,17 @@ impl MdBuffer {
         len: usize,
         mut f: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
     ) -> Result<usize, E> {
+        if let Segs::One(seg) = &mut self.segs {
+            // The usual MD: one segment, no walk.
+            let l = seg.len();
+            let n = l.saturating_sub(off).min(len);
+            if n > 0
+                && let Some(b) = seg.as_mut_slice()
+            {
+                f(0, &mut b[off..off + n])?;
+            }
+            return Ok(n);
+        }
         let (mut off, mut rel) = (off, 0);
         for s in self.segs.iter_mut() {
             if rel == len {
