@@ -267,6 +267,8 @@ impl<T: Default> Default for Sharded<T> {
 }
 
 /// This thread's shard: threads take shards round-robin on first use.
+/// (Inline: LNDs in other crates count on every message.)
+#[inline]
 fn shard_index() -> usize {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     thread_local! {
@@ -286,6 +288,7 @@ fn shard_index() -> usize {
 
 impl<T: StatBlock> Sharded<T> {
     /// The calling thread's copy: count here.
+    #[inline]
     pub fn local(&self) -> &T {
         &self.shards[shard_index() & (STAT_SHARDS - 1)].0
     }
