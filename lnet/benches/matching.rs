@@ -6,6 +6,10 @@
 //!   not depend on the number of MEs.
 //! * wildcard: every ME has ignore bits; the message matches only the
 //!   last one, so the whole list is walked (the worst case).
+//! * posted: N MEs share one set of match bits, as a server's posted
+//!   request buffers do; each message matches the oldest, which is
+//!   unlinked, and a fresh one is posted at the tail. Cost should not
+//!   depend on N (16, 256 or 4,096 buffers).
 
 use std::hint::black_box;
 
@@ -38,6 +42,28 @@ fn bench(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("wildcard_last", n), &n, |b, &n| {
             b.iter(|| {
                 black_box(w.find(&src, black_box((n - 1) << 8 | 3), |_, v| Decision::Stop(*v)))
+            })
+        });
+    }
+    for n in [16u64, 256, 4096] {
+        let mut t = MatchTable::new();
+        let crit = MatchCriteria {
+            match_id: ProcessId::ANY,
+            match_bits: 7,
+            ignore_bits: 0,
+        };
+        for i in 0..n {
+            t.insert(i + 1, crit, InsPos::Tail, i);
+        }
+        let mut next = n + 1;
+        g.bench_with_input(BenchmarkId::new("posted_consume_repost", n), &n, |b, _| {
+            b.iter(|| {
+                let (k, _) = t
+                    .find(&src, 7, |_, v| Decision::Stop(*v))
+                    .expect("a buffer");
+                black_box(t.remove(k));
+                t.insert(next, crit, InsPos::Tail, next);
+                next += 1;
             })
         });
     }

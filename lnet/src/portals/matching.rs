@@ -17,7 +17,7 @@
 //! of unique match bits costs one hash lookup however many MEs it holds
 //! (LNet's "unique" portals), and wildcard MEs cost what they must.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::nid::ProcessId;
 
@@ -67,7 +67,11 @@ struct Entry<T> {
 /// state; keys are the caller's ME cookies.
 pub struct MatchTable<T> {
     entries: HashMap<u64, Entry<T>, foldhash::fast::RandomState>,
-    exact: HashMap<u64, Vec<(i64, u64)>, foldhash::fast::RandomState>,
+    /// Buckets of exact MEs by match bits, each in position order: a
+    /// deque, so that the usual unlink (the oldest ME, at the front, as a
+    /// server's posted request buffers are consumed) and the usual attach
+    /// (at either end) cost no shifting however many MEs share the bits.
+    exact: HashMap<u64, VecDeque<(i64, u64)>, foldhash::fast::RandomState>,
     /// Wildcard MEs by position, with their criteria inline so a walk
     /// touches only this map until something matches.
     wild: BTreeMap<i64, (u64, MatchCriteria)>,
@@ -138,7 +142,10 @@ impl<T> MatchTable<T> {
         let e = self.entries.remove(&key)?;
         if e.crit.ignore_bits == 0 {
             if let Some(b) = self.exact.get_mut(&e.crit.match_bits) {
-                b.retain(|(_, k)| *k != key);
+                // Sorted by position (unique): found by bisection.
+                if let Ok(i) = b.binary_search_by_key(&e.pos, |(p, _)| *p) {
+                    b.remove(i);
+                }
                 if b.is_empty() {
                     self.exact.remove(&e.crit.match_bits);
                 }
@@ -173,27 +180,14 @@ impl<T> MatchTable<T> {
         mut decide: impl FnMut(u64, &mut T) -> Decision<R>,
     ) -> Option<(u64, R)> {
         // No hashing at all on a portal with only wildcard MEs.
-        let bucket: &[(i64, u64)] = if self.exact.is_empty() {
-            &[]
+        let bucket = if self.exact.is_empty() {
+            None
         } else {
-            self.exact.get(&bits).map_or(&[], |b| b.as_slice())
+            self.exact.get(&bits).filter(|b| !b.is_empty())
         };
-        if bucket.is_empty() {
-            // Only wildcards can match (the usual case of a portal whose
-            // MEs all ignore some bits): no merge.
-            let Self { entries, wild, .. } = self;
-            for (k, c) in wild.values() {
-                if !c.accepts(src, bits) {
-                    continue;
-                }
-                if let Some(e) = entries.get_mut(k)
-                    && let Decision::Stop(r) = decide(*k, &mut e.value)
-                {
-                    return Some((*k, r));
-                }
-            }
-            return None;
-        }
+        let Some(bucket) = bucket else {
+            return self.find_wild(src, bits, decide);
+        };
         let mut bi = bucket.iter().peekable();
         let mut wi = self.wild.iter().peekable();
         loop {
@@ -225,6 +219,35 @@ impl<T> MatchTable<T> {
                 return Some((key, r));
             }
         }
+    }
+
+    /// [`MatchTable::find`] when only wildcards can match (the usual case
+    /// of a portal whose MEs all ignore some bits): no merge.
+    fn find_wild<R>(
+        &mut self,
+        src: &ProcessId,
+        bits: u64,
+        mut decide: impl FnMut(u64, &mut T) -> Decision<R>,
+    ) -> Option<(u64, R)> {
+        let Self { entries, wild, .. } = self;
+        for (k, c) in wild.values() {
+            if !c.accepts(src, bits) {
+                continue;
+            }
+            if let Some(e) = entries.get_mut(k)
+                && let Decision::Stop(r) = decide(*k, &mut e.value)
+            {
+                return Some((*k, r));
+            }
+        }
+        None
+    }
+
+    /// MEs in the two indexes: equal to [`MatchTable::len`] unless an
+    /// index kept a removed ME.
+    #[cfg(test)]
+    fn indexed(&self) -> usize {
+        self.exact.values().map(VecDeque::len).sum::<usize>() + self.wild.len()
     }
 
     /// Keys in list order (for diagnostics and tests; O(n log n)).
@@ -394,6 +417,7 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(t.keys_in_order(), m.0.iter().map(|x| x.0).collect::<Vec<_>>());
+                prop_assert_eq!(t.indexed(), t.len(), "an index kept a removed ME");
             }
         }
     }
