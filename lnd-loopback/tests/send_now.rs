@@ -343,3 +343,138 @@ fn a_get_leaves_at_once_and_its_reply_lands() {
     let c = l.peer_counters(peer().nid).unwrap();
     assert_eq!(c.send_count[MsgType::Get.index()], 1);
 }
+
+/// A PUT (asking for an ACK) or a GET from the peer to `l`'s portal 5.
+fn incoming(l: &Lnet, body: MsgBody, plen: u32) -> Header {
+    Header {
+        dest_nid: "10.0.0.1@tcp".parse().unwrap(),
+        src_nid: peer().nid,
+        dest_pid: l.pid(),
+        src_pid: peer().pid,
+        payload_length: plen,
+        body,
+    }
+}
+
+#[test]
+fn acks_and_replies_leave_through_send_now_or_the_usual_way_when_declined() {
+    use lnet::wire::WireHandle;
+    let (l, lnd) = Now::node(Mode::Take, 4, false);
+    let q = EventQueue::new();
+    l.attach(
+        5,
+        ProcessId::ANY,
+        0,
+        u64::MAX,
+        lnet::Unlink::Retain,
+        lnet::InsPos::Tail,
+        Md::new(data(32))
+            .options(
+                lnet::MdOptions::OP_PUT | lnet::MdOptions::OP_GET | lnet::MdOptions::MANAGE_REMOTE,
+            )
+            .threshold(lnet::Threshold::Infinite)
+            .handler(q.handler()),
+    )
+    .unwrap();
+    let ni = lnd.ni.get().unwrap();
+    let wmd = WireHandle {
+        interface_cookie: 7,
+        object_cookie: 77,
+    };
+    let put_hdr = incoming(
+        &l,
+        MsgBody::Put {
+            ack_wmd: wmd,
+            match_bits: 1,
+            hdr_data: 0,
+            ptl_index: 5,
+            offset: 0,
+        },
+        6,
+    );
+    let get_hdr = incoming(
+        &l,
+        MsgBody::Get {
+            return_wmd: wmd,
+            match_bits: 2,
+            ptl_index: 5,
+            src_offset: 0,
+            sink_length: 10,
+        },
+        0,
+    );
+    // PUT 6 bytes (inline, as shm delivers it): its ACK is taken at once.
+    let pay = vec![0xabu8; 6];
+    let d = ni
+        .parse_inline(&put_hdr, peer().nid, |off, dst: &mut [u8]| {
+            dst.copy_from_slice(&pay[off..off + dst.len()]);
+            Ok::<(), Error>(())
+        })
+        .unwrap();
+    assert!(matches!(d, lnet::Delivery::Done));
+    assert_eq!(q.recv_timeout(T).expect("PUT").kind, EventKind::Put);
+    // GET 10 bytes: its REPLY carries the MD's first 10 bytes (6 of them
+    // the PUT's), taken at once too.
+    assert!(matches!(
+        ni.parse(&get_hdr, peer().nid),
+        lnet::Delivery::Done
+    ));
+    let e = q.recv_timeout(T).expect("GET");
+    assert_eq!((e.kind, e.mlength), (EventKind::Get, 10));
+    assert!(e.status.is_ok(), "{e:?}");
+    assert!(lnd.held().is_empty(), "nothing went the usual way");
+    let taken = lnd.taken.lock().unwrap().clone();
+    assert_eq!(taken.len(), 2);
+    let (to, ack, p) = &taken[0];
+    assert_eq!((*to, p.len()), (peer().nid, 0));
+    assert_eq!((ack.dest_nid, ack.dest_pid), (peer().nid, peer().pid));
+    assert!(
+        matches!(ack.body, MsgBody::Ack { dst_wmd, match_bits: 1, mlength: 6 } if dst_wmd == wmd),
+        "{:?}",
+        ack.body
+    );
+    let (_, reply, p) = &taken[1];
+    assert!(
+        matches!(reply.body, MsgBody::Reply { dst_wmd } if dst_wmd == wmd),
+        "{:?}",
+        reply.body
+    );
+    let mut want = data(32)[..10].to_vec();
+    want[..6].copy_from_slice(&pay);
+    assert_eq!((reply.payload_length, &p[..]), (10, &want[..]));
+    let c = l.peer_counters(peer().nid).unwrap();
+    assert_eq!(c.send_count[MsgType::Ack.index()], 1);
+    assert_eq!(c.send_count[MsgType::Reply.index()], 1);
+
+    // Declined: the next ACK and REPLY go through `send`, the same bytes.
+    *lnd.mode.lock().unwrap() = Mode::Decline;
+    let d = ni
+        .parse_inline(&put_hdr, peer().nid, |off, dst: &mut [u8]| {
+            dst.copy_from_slice(&pay[off..off + dst.len()]);
+            Ok::<(), Error>(())
+        })
+        .unwrap();
+    assert!(matches!(d, lnet::Delivery::Done));
+    assert!(matches!(
+        ni.parse(&get_hdr, peer().nid),
+        lnet::Delivery::Done
+    ));
+    let held = lnd.held();
+    assert_eq!(held.len(), 2, "both went the usual way");
+    assert_eq!(held[0].header().msg_type(), MsgType::Ack);
+    assert_eq!(held[1].header().msg_type(), MsgType::Reply);
+    let mut got = vec![0u8; 10];
+    assert_eq!(held[1].copy_payload_to(0, &mut got), 10);
+    assert_eq!(got, want);
+    for t in held {
+        t.complete(Ok(()));
+    }
+    assert_eq!(q.recv_timeout(T).expect("PUT").kind, EventKind::Put);
+    let e = q.recv_timeout(T).expect("GET");
+    assert_eq!(e.kind, EventKind::Get);
+    assert!(e.status.is_ok(), "{e:?}");
+    assert_eq!(lnd.offered(), 4);
+    let c = l.peer_counters(peer().nid).unwrap();
+    assert_eq!(c.send_count[MsgType::Ack.index()], 2);
+    assert_eq!(c.send_count[MsgType::Reply.index()], 2);
+}

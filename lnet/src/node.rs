@@ -604,7 +604,7 @@ impl After {
         match self.more.take() {
             None => {
                 if let Some(t) = send {
-                    inner.send(t);
+                    inner.send_response(t);
                 }
             }
             Some(m) => m.run(send, inner),
@@ -624,7 +624,7 @@ impl AfterMore {
             tx.fire(d);
         }
         for t in first.into_iter().chain(self.sends) {
-            inner.send(t);
+            inner.send_response(t);
         }
     }
 }
@@ -873,6 +873,51 @@ impl Inner {
                 self.send(self.initiator_tx(*hdr, ni, mem, payload.len(), tok));
             }
         }
+        self.drain_launch();
+    }
+
+    /// Send an ACK or a REPLY: through [`Lnd::send_now`] when it may go
+    /// that way (as our small PUTs and GETs do), else the usual way.
+    fn send_response(self: &Arc<Self>, tx: TxMsg) {
+        let n = tx.len;
+        if !self.may_send_now(tx.ni, n as u32) {
+            self.send(tx);
+        } else if n <= SEND_NOW_SMALL {
+            self.response_now::<SEND_NOW_SMALL>(tx);
+        } else {
+            self.response_now::<SEND_NOW_CAP>(tx);
+        }
+    }
+
+    /// [`Inner::send_response`] through [`Lnd::send_now`]: the payload (at
+    /// most `N` bytes) copied onto the stack, then offered. Taken or
+    /// failed, the message completes here as an immediate send does (its
+    /// token finished, counted on its peer); declined, it goes the usual
+    /// way.
+    fn response_now<const N: usize>(self: &Arc<Self>, mut tx: TxMsg) {
+        let mut buf = [0u8; N];
+        let n = tx.len;
+        if tx.copy_payload_to(0, &mut buf[..n]) != n {
+            return self.send(tx);
+        }
+        let (ni, peer) = (tx.ni, tx.peer);
+        LAUNCHING.set(true);
+        let status = match self.nis[ni].lnd.send_now(peer, &tx.hdr, &buf[..n]) {
+            SendNow::Sent => Ok(()),
+            SendNow::Failed(e) => Err(e),
+            SendNow::Declined => {
+                self.send(tx);
+                self.drain_launch();
+                return;
+            }
+        };
+        // The token out of the message first: it must not finish again
+        // (nor count on the NI) when the message is dropped.
+        drop(tx.mem.take());
+        if let Some(tok) = tx.token.take() {
+            self.sent_now(ni, peer, &tx.hdr, &tok, status);
+        }
+        drop(tx);
         self.drain_launch();
     }
 
@@ -1456,7 +1501,7 @@ impl Inner {
         if inline {
             Delivery::Reply(reply)
         } else {
-            self.send(reply);
+            self.send_response(reply);
             Delivery::Done
         }
     }
