@@ -356,6 +356,15 @@ fn incoming(l: &Lnet, body: MsgBody, plen: u32) -> Header {
     }
 }
 
+/// Deliver `hdr` with its whole payload `pay` at hand, as shm does.
+fn inline(ni: &NiContext, hdr: &Header, pay: &[u8]) -> lnet::Delivery {
+    ni.parse_inline(hdr, peer().nid, |off, dst: &mut [u8]| {
+        dst.copy_from_slice(&pay[off..off + dst.len()]);
+        Ok::<(), Error>(())
+    })
+    .unwrap()
+}
+
 #[test]
 fn acks_and_replies_leave_through_send_now_or_the_usual_way_when_declined() {
     use lnet::wire::WireHandle;
@@ -405,13 +414,7 @@ fn acks_and_replies_leave_through_send_now_or_the_usual_way_when_declined() {
     );
     // PUT 6 bytes (inline, as shm delivers it): its ACK is taken at once.
     let pay = vec![0xabu8; 6];
-    let d = ni
-        .parse_inline(&put_hdr, peer().nid, |off, dst: &mut [u8]| {
-            dst.copy_from_slice(&pay[off..off + dst.len()]);
-            Ok::<(), Error>(())
-        })
-        .unwrap();
-    assert!(matches!(d, lnet::Delivery::Done));
+    assert!(matches!(inline(ni, &put_hdr, &pay), lnet::Delivery::Done));
     assert_eq!(q.recv_timeout(T).expect("PUT").kind, EventKind::Put);
     // GET 10 bytes: its REPLY carries the MD's first 10 bytes (6 of them
     // the PUT's), taken at once too.
@@ -448,13 +451,7 @@ fn acks_and_replies_leave_through_send_now_or_the_usual_way_when_declined() {
 
     // Declined: the next ACK and REPLY go through `send`, the same bytes.
     *lnd.mode.lock().unwrap() = Mode::Decline;
-    let d = ni
-        .parse_inline(&put_hdr, peer().nid, |off, dst: &mut [u8]| {
-            dst.copy_from_slice(&pay[off..off + dst.len()]);
-            Ok::<(), Error>(())
-        })
-        .unwrap();
-    assert!(matches!(d, lnet::Delivery::Done));
+    assert!(matches!(inline(ni, &put_hdr, &pay), lnet::Delivery::Done));
     assert!(matches!(
         ni.parse(&get_hdr, peer().nid),
         lnet::Delivery::Done
