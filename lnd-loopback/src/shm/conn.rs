@@ -150,11 +150,13 @@ fn copy_from_frags(
         }
         let within = rel - fstart;
         let n = (l - within).min(dst.len() - done);
-        let at = usize::try_from(o)
+        let Some(at) = usize::try_from(o)
             .ok()
             .and_then(|o| base.checked_add(o))
             .and_then(|a| a.checked_add(within))
-            .ok_or(ShmError::OutOfBounds)?;
+        else {
+            return Err(ShmError::OutOfBounds);
+        };
         seg.read(at, &mut dst[done..done + n])?;
         done += n;
         rel += n;

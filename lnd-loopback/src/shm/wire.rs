@@ -306,8 +306,10 @@ impl SlotHdr {
         if b.len() < SLOT_HDR {
             return Err(ShmError::BadSlot("short slot"));
         }
-        let kind = Kind::from_u16(u16::from_ne_bytes([b[0], b[1]]))
-            .ok_or(ShmError::BadSlot("unknown kind"))?;
+        // (Not `ok_or`: that builds, and drops, the error on every slot.)
+        let Some(kind) = Kind::from_u16(u16::from_ne_bytes([b[0], b[1]])) else {
+            return Err(ShmError::BadSlot("unknown kind"));
+        };
         let len = u32_at(b, 4);
         if len as usize > slot_size.saturating_sub(SLOT_HDR) {
             return Err(ShmError::BadSlot("body longer than the slot"));
