@@ -262,12 +262,13 @@ impl Nid {
         if net.ty.0 == NetType::ANY.0 {
             return Nid::ANY;
         }
-        let b = addr.to_be_bytes();
         Nid {
             ty: net.ty,
             num: net.num,
             len: 4,
-            addr: [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            // The address first, in network order, then zeros: one
+            // 16-byte value (two stores), not sixteen bytes.
+            addr: ((addr as u128) << 96).to_be_bytes(),
         }
     }
 
