@@ -475,3 +475,58 @@ fn acks_and_replies_leave_through_send_now_or_the_usual_way_when_declined() {
     assert_eq!(c.send_count[MsgType::Ack.index()], 2);
     assert_eq!(c.send_count[MsgType::Reply.index()], 2);
 }
+
+#[test]
+fn a_put_from_an_md_without_a_handler_leaves_nothing_behind() {
+    let (l, lnd) = Now::node(Mode::Take, 4, false);
+    // An MD reused (no threshold): every PUT is taken at once, counted on
+    // the peer, and the MD stays until unlinked.
+    let md = l
+        .md_bind(Md::new(data(8)).threshold(lnet::Threshold::Infinite))
+        .unwrap();
+    for bits in 0..3 {
+        l.put(md, AckReq::NoAck, peer(), 4, bits, 0, 0).unwrap();
+    }
+    assert_eq!(sent(&l), 3);
+    {
+        let taken = lnd.taken.lock().unwrap();
+        assert_eq!(taken.len(), 3);
+        assert!(
+            taken
+                .iter()
+                .all(|(_, h, p)| h.payload_length == 8 && *p == data(8))
+        );
+    }
+    l.md_unlink(md).unwrap();
+    assert_eq!(l.md_unlink(md), Err(Error::NoEntry), "unlinked once");
+
+    // An MD used up by its one PUT is gone as soon as the PUT left.
+    let once = l.md_bind(Md::new(data(5))).unwrap();
+    l.put(once, AckReq::NoAck, peer(), 4, 9, 0, 0).unwrap();
+    assert_eq!(l.md_unlink(once), Err(Error::NoEntry), "gone after its PUT");
+    assert_eq!(lnd.taken.lock().unwrap()[3].2, data(5));
+
+    // Declined: the PUT goes the usual way with the same bytes, the MD is
+    // gone all the same, and completing the message touches nothing.
+    *lnd.mode.lock().unwrap() = Mode::Decline;
+    let once = l.md_bind(Md::new(data(6))).unwrap();
+    l.put(once, AckReq::NoAck, peer(), 4, 10, 0, 0).unwrap();
+    assert_eq!(l.md_unlink(once), Err(Error::NoEntry));
+    let held = lnd.held();
+    assert_eq!(held.len(), 1);
+    let mut got = vec![0u8; 6];
+    assert_eq!(held[0].copy_payload_to(0, &mut got), 6);
+    assert_eq!(got, data(6));
+    for t in held {
+        t.complete(Ok(()));
+    }
+    assert_eq!(sent(&l), 5);
+
+    // Failed: counted as an error on the peer; nothing else to hear.
+    *lnd.mode.lock().unwrap() = Mode::Fail;
+    let once = l.md_bind(Md::new(data(4))).unwrap();
+    l.put(once, AckReq::NoAck, peer(), 4, 11, 0, 0).unwrap();
+    assert_eq!(l.md_unlink(once), Err(Error::NoEntry));
+    let c = l.peer_counters(peer().nid).unwrap();
+    assert_eq!((c.send_count[MsgType::Put.index()], c.errors), (5, 1));
+}

@@ -287,6 +287,10 @@ pub(crate) enum TxToken {
     Reply { md: u64, ev: EvInfo },
     /// Our ACK.
     Ack,
+    /// Our PUT or GET from a bound MD that has nothing more to hear about
+    /// it: no handler, no response awaited, and nothing left in flight on
+    /// its account once it left at once (see `initiate`).
+    Detached,
 }
 
 /// What a completing Sink was for.
@@ -923,12 +927,12 @@ impl Inner {
 
     /// [`Inner::send_now`] for our PUT or GET from bound MD `md`: its
     /// first `n` (at most `N`) bytes copied onto the stack under the
-    /// container lock `c`, then offered with no core lock held.
+    /// container lock `c` (and the MD unlinked then, with `unlink`), then
+    /// offered with no core lock held.
     fn send_copied<const N: usize>(
         self: &Arc<Self>,
         mut c: MutexGuard<'_, Container>,
-        md: u64,
-        n: usize,
+        (md, n, unlink): (u64, usize, bool),
         ni: usize,
         hdr: &Header,
         tok: TxToken,
@@ -937,6 +941,11 @@ impl Inner {
         let Container { mds, timers, .. } = &mut *c;
         if let Some(m) = mds.get(md) {
             m.mem.with(|b| b.copy_out(0, &mut buf[..n]));
+        }
+        if unlink && let Some(o) = mds.entry(md) {
+            // A bound MD without a handler: no ME, no event; its memory
+            // is released.
+            drop(o.remove());
         }
         timers.compact(mds);
         drop(c);
@@ -1085,7 +1094,7 @@ impl Inner {
                     &mut after,
                 );
             }
-            TxToken::Ack => {}
+            TxToken::Ack | TxToken::Detached => {}
         }
         after.run(self);
     }
@@ -2322,7 +2331,19 @@ impl Lnet {
             return Err(Error::Invalid("GET sink with read-only memory"));
         }
         m.view.threshold.dec();
-        m.pending += 1;
+        let plen = if op == Op::Put { len } else { 0 };
+        let ni = route.map_or(0, |r| r.0);
+        let immediate = route.is_some() && inner.may_send_now(ni, plen);
+        // Leaving at once from an MD without a handler, and waiting for no
+        // response, the operation has no bookkeeping left: no SEND event
+        // to deliver, nothing in flight to count. If that used the MD up,
+        // it is unlinked as soon as its payload is copied out (unless an
+        // earlier operation is still in flight, whose completion will).
+        let detached = immediate && m.pipe.is_none() && !wants_response;
+        let unlink_now = detached && m.view.exhausted() && m.pending == 0;
+        if !detached {
+            m.pending += 1;
+        }
         let wmd = WireHandle {
             interface_cookie: inner.epoch,
             object_cookie: mdh.0,
@@ -2360,22 +2381,28 @@ impl Lnet {
             });
             timers.insert(deadline, mdh.0);
         }
-        let plen = if op == Op::Put { len } else { 0 };
-        let ev = EvInfo {
-            target,
-            initiator: ProcessId::new(src_nid, inner.cfg.pid),
-            sender: src_nid,
-            pt_index: portal,
-            match_bits,
-            rlength: len,
-            mlength: len,
-            offset,
-            hdr_data,
-            msg_type: if op == Op::Put {
-                MsgType::Put
-            } else {
-                MsgType::Get
-            },
+        let token = if detached {
+            TxToken::Detached
+        } else {
+            TxToken::Initiator {
+                md: mdh.0,
+                ev: EvInfo {
+                    target,
+                    initiator: ProcessId::new(src_nid, inner.cfg.pid),
+                    sender: src_nid,
+                    pt_index: portal,
+                    match_bits,
+                    rlength: len,
+                    mlength: len,
+                    offset,
+                    hdr_data,
+                    msg_type: if op == Op::Put {
+                        MsgType::Put
+                    } else {
+                        MsgType::Get
+                    },
+                },
+            }
         };
         let hdr = Header {
             dest_nid: target.nid,
@@ -2385,9 +2412,7 @@ impl Lnet {
             payload_length: plen,
             body,
         };
-        let ni = route.map_or(0, |r| r.0);
-        let token = TxToken::Initiator { md: mdh.0, ev };
-        if route.is_some() && inner.may_send_now(ni, plen) {
+        if immediate {
             // A small PUT, or a GET (no payload), leaves from here at once
             // when the LND can take it: no TxMsg, no credits (it is not in
             // flight afterwards). A PUT's payload is copied out under the
@@ -2395,10 +2420,11 @@ impl Lnet {
             // A buffer sized to the payload's class: the usual tiny
             // message zeroes 64 bytes of stack, not the whole cap.
             let n = plen as usize;
+            let copy = (mdh.0, n, unlink_now);
             if n <= SEND_NOW_SMALL {
-                inner.send_copied::<SEND_NOW_SMALL>(c, mdh.0, n, ni, &hdr, token);
+                inner.send_copied::<SEND_NOW_SMALL>(c, copy, ni, &hdr, token);
             } else {
-                inner.send_copied::<SEND_NOW_CAP>(c, mdh.0, n, ni, &hdr, token);
+                inner.send_copied::<SEND_NOW_CAP>(c, copy, ni, &hdr, token);
             }
             return Ok(());
         }
