@@ -196,6 +196,9 @@ fn cma_raw_bw(pid: i32, addr: usize, secs: f64) -> f64 {
 /// bound once (`Threshold::Infinite`, no event handler), as UCX's `am_lat`
 /// sends from one buffer; without, each from an MD bound for it, as an RPC
 /// layer binds one per request.
+/// Round trips per latency figure, ours and UCX's alike.
+const LAT_ITERS: usize = 100_000;
+
 fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize, reuse: bool) -> f64 {
     let left = Arc::new(AtomicUsize::new(0));
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -420,8 +423,8 @@ fn main() {
                 c.busy_poll = true;
                 c.cpu = Some(1);
             });
-            let o = put_lat(&l, srv.id, 20_000, false);
-            let r = put_lat(&l, srv.id, 20_000, true);
+            let o = put_lat(&l, srv.id, LAT_ITERS, false);
+            let r = put_lat(&l, srv.id, LAT_ITERS, true);
             drop(srv);
             l.shutdown();
             ours.push(o);
@@ -435,7 +438,7 @@ fn main() {
                 "ucp_am_lat",
                 &[],
                 &[("UCX_TLS", "posix")],
-                100_000,
+                LAT_ITERS as u64,
                 Some((0, 1)),
             ) {
                 Ok(u) => {
