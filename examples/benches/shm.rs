@@ -157,12 +157,8 @@ fn put_bw(l: &Arc<Lnet>, to: ProcessId, portal: u32, src: &Bytes, depth: usize, 
 fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
         s.spawn(|| {
-            let mut set = nix::sched::CpuSet::new();
-            let r = set
-                .set(cpu)
-                .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
-            if let Err(e) = r {
-                eprintln!("bound not pinned to CPU {cpu}: {e}");
+            if let Err(e) = lnet_examples::pin_to_cpu(cpu) {
+                eprintln!("bound not pinned: {e}");
             }
             f()
         })
