@@ -372,19 +372,14 @@ impl EventPipe {
                 None => return,
             }
         };
-        self.deliver_from(&mut Some(next));
+        self.deliver_from(next);
     }
 
-    /// Deliver the event in `first`, then whatever queued meanwhile; the
-    /// caller has claimed the pipe (`busy`). (Taken from its slot only for
-    /// the call: the event is not moved on its way.)
+    /// Deliver `first`, then whatever queued meanwhile; the caller has
+    /// claimed the pipe (`busy`).
     #[inline]
-    fn deliver_from(&self, first: &mut Option<Event>) {
-        let Some(e) = first.take() else {
-            lock(&self.q).busy = false;
-            return;
-        };
-        self.handler.deliver(e);
+    fn deliver_from(&self, first: Event) {
+        self.handler.deliver(first);
         loop {
             let next = {
                 let mut g = lock(&self.q);
@@ -595,7 +590,8 @@ impl After {
     #[inline]
     fn deliver_direct(&mut self) {
         if let Some(p) = self.direct_pipe.take() {
-            p.deliver_from(&mut self.direct_ev);
+            let e = self.direct_ev.take().expect("a claimed pipe has its event");
+            p.deliver_from(e);
         }
     }
 
@@ -866,17 +862,39 @@ impl Inner {
     /// this thread's stack: what the completion's event handler sends
     /// waits its turn instead of recursing.
     fn send_now(self: &Arc<Self>, ni: usize, hdr: &Header, payload: &[u8], tok: TxToken) {
-        let peer = hdr.dest_nid;
+        self.offer_now(ni, hdr.dest_nid, hdr, payload, tok, |tok| {
+            let mem = (!payload.is_empty())
+                .then(|| Arc::new(Mutex::new(MdBuffer::from(payload.to_vec()))));
+            self.send(self.initiator_tx(*hdr, ni, mem, payload.len(), tok));
+        });
+    }
+
+    /// Offer `hdr` and `payload` to NI `ni`'s [`Lnd::send_now`], as a send
+    /// on this thread's stack: taken or failed, the message completes
+    /// here with `tok` (counted on `peer`); declined, `declined` gets the
+    /// token back and sends it the usual way (dropped first otherwise, so
+    /// whatever it holds is released before the completion).
+    fn offer_now(
+        self: &Arc<Self>,
+        ni: usize,
+        peer: Nid,
+        hdr: &Header,
+        payload: &[u8],
+        tok: TxToken,
+        declined: impl FnOnce(TxToken),
+    ) {
         LAUNCHING.set(true);
-        match self.nis[ni].lnd.send_now(peer, hdr, payload) {
-            SendNow::Sent => self.sent_now(ni, peer, hdr, &tok, Ok(())),
-            SendNow::Failed(e) => self.sent_now(ni, peer, hdr, &tok, Err(e)),
+        let status = match self.nis[ni].lnd.send_now(peer, hdr, payload) {
+            SendNow::Sent => Ok(()),
+            SendNow::Failed(e) => Err(e),
             SendNow::Declined => {
-                let mem = (!payload.is_empty())
-                    .then(|| Arc::new(Mutex::new(MdBuffer::from(payload.to_vec()))));
-                self.send(self.initiator_tx(*hdr, ni, mem, payload.len(), tok));
+                declined(tok);
+                self.drain_launch();
+                return;
             }
-        }
+        };
+        drop(declined);
+        self.sent_now(ni, peer, hdr, &tok, status);
         self.drain_launch();
     }
 
@@ -904,25 +922,14 @@ impl Inner {
         if tx.copy_payload_to(0, &mut buf[..n]) != n {
             return self.send(tx);
         }
-        let (ni, peer) = (tx.ni, tx.peer);
-        LAUNCHING.set(true);
-        let status = match self.nis[ni].lnd.send_now(peer, &tx.hdr, &buf[..n]) {
-            SendNow::Sent => Ok(()),
-            SendNow::Failed(e) => Err(e),
-            SendNow::Declined => {
-                self.send(tx);
-                self.drain_launch();
-                return;
-            }
-        };
-        // The token out of the message first: it must not finish again
-        // (nor count on the NI) when the message is dropped.
-        drop(tx.mem.take());
-        if let Some(tok) = tx.token.take() {
-            self.sent_now(ni, peer, &tx.hdr, &tok, status);
-        }
-        drop(tx);
-        self.drain_launch();
+        // The token out of the message: completed here, the message must
+        // not finish again (nor count on the NI) when it is dropped.
+        let Some(tok) = tx.token.take() else { return };
+        let (ni, peer, hdr) = (tx.ni, tx.peer, tx.hdr);
+        self.offer_now(ni, peer, &hdr, &buf[..n], tok, |tok| {
+            tx.token = Some(tok);
+            self.send(tx);
+        });
     }
 
     /// [`Inner::send_now`] for our PUT or GET from bound MD `md`: its
@@ -1215,11 +1222,8 @@ impl Inner {
     fn commit(c: &mut Container, md: u64, offset: u32, mlength: u32) {
         let Container { table, mds, .. } = c;
         let Some(m) = mds.get_mut(md) else { return };
-        m.view.commit(offset, mlength);
+        commit_on(table, m, offset, mlength);
         m.pending += 1;
-        if m.view.exhausted() {
-            detach_me(table, m);
-        }
     }
 
     fn parse_put(
@@ -1259,16 +1263,7 @@ impl Inner {
                     self.put_filled(c, md, ni, hdr, from, (offset, mlength), fill);
                     Delivery::Done
                 }
-                _ => {
-                    let (m, ev, ack) = self.commit_put(&mut c, md, ni, hdr, from, offset, mlength);
-                    Delivery::Receive(m.sink(
-                        self,
-                        offset,
-                        mlength,
-                        hdr.payload_length,
-                        RxToken::Put { md, ev, ack },
-                    ))
-                }
+                _ => Delivery::Receive(self.put_sink(&mut c, md, ni, hdr, from, offset, mlength)),
             },
             Some((_, _)) => {
                 drop(c);
@@ -1317,26 +1312,15 @@ impl Inner {
         let Container { table, mds, .. } = &mut *c;
         let Some(mut o) = mds.entry(md) else { return };
         let m = o.get_mut();
-        m.view.commit(offset, mlength);
-        if m.view.exhausted() {
-            detach_me(table, m);
-        }
+        commit_on(table, m, offset, mlength);
         let status = fill_mem(&mut m.mem, offset, mlength, fill);
-        let MsgBody::Put { ack_wmd, .. } = hdr.body else {
-            unreachable!()
-        };
-        let ack = status.is_ok()
-            && !ack_wmd.is_none()
-            && !m.view.options.contains(MdOptions::ACK_DISABLE);
-        let mut ev = self.target_ev(hdr, from);
-        ev.rlength = hdr.payload_length;
-        ev.mlength = mlength;
-        ev.offset = offset;
+        let (ev, ack) = self.put_info(m, hdr, from, offset, mlength);
+        let ack = ack.filter(|_| status.is_ok());
         let mut after = After::default();
         emit_in(table, o, EventKind::Put, &ev, status, None, &mut after);
         drop(c);
-        if ack {
-            after.push_send(self.ack_msg(&ev, ack_wmd, ni, from));
+        if let Some(wmd) = ack {
+            after.push_send(self.ack_msg(&ev, wmd, ni, from));
         }
         after.run(self);
     }
@@ -1354,7 +1338,12 @@ impl Inner {
         offset: u32,
         mlength: u32,
     ) -> Sink {
-        let (m, ev, ack) = self.commit_put(c, md, ni, hdr, from, offset, mlength);
+        let Container { table, mds, .. } = c;
+        let m = mds.get_mut(md).expect("matched md");
+        commit_on(table, m, offset, mlength);
+        m.pending += 1;
+        let (ev, ack) = self.put_info(m, hdr, from, offset, mlength);
+        let ack = ack.map(|wmd| (wmd, ni, from));
         m.sink(
             self,
             offset,
@@ -1364,26 +1353,17 @@ impl Inner {
         )
     }
 
-    /// Commit a PUT's match on `md` (detaching it when exhausted): the
-    /// MD, the PUT event's information and the ACK to send, if any.
-    #[allow(clippy::too_many_arguments)]
-    fn commit_put<'c>(
+    /// The PUT event's information for `hdr` matched on MD `m` at
+    /// `offset` for `mlength` bytes, and the handle to ACK, if the PUT
+    /// asks for one and the MD allows it.
+    fn put_info(
         &self,
-        c: &'c mut Container,
-        md: u64,
-        ni: usize,
+        m: &MdState,
         hdr: &Header,
         from: Nid,
         offset: u32,
         mlength: u32,
-    ) -> (&'c mut MdState, EvInfo, Option<(WireHandle, usize, Nid)>) {
-        let Container { table, mds, .. } = c;
-        let m = mds.get_mut(md).expect("matched md");
-        m.view.commit(offset, mlength);
-        m.pending += 1;
-        if m.view.exhausted() {
-            detach_me(table, m);
-        }
+    ) -> (EvInfo, Option<WireHandle>) {
         let MsgBody::Put { ack_wmd, .. } = hdr.body else {
             unreachable!()
         };
@@ -1392,8 +1372,8 @@ impl Inner {
         ev.mlength = mlength;
         ev.offset = offset;
         let ack = (!ack_wmd.is_none() && !m.view.options.contains(MdOptions::ACK_DISABLE))
-            .then_some((ack_wmd, ni, from));
-        (m, ev, ack)
+            .then_some(ack_wmd);
+        (ev, ack)
     }
 
     /// A PUT into `md` ended with `status`: its event, then its ACK when
@@ -1733,8 +1713,15 @@ impl Inner {
     }
 }
 
-/// Remove MD `md` from its ME (and the ME from its portal if it unlinks
-/// on use).
+/// Commit an accepted match on MD `m` (one operation consumed, its local
+/// offset advanced) and detach it from its ME when that used it up.
+fn commit_on(table: &mut MatchTable<MeState>, m: &mut MdState, offset: u32, mlength: u32) {
+    m.view.commit(offset, mlength);
+    if m.view.exhausted() {
+        detach_me(table, m);
+    }
+}
+
 /// Take MD `m` off its ME (and the ME off its list when it unlinks with
 /// its MD).
 fn detach_me(table: &mut MatchTable<MeState>, m: &mut MdState) {
