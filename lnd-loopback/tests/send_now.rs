@@ -117,6 +117,13 @@ fn put(l: &Lnet, n: usize, bits: u64, q: &EventQueue) {
     l.put(md, AckReq::NoAck, peer(), 4, bits, 0, 0).unwrap();
 }
 
+/// The whole payload of a message held by the LND.
+fn payload(t: &TxMsg) -> Vec<u8> {
+    let mut v = vec![0u8; t.payload_len()];
+    assert_eq!(t.copy_payload_to(0, &mut v), v.len());
+    v
+}
+
 fn sent(l: &Lnet) -> u64 {
     l.peer_counters(peer().nid)
         .map_or(0, |c| c.send_count[MsgType::Put.index()])
@@ -172,9 +179,7 @@ fn declined_or_larger_puts_go_the_usual_way_with_the_same_bytes() {
     assert_eq!(lnd.offered(), 1);
     let held = lnd.held();
     assert_eq!(held.len(), 1, "declined: sent through send()");
-    let mut got = vec![0u8; 8];
-    assert_eq!(held[0].copy_payload_to(0, &mut got), 8);
-    assert_eq!(got, data(8));
+    assert_eq!(payload(&held[0]), data(8));
     assert!(matches!(
         held[0].header().body,
         MsgBody::Put { match_bits: 7, .. }
@@ -460,9 +465,7 @@ fn acks_and_replies_leave_through_send_now_or_the_usual_way_when_declined() {
     assert_eq!(held.len(), 2, "both went the usual way");
     assert_eq!(held[0].header().msg_type(), MsgType::Ack);
     assert_eq!(held[1].header().msg_type(), MsgType::Reply);
-    let mut got = vec![0u8; 10];
-    assert_eq!(held[1].copy_payload_to(0, &mut got), 10);
-    assert_eq!(got, want);
+    assert_eq!(payload(&held[1]), want);
     for t in held {
         t.complete(Ok(()));
     }
@@ -514,9 +517,7 @@ fn a_put_from_an_md_without_a_handler_leaves_nothing_behind() {
     assert_eq!(l.md_unlink(once), Err(Error::NoEntry));
     let held = lnd.held();
     assert_eq!(held.len(), 1);
-    let mut got = vec![0u8; 6];
-    assert_eq!(held[0].copy_payload_to(0, &mut got), 6);
-    assert_eq!(got, data(6));
+    assert_eq!(payload(&held[0]), data(6));
     for t in held {
         t.complete(Ok(()));
     }
