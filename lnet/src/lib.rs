@@ -35,7 +35,7 @@ pub use counters::{CachePadded, CounterSnapshot, DropReason, MsgCounters, NodeCo
 pub use credits::{CreditSnapshot, Credits};
 pub use error::{Error, NidParseError, Result, WireError};
 pub use lnd::{
-    Deferred, Delivery, Lnd, LndInfo, LndLimits, MemKey, NiContext, PeerEvent, SEND_NOW_CAP,
+    Deferred, Delivery, Lnd, LndInfo, LndLimits, MemKey, NiContext, NiPin, PeerEvent, SEND_NOW_CAP,
     SendNow, Sink, TxMsg, copy_payload,
 };
 pub use nid::{

@@ -324,8 +324,17 @@ struct Awaiting {
 
 /// Per-MD event delivery: events are queued in order and delivered by one
 /// thread at a time, outside every core lock.
+///
+/// The delivering thread holds the pipe's claim (`busy`). Events are only
+/// ever queued under the MD's container lock, and the thread that queues
+/// one tries to claim the pipe right after, still under that lock; the
+/// claimer gives the claim back only under the queue's lock, having found
+/// the queue empty. So, seen under the container lock, an unclaimed pipe
+/// has nothing queued, and claiming it is one atomic operation: no queue
+/// lock on the way to the usual event.
 struct EventPipe {
     handler: EventHandler,
+    busy: AtomicBool,
     q: Mutex<PipeQ>,
 }
 
@@ -335,7 +344,6 @@ struct EventPipe {
 struct PipeQ {
     first: Option<Event>,
     rest: VecDeque<Event>,
-    busy: bool,
 }
 
 impl PipeQ {
@@ -358,35 +366,32 @@ impl PipeQ {
 }
 
 impl EventPipe {
-    fn drain(&self) {
-        let next = {
-            let mut g = lock(&self.q);
-            if g.busy {
-                return;
-            }
-            match g.pop() {
-                Some(e) => {
-                    g.busy = true;
-                    e
-                }
-                None => return,
-            }
-        };
-        self.deliver_from(next);
+    fn new(handler: EventHandler) -> Self {
+        EventPipe {
+            handler,
+            busy: AtomicBool::new(false),
+            q: Mutex::new(PipeQ::default()),
+        }
     }
 
-    /// Deliver `first`, then whatever queued meanwhile; the caller has
-    /// claimed the pipe (`busy`).
+    /// Claim the pipe (under its MD's container lock).
     #[inline]
-    fn deliver_from(&self, first: Event) {
-        self.handler.deliver(first);
+    fn claim(&self) -> bool {
+        self.busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Deliver what is queued, then give the claim back; the caller holds
+    /// the claim.
+    fn drain(&self) {
         loop {
             let next = {
                 let mut g = lock(&self.q);
                 match g.pop() {
                     Some(e) => e,
                     None => {
-                        g.busy = false;
+                        self.busy.store(false, Ordering::Release);
                         return;
                     }
                 }
@@ -394,23 +399,30 @@ impl EventPipe {
             self.handler.deliver(next);
         }
     }
+
+    /// Deliver `first`, then whatever queued meanwhile; the caller holds
+    /// the claim.
+    #[inline]
+    fn deliver_from(&self, first: Event) {
+        self.handler.deliver(first);
+        self.drain();
+    }
 }
 
-/// Queue the event `make` builds on `pipe`: an idle pipe with nothing
-/// waiting is claimed and the event built straight into `after` (one lock
-/// instead of a push, a pop and a re-check, and no moves of the event on
-/// the way); otherwise it waits its turn in order.
+/// Queue the event `make` builds on `pipe`, under its MD's container lock.
+/// An unclaimed pipe (nothing queued, see [`EventPipe`]) is claimed and the
+/// event built straight into `after` (no queue lock, and no moves of the
+/// event on the way); otherwise it is queued in order, and its pipe
+/// claimed for `after` to deliver if nobody holds it.
 #[inline]
 fn queue_event(pipe: &Arc<EventPipe>, make: impl FnOnce() -> Event, after: &mut After) {
-    let mut q = lock(&pipe.q);
-    if after.direct_pipe.is_none() && !q.busy && q.first.is_none() && q.rest.is_empty() {
-        q.busy = true;
-        drop(q);
+    if after.direct_pipe.is_none() && pipe.claim() {
         after.direct_pipe = Some(pipe.clone());
         after.direct_ev = Some(make());
-    } else {
-        q.push(make());
-        drop(q);
+        return;
+    }
+    lock(&pipe.q).push(make());
+    if pipe.claim() {
         after.push_pipe(pipe.clone());
     }
 }
@@ -545,7 +557,8 @@ struct After {
     /// After is dropped unrun.
     direct_pipe: Option<Arc<EventPipe>>,
     direct_ev: Option<Event>,
-    /// The usual single pipe to drain, without allocating.
+    /// The usual single pipe this After claimed with events queued on it
+    /// (see `queue_event`), to drain (and give back), without allocating.
     pipe: Option<Arc<EventPipe>>,
     /// The usual single send (an ACK or REPLY), without allocating.
     send: Option<TxMsg>,
@@ -573,10 +586,10 @@ impl After {
         }
     }
 
+    /// A pipe this After claimed (each is claimed once).
     fn push_pipe(&mut self, p: Arc<EventPipe>) {
         match &self.pipe {
             None => self.pipe = Some(p),
-            Some(q) if Arc::ptr_eq(q, &p) => {}
             Some(_) => self.more().pipes.push(p),
         }
     }
@@ -633,6 +646,14 @@ impl Drop for After {
     fn drop(&mut self) {
         // A claimed pipe must not stay claimed: deliver what it holds.
         self.deliver_direct();
+        if let Some(p) = self.pipe.take() {
+            p.drain();
+        }
+        if let Some(m) = &mut self.more {
+            for p in std::mem::take(&mut m.pipes) {
+                p.drain();
+            }
+        }
     }
 }
 
@@ -2039,12 +2060,8 @@ impl Lnet {
             },
             mem: MdMem::Own(md.buffer),
             loan_only,
-            pipe: (!matches!(md.handler, EventHandler::None)).then(|| {
-                Arc::new(EventPipe {
-                    handler: md.handler,
-                    q: Mutex::new(PipeQ::default()),
-                })
-            }),
+            pipe: (!matches!(md.handler, EventHandler::None))
+                .then(|| Arc::new(EventPipe::new(md.handler))),
             user_ptr: md.user_ptr,
             me,
             pending: 0,

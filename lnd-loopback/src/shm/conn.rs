@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 use lnet::counters::Sharded;
 use lnet::wire::{ByteOrder, HDR_NID4_SIZE, Header};
-use lnet::{Delivery, Error, MemPool, NiContext, Nid, SendNow, Sink, TxMsg};
+use lnet::{Delivery, Error, MemPool, NiContext, NiPin, Nid, SendNow, Sink, TxMsg};
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use tracing::{debug, trace};
 
@@ -36,7 +36,9 @@ struct ProdState {
     backlog: VecDeque<(Vec<u8>, Option<TxMsg>)>,
 }
 
-struct ConsState {
+/// The consumer's side of a connection's incoming ring. The progress
+/// thread owns it (see [`Conn::take_receiver`]): receiving takes no lock.
+pub(crate) struct ConsState {
     ring: Consumer,
     scratch: Vec<u8>,
 }
@@ -73,11 +75,10 @@ pub(crate) struct Conn {
     cma: AtomicBool,
     prod: Mutex<ProdState>,
     backlog_len: AtomicUsize,
-    /// The consumer's `head` after its last round: an idle poll compares
-    /// the peer's `tail` with it and skips the consumer lock. A stale value
-    /// only costs a locked round or defers the slot to the next poll.
-    rx_head: AtomicU64,
-    cons: Mutex<ConsState>,
+    /// The consumer's state until the progress thread takes it: one
+    /// owner, so the receive path takes no lock (two atomic operations
+    /// fewer per round with messages, one on a ping-pong's critical path).
+    cons: Mutex<Option<ConsState>>,
     next_cookie: AtomicU64,
     tx_pending: Mutex<HashMap<u64, TxMsg>>,
     rx_pending: Mutex<HashMap<u64, RxPend>>,
@@ -247,10 +248,10 @@ impl Conn {
                 ring: Producer::new(out_h.nslots as u64),
                 backlog: VecDeque::new(),
             }),
-            cons: Mutex::new(ConsState {
+            cons: Mutex::new(Some(ConsState {
                 ring: Consumer::new(in_h.nslots as u64),
                 scratch: vec![0u8; in_h.slot_size as usize],
-            }),
+            })),
             out,
             out_h,
             inp,
@@ -259,7 +260,6 @@ impl Conn {
             peer_bell,
             cma: AtomicBool::new(cma),
             backlog_len: AtomicUsize::new(0),
-            rx_head: AtomicU64::new(0),
             next_cookie: AtomicU64::new(1),
             tx_pending: Mutex::new(HashMap::new()),
             rx_pending: Mutex::new(HashMap::new()),
@@ -580,19 +580,29 @@ impl Conn {
 
     // ---------------------------------------------------------- receiving
 
+    /// The consumer's state, once: the progress thread keeps it for as long
+    /// as it polls this connection.
+    pub(crate) fn take_receiver(&self) -> Option<ConsState> {
+        lock(&self.cons).take()
+    }
+
     /// One round of the progress thread: queued slots out, arrived slots
-    /// in. Returns the work done; an error means the peer broke the
-    /// protocol.
-    pub(crate) fn progress(&self) -> Result<usize, ShmError> {
+    /// in (with `cons`, this connection's receiver, and `pin`, the loop's
+    /// hold on the core, taken here when a message needs it). Returns the
+    /// work done; an error means the peer broke the protocol.
+    pub(crate) fn progress(
+        &self,
+        cons: &mut ConsState,
+        pin: &mut Option<NiPin>,
+    ) -> Result<usize, ShmError> {
         if self.is_dead() {
             return Ok(0);
         }
         let mut n = self.flush_backlog();
         let ctl = self.in_ctl();
-        if ctl.tail.load(Ordering::Relaxed) == self.rx_head.load(Ordering::Relaxed) {
+        if ctl.tail.load(Ordering::Relaxed) == cons.ring.head {
             return Ok(n);
         }
-        let mut cons = lock(&self.cons);
         let slot_size = self.in_h.slot_size as usize;
         for _ in 0..64 {
             let idx = match cons.ring.peek(ctl) {
@@ -605,7 +615,10 @@ impl Conn {
             self.inp.read(off, &mut shb)?;
             let sh = SlotHdr::decode(&shb, slot_size)?;
             if sh.kind == Kind::Inline {
-                self.on_inline(off, &sh)?;
+                if pin.is_none() {
+                    *pin = self.env.ni.pin();
+                }
+                self.on_inline(off, &sh, pin.as_ref())?;
             } else {
                 let total = SLOT_HDR + sh.len as usize;
                 let st = &mut *cons;
@@ -620,23 +633,22 @@ impl Conn {
             }
             n += 1;
         }
-        self.rx_head.store(cons.ring.head, Ordering::Relaxed);
         Ok(n)
     }
 
-    pub(crate) fn prepare_sleep(&self) -> bool {
-        let mut ready = lock(&self.cons).ring.prepare_sleep(self.in_ctl());
+    pub(crate) fn prepare_sleep(&self, cons: &ConsState) -> bool {
+        let mut ready = cons.ring.prepare_sleep(self.in_ctl());
         if self.backlog_len.load(Ordering::Relaxed) > 0 {
             ready |= lock(&self.prod).ring.want_space(self.out_ctl());
         }
         ready
     }
 
-    pub(crate) fn awake(&self) {
-        lock(&self.cons).ring.awake(self.in_ctl());
+    pub(crate) fn awake(&self, cons: &ConsState) {
+        cons.ring.awake(self.in_ctl());
     }
 
-    fn on_inline(&self, off: usize, sh: &SlotHdr) -> Result<(), ShmError> {
+    fn on_inline(&self, off: usize, sh: &SlotHdr, pin: Option<&NiPin>) -> Result<(), ShmError> {
         let len = sh.len as usize;
         if len < HDR_NID4_SIZE {
             return Err(ShmError::BadSlot("short LNet header"));
@@ -652,10 +664,12 @@ impl Conn {
         let poff = off + SLOT_HDR + HDR_NID4_SIZE;
         trace!(target: "nettrace", peer = %self.peer, ty = ?hdr.msg_type(), plen, "shm inline");
         // A PUT into MD memory is copied from the slot under the match.
-        let d = self
-            .env
-            .ni
-            .parse_inline(&hdr, self.peer, |rel, dst| self.inp.read(poff + rel, dst))?;
+        let fill = |rel, dst: &mut [u8]| self.inp.read(poff + rel, dst);
+        let d = match pin {
+            Some(p) => p.parse_inline(&hdr, self.peer, fill)?,
+            // The node is gone.
+            None => Delivery::Discard(hdr.payload_length),
+        };
         match d {
             Delivery::Receive(mut sink) => {
                 let n = sink.mlength().min(plen);

@@ -67,7 +67,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -75,14 +75,14 @@ use lnet::counters::Sharded;
 use lnet::shard::ShardedMap;
 use lnet::wire::Header;
 use lnet::{
-    Error, Lnd, LndInfo, LndLimits, MemPool, Net, NetType, NiContext, Nid, PeerEvent, SendNow,
-    TxMsg,
+    Error, Lnd, LndInfo, LndLimits, MemPool, Net, NetType, NiContext, NiPin, Nid, PeerEvent,
+    SendNow, TxMsg,
 };
 use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{debug, info, warn};
 
-use conn::{Conn, ConnEnv};
+use conn::{Conn, ConnEnv, ConsState};
 use sys::Seg;
 use wire::{Hello, RejectReason, SegHeader};
 
@@ -575,14 +575,14 @@ impl Lnd for ShmLnd {
             return;
         }
         let peer = tx.peer();
-        if let Some(c) = up_conn(sh, peer) {
+        if let Some(c) = with_up_conn(sh, peer, |c| c.clone()) {
             c.send_msg(tx);
             return;
         }
         let conn = {
             let mut peers = sh.peers.lock(peer);
             match peers.get_mut() {
-                // Came up since `up_conn` looked.
+                // Came up since `with_up_conn` looked.
                 Some(PeerState::Up(c)) if !c.is_dead() => c.clone(),
                 Some(PeerState::Connecting(q)) => {
                     q.push(tx);
@@ -613,10 +613,7 @@ impl Lnd for ShmLnd {
         if sh.stop.load(Ordering::Acquire) {
             return SendNow::Declined;
         }
-        match up_conn(sh, peer) {
-            Some(c) => c.send_now(hdr, payload),
-            None => SendNow::Declined,
-        }
+        with_up_conn(sh, peer, |c| c.send_now(hdr, payload)).unwrap_or(SendNow::Declined)
     }
 
     fn shutdown(&self) {
@@ -646,28 +643,35 @@ impl Lnd for ShmLnd {
 thread_local! {
     /// The connection this thread last sent on, with its NI's id and
     /// peer: a stream of sends to one peer (a ping-pong's answers) skips
-    /// the peer table's hash, lock and reference count (two atomic
-    /// operations fewer per message, about 28 ns here). Weak: a connection
-    /// retired since is gone or dead, and looked up again.
-    static LAST_CONN: RefCell<Option<(u64, Nid, Weak<Conn>)>> = const { RefCell::new(None) };
+    /// the peer table's hash and lock, and takes no reference count (four
+    /// atomic operations fewer per message). Strong, and checked for
+    /// death at each use: a retired connection is let go at this thread's
+    /// next send that misses, or when the thread ends (it holds the
+    /// connection's mappings and its socket, shut down, until then).
+    static LAST_CONN: RefCell<Option<(u64, Nid, Arc<Conn>)>> = const { RefCell::new(None) };
 }
 
-/// The live connection to `peer` on `sh`: this thread's cached one, else
-/// the peer table's (then cached). None while it is connecting or down.
-fn up_conn(sh: &Shared, peer: Nid) -> Option<Arc<Conn>> {
-    let cached = LAST_CONN.with(|l| match &*l.borrow() {
-        Some((id, p, w)) if *id == sh.id && *p == peer => w.upgrade().filter(|c| !c.is_dead()),
-        _ => None,
-    });
-    if cached.is_some() {
-        return cached;
-    }
-    let c = match sh.peers.lock(peer).get() {
-        Some(PeerState::Up(c)) if !c.is_dead() => c.clone(),
-        _ => return None,
-    };
-    LAST_CONN.with(|l| *l.borrow_mut() = Some((sh.id, peer, Arc::downgrade(&c))));
-    Some(c)
+/// `f` on the live connection to `peer` on `sh`: this thread's cached one,
+/// else the peer table's (then cached). None while it is connecting or
+/// down. `f` may send again (the cache is then left as it is).
+fn with_up_conn<R>(sh: &Shared, peer: Nid, f: impl FnOnce(&Arc<Conn>) -> R) -> Option<R> {
+    LAST_CONN.with(|l| {
+        if let Ok(b) = l.try_borrow() {
+            if let Some((id, p, c)) = &*b {
+                if *id == sh.id && *p == peer && !c.is_dead() {
+                    return Some(f(c));
+                }
+            }
+        }
+        let c = match sh.peers.lock(peer).get() {
+            Some(PeerState::Up(c)) if !c.is_dead() => Some(c.clone()),
+            _ => None,
+        };
+        if let Ok(mut b) = l.try_borrow_mut() {
+            *b = c.clone().map(|c| (sh.id, peer, c));
+        }
+        c.map(|c| f(&c))
+    })
 }
 
 fn fail_connecting(sh: &Shared, peer: Nid, err: Error) {
@@ -1004,8 +1008,35 @@ pub(crate) fn pin_to(cpu: usize) {
     }
 }
 
+/// A connection the progress thread polls, with its receiver (taken from
+/// the connection when the thread first sees it, kept across rebuilds of
+/// the list; `None` only if another thread took it, which none does).
+struct Polled {
+    conn: Arc<Conn>,
+    rx: Option<ConsState>,
+}
+
+/// The progress thread's list after `sh.conns` changed: the receivers of
+/// the connections still there move over, new ones are taken.
+fn repoll(sh: &Shared, old: Vec<Polled>) -> Vec<Polled> {
+    let mut old = old;
+    let now: Vec<Arc<Conn>> = lock(&sh.conns).clone();
+    now.into_iter()
+        .map(|conn| {
+            let rx = match old.iter_mut().find(|p| Arc::ptr_eq(&p.conn, &conn)) {
+                Some(p) => p.rx.take(),
+                None => conn.take_receiver(),
+            };
+            Polled { conn, rx }
+        })
+        .collect()
+}
+
 fn progress_loop(sh: &Arc<Shared>) {
-    let mut conns: Vec<Arc<Conn>> = Vec::new();
+    let mut conns: Vec<Polled> = Vec::new();
+    // The hold on the core while messages flow (see `NiPin`): taken at the
+    // first message, let go when the loop sleeps or stops.
+    let mut pin: Option<NiPin> = None;
     let mut gen_seen = u64::MAX;
     let mut idle_since = Instant::now();
     let mut idle_iters = 0u32;
@@ -1015,15 +1046,17 @@ fn progress_loop(sh: &Arc<Shared>) {
     while !sh.stop.load(Ordering::Acquire) {
         let g = sh.conns_gen.load(Ordering::Acquire);
         if g != gen_seen {
-            conns = lock(&sh.conns).clone();
+            conns = repoll(sh, std::mem::take(&mut conns));
             gen_seen = g;
         }
         let mut work = 0;
         // An idle pass is these loads and nothing else (no Vec to build
         // and drop): its length is what a busy poller adds to latency.
         let mut broken = false;
-        for c in &conns {
-            match c.progress() {
+        for p in &mut conns {
+            let Some(rx) = p.rx.as_mut() else { continue };
+            let c = &p.conn;
+            match c.progress(rx, &mut pin) {
                 Ok(n) => work += n,
                 Err(e) => {
                     broken = true;
@@ -1063,9 +1096,12 @@ fn progress_loop(sh: &Arc<Shared>) {
             continue;
         }
         // Sleep: tell every producer, look once more, then wait.
+        pin = None;
         let mut ready = false;
-        for c in &conns {
-            ready |= c.prepare_sleep();
+        for p in &conns {
+            if let Some(rx) = &p.rx {
+                ready |= p.conn.prepare_sleep(rx);
+            }
         }
         if !ready {
             inc(&sh.env.stats.local().sleeps);
@@ -1073,8 +1109,10 @@ fn progress_loop(sh: &Arc<Shared>) {
                 gen_seen = u64::MAX;
             }
         }
-        for c in &conns {
-            c.awake();
+        for p in &conns {
+            if let Some(rx) = &p.rx {
+                p.conn.awake(rx);
+            }
         }
         let _ = sh.doorbell.read();
         // Adapt the spin: a wake-up that came soon after we slept says
@@ -1094,11 +1132,11 @@ fn progress_loop(sh: &Arc<Shared>) {
 
 /// Poll the doorbell and every connection's socket for up to `ms`; retire
 /// connections whose socket closed. True when one was retired.
-fn check_sockets(sh: &Arc<Shared>, conns: &[Arc<Conn>], ms: u16) -> bool {
+fn check_sockets(sh: &Arc<Shared>, conns: &[Polled], ms: u16) -> bool {
     let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(conns.len() + 1);
     fds.push(PollFd::new(sh.doorbell.as_fd(), PollFlags::POLLIN));
-    for c in conns {
-        fds.push(PollFd::new(c.sock.as_fd(), PollFlags::POLLIN));
+    for p in conns {
+        fds.push(PollFd::new(p.conn.sock.as_fd(), PollFlags::POLLIN));
     }
     if poll(&mut fds, ms).unwrap_or(0) <= 0 {
         return false;
@@ -1114,7 +1152,7 @@ fn check_sockets(sh: &Arc<Shared>, conns: &[Arc<Conn>], ms: u16) -> bool {
     for i in dead {
         // After the hello the socket carries nothing: readable means closed
         // (or a peer writing garbage, which ends the connection too).
-        let c = &conns[i];
+        let c = &conns[i].conn;
         debug!(target: "net", peer = %c.peer, "shm peer socket closed");
         retire(sh, c, Error::PeerDown(c.peer.to_string()));
         any = true;
