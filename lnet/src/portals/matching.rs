@@ -19,6 +19,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use slab::Slab;
+
 use crate::nid::ProcessId;
 
 /// Where a new ME goes in the list (`enum lnet_ins_pos`).
@@ -58,6 +60,7 @@ pub enum Decision<R> {
 }
 
 struct Entry<T> {
+    key: u64,
     pos: i64,
     crit: MatchCriteria,
     value: T,
@@ -66,15 +69,20 @@ struct Entry<T> {
 /// One portal's ordered match list, indexed. `T` is the caller's per-ME
 /// state; keys are the caller's ME cookies.
 pub struct MatchTable<T> {
-    entries: HashMap<u64, Entry<T>, foldhash::fast::RandomState>,
-    /// Buckets of exact MEs by match bits, each in position order: a
-    /// deque, so that the usual unlink (the oldest ME, at the front, as a
-    /// server's posted request buffers are consumed) and the usual attach
-    /// (at either end) cost no shifting however many MEs share the bits.
-    exact: HashMap<u64, VecDeque<(i64, u64)>, foldhash::fast::RandomState>,
-    /// Wildcard MEs by position, with their criteria inline so a walk
-    /// touches only this map until something matches.
-    wild: BTreeMap<i64, (u64, MatchCriteria)>,
+    /// The MEs, in a slab: the indexes below name them by slot, so a walk
+    /// reaches a candidate's state without hashing its key.
+    entries: Slab<Entry<T>>,
+    /// Slot of each ME by key (the by-key API: unlink, state).
+    slots: HashMap<u64, usize, foldhash::fast::RandomState>,
+    /// Buckets of exact MEs by match bits (position, slot), each in
+    /// position order: a deque, so that the usual unlink (the oldest ME,
+    /// at the front, as a server's posted request buffers are consumed)
+    /// and the usual attach (at either end) cost no shifting however many
+    /// MEs share the bits.
+    exact: HashMap<u64, VecDeque<(i64, usize)>, foldhash::fast::RandomState>,
+    /// Wildcard MEs by position (slot, criteria), the criteria inline so
+    /// a walk touches only this map until something matches.
+    wild: BTreeMap<i64, (usize, MatchCriteria)>,
     head: i64,
     tail: i64,
 }
@@ -82,7 +90,8 @@ pub struct MatchTable<T> {
 impl<T> Default for MatchTable<T> {
     fn default() -> Self {
         MatchTable {
-            entries: HashMap::default(),
+            entries: Slab::new(),
+            slots: HashMap::default(),
             exact: HashMap::default(),
             wild: BTreeMap::new(),
             head: 0,
@@ -119,27 +128,30 @@ impl<T> MatchTable<T> {
                 self.tail
             }
         };
+        if self.slots.contains_key(&key) {
+            debug_assert!(false, "duplicate ME key");
+            return;
+        }
+        let slot = self.entries.insert(Entry {
+            key,
+            pos: p,
+            crit,
+            value,
+        });
+        self.slots.insert(key, slot);
         if crit.ignore_bits == 0 {
             let b = self.exact.entry(crit.match_bits).or_default();
             let at = b.partition_point(|(q, _)| *q < p);
-            b.insert(at, (p, key));
+            b.insert(at, (p, slot));
         } else {
-            self.wild.insert(p, (key, crit));
+            self.wild.insert(p, (slot, crit));
         }
-        let old = self.entries.insert(
-            key,
-            Entry {
-                pos: p,
-                crit,
-                value,
-            },
-        );
-        debug_assert!(old.is_none(), "duplicate ME key");
     }
 
     /// Remove the ME `key`, giving back its state.
     pub fn remove(&mut self, key: u64) -> Option<(MatchCriteria, T)> {
-        let e = self.entries.remove(&key)?;
+        let slot = self.slots.remove(&key)?;
+        let e = self.entries.remove(slot);
         if e.crit.ignore_bits == 0 {
             if let Some(b) = self.exact.get_mut(&e.crit.match_bits) {
                 // Sorted by position (unique): found by bisection.
@@ -158,17 +170,22 @@ impl<T> MatchTable<T> {
 
     /// The state of ME `key`.
     pub fn get(&self, key: u64) -> Option<&T> {
-        self.entries.get(&key).map(|e| &e.value)
+        self.entry(key).map(|e| &e.value)
     }
 
     /// The state of ME `key`, mutably.
     pub fn get_mut(&mut self, key: u64) -> Option<&mut T> {
-        self.entries.get_mut(&key).map(|e| &mut e.value)
+        let slot = *self.slots.get(&key)?;
+        self.entries.get_mut(slot).map(|e| &mut e.value)
     }
 
     /// The criteria of ME `key`.
     pub fn criteria(&self, key: u64) -> Option<&MatchCriteria> {
-        self.entries.get(&key).map(|e| &e.crit)
+        self.entry(key).map(|e| &e.crit)
+    }
+
+    fn entry(&self, key: u64) -> Option<&Entry<T>> {
+        self.entries.get(*self.slots.get(&key)?)
     }
 
     /// Walk, in list order, the MEs that accept a message from `src` with
@@ -197,19 +214,20 @@ impl<T> MatchTable<T> {
                 (None, Some(_)) => false,
                 (Some((bp, _)), Some((wp, _))) => bp < *wp,
             };
-            let key = if take_bucket {
-                bi.next().map(|(_, k)| *k)
+            let slot = if take_bucket {
+                bi.next().map(|(_, s)| *s)
             } else {
                 match wi.next() {
-                    Some((_, (k, c))) if c.accepts(src, bits) => Some(*k),
+                    Some((_, (s, c))) if c.accepts(src, bits) => Some(*s),
                     Some(_) => continue,
                     None => None,
                 }
             };
-            let key = key?;
-            let Some(e) = self.entries.get_mut(&key) else {
+            let slot = slot?;
+            let Some(e) = self.entries.get_mut(slot) else {
                 continue;
             };
+            let key = e.key;
             // A wildcard ME was checked above on its inline criteria; an
             // exact one's bits are its bucket's: only its initiator is left.
             if take_bucket && !e.crit.match_id.matches(src) {
@@ -230,14 +248,14 @@ impl<T> MatchTable<T> {
         mut decide: impl FnMut(u64, &mut T) -> Decision<R>,
     ) -> Option<(u64, R)> {
         let Self { entries, wild, .. } = self;
-        for (k, c) in wild.values() {
+        for (s, c) in wild.values() {
             if !c.accepts(src, bits) {
                 continue;
             }
-            if let Some(e) = entries.get_mut(k)
-                && let Decision::Stop(r) = decide(*k, &mut e.value)
+            if let Some(e) = entries.get_mut(*s)
+                && let Decision::Stop(r) = decide(e.key, &mut e.value)
             {
-                return Some((*k, r));
+                return Some((e.key, r));
             }
         }
         None
@@ -252,7 +270,7 @@ impl<T> MatchTable<T> {
 
     /// Keys in list order (for diagnostics and tests; O(n log n)).
     pub fn keys_in_order(&self) -> Vec<u64> {
-        let mut v: Vec<(i64, u64)> = self.entries.iter().map(|(k, e)| (e.pos, *k)).collect();
+        let mut v: Vec<(i64, u64)> = self.entries.iter().map(|(_, e)| (e.pos, e.key)).collect();
         v.sort_unstable();
         v.into_iter().map(|(_, k)| k).collect()
     }
