@@ -60,14 +60,14 @@ pub mod wire;
 #[cfg(all(test, not(lnet_loom)))]
 mod tests;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::ErrorKind;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -643,12 +643,21 @@ impl Lnd for ShmLnd {
 thread_local! {
     /// The connection this thread last sent on, with its NI's id and
     /// peer: a stream of sends to one peer (a ping-pong's answers) skips
-    /// the peer table's hash and lock, and takes no reference count (four
-    /// atomic operations fewer per message). Strong, and checked for
-    /// death at each use: a retired connection is let go at this thread's
-    /// next send that misses, or when the thread ends (it holds the
-    /// connection's mappings and its socket, shut down, until then).
-    static LAST_CONN: RefCell<Option<(u64, Nid, Arc<Conn>)>> = const { RefCell::new(None) };
+    /// the peer table's hash and lock. On a progress thread, for its own
+    /// NI, it is held strongly (no reference count taken per send: an
+    /// answer sent from an event callback takes two atomic operations
+    /// fewer), and the thread lets it go whenever its NI's connections
+    /// change and when it stops, so a retired connection's memory is
+    /// freed at once. Elsewhere it is weak: a thread that sent once and
+    /// idles must not keep a dead peer's mappings.
+    static LAST_CONN: RefCell<Option<(u64, Nid, Cached)>> = const { RefCell::new(None) };
+    /// The id of the NI whose progress thread this is, plus one (0: none).
+    static PROGRESS_OF: Cell<u64> = const { Cell::new(0) };
+}
+
+enum Cached {
+    Strong(Arc<Conn>),
+    Weak(Weak<Conn>),
 }
 
 /// `f` on the live connection to `peer` on `sh`: this thread's cached one,
@@ -656,22 +665,47 @@ thread_local! {
 /// down. `f` may send again (the cache is then left as it is).
 fn with_up_conn<R>(sh: &Shared, peer: Nid, f: impl FnOnce(&Arc<Conn>) -> R) -> Option<R> {
     LAST_CONN.with(|l| {
+        let mut held = None;
         if let Ok(b) = l.try_borrow() {
             if let Some((id, p, c)) = &*b {
-                if *id == sh.id && *p == peer && !c.is_dead() {
-                    return Some(f(c));
+                if *id == sh.id && *p == peer {
+                    match c {
+                        Cached::Strong(c) if !c.is_dead() => return Some(f(c)),
+                        Cached::Weak(w) => held = w.upgrade().filter(|c| !c.is_dead()),
+                        Cached::Strong(_) => {}
+                    }
                 }
             }
+        }
+        if let Some(c) = held {
+            return Some(f(&c));
         }
         let c = match sh.peers.lock(peer).get() {
             Some(PeerState::Up(c)) if !c.is_dead() => Some(c.clone()),
             _ => None,
         };
         if let Ok(mut b) = l.try_borrow_mut() {
-            *b = c.clone().map(|c| (sh.id, peer, c));
+            let strong = PROGRESS_OF.get() == sh.id + 1;
+            *b = c.as_ref().map(|c| {
+                let held = if strong {
+                    Cached::Strong(c.clone())
+                } else {
+                    Cached::Weak(Arc::downgrade(c))
+                };
+                (sh.id, peer, held)
+            });
         }
         c.map(|c| f(&c))
     })
+}
+
+/// On a progress thread: let its cached connection go (see `LAST_CONN`).
+fn forget_last_conn() {
+    LAST_CONN.with(|l| {
+        if let Ok(mut b) = l.try_borrow_mut() {
+            *b = None;
+        }
+    });
 }
 
 fn fail_connecting(sh: &Shared, peer: Nid, err: Error) {
@@ -1037,6 +1071,7 @@ fn progress_loop(sh: &Arc<Shared>) {
     // The hold on the core while messages flow (see `NiPin`): taken at the
     // first message, let go when the loop sleeps or stops.
     let mut pin: Option<NiPin> = None;
+    PROGRESS_OF.set(sh.id + 1);
     let mut gen_seen = u64::MAX;
     let mut idle_since = Instant::now();
     let mut idle_iters = 0u32;
@@ -1046,6 +1081,7 @@ fn progress_loop(sh: &Arc<Shared>) {
     while !sh.stop.load(Ordering::Acquire) {
         let g = sh.conns_gen.load(Ordering::Acquire);
         if g != gen_seen {
+            forget_last_conn();
             conns = repoll(sh, std::mem::take(&mut conns));
             gen_seen = g;
         }
@@ -1128,6 +1164,8 @@ fn progress_loop(sh: &Arc<Shared>) {
         };
         idle_iters = 0;
     }
+    forget_last_conn();
+    PROGRESS_OF.set(0);
 }
 
 /// Poll the doorbell and every connection's socket for up to `ms`; retire

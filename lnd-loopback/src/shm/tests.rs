@@ -337,3 +337,84 @@ fn progress_thread_runs_on_the_cpu_it_is_pinned_to() {
     assert!(l.nids().iter().any(|n| n.to_string() == "42@shm"));
     l.shutdown();
 }
+
+/// Each node's connection, as it is now (weakly: the test must not keep
+/// it alive).
+fn conns_of(lnd: &ShmLnd) -> Vec<std::sync::Weak<Conn>> {
+    let sh = lnd.shared.get().expect("started");
+    lock(&sh.conns).iter().map(Arc::downgrade).collect()
+}
+
+#[test]
+fn a_dead_peers_connection_is_freed_though_threads_sent_on_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let d = TestDir::new("freed");
+    let node = |addr: u32| {
+        let mut cfg = ShmConfig::new(addr).dir(&*d);
+        cfg.pool_size = 0;
+        let lnd = Arc::new(ShmLnd::new(cfg).unwrap());
+        let l = Arc::new(
+            LnetBuilder::new(Arc::new(crate::LoLnd::new()))
+                .ni(lnd.clone())
+                .build()
+                .unwrap(),
+        );
+        (l, lnd)
+    };
+    let (a, a_lnd) = node(61);
+    let (b, _b_lnd) = node(62);
+    // A ping-pong answered from each node's event callback: both progress
+    // threads send (and cache their connection), and so does this thread.
+    const PORTAL: u32 = 9;
+    let rounds = Arc::new(AtomicUsize::new(0));
+    for (me, peer) in [(&a, b.id()), (&b, a.id())] {
+        let weak = Arc::downgrade(me);
+        let rounds = rounds.clone();
+        let src = me
+            .md_bind(Md::new(vec![1u8; 8]).threshold(Threshold::Infinite))
+            .unwrap();
+        me.attach(
+            PORTAL,
+            ProcessId::ANY,
+            0,
+            u64::MAX,
+            Unlink::Retain,
+            InsPos::Tail,
+            Md::new(vec![0u8; 8])
+                .options(MdOptions::OP_PUT | MdOptions::MANAGE_REMOTE)
+                .threshold(Threshold::Infinite)
+                .handler(lnet::EventHandler::callback(move |_| {
+                    if rounds.fetch_add(1, Ordering::AcqRel) < 20
+                        && let Some(l) = weak.upgrade()
+                    {
+                        let _ = l.put(src, AckReq::NoAck, peer, PORTAL, 0, 0, 0);
+                    }
+                })),
+        )
+        .unwrap();
+    }
+    let first = a.md_bind(Md::new(vec![1u8; 8])).unwrap();
+    a.put(first, AckReq::NoAck, b.id(), PORTAL, 0, 0, 0)
+        .unwrap();
+    let t0 = Instant::now();
+    while rounds.load(Ordering::Acquire) <= 20 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(rounds.load(Ordering::Acquire) > 20, "the ping-pong ran");
+    let held = conns_of(&a_lnd);
+    assert_eq!(held.len(), 1);
+    assert!(held[0].upgrade().is_some());
+
+    // B goes away: A retires its connection, and nothing keeps it, neither
+    // A's progress thread (which answered on it) nor this thread.
+    b.shutdown();
+    let t0 = Instant::now();
+    while held[0].upgrade().is_some() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        held[0].upgrade().is_none(),
+        "the dead peer's connection was freed"
+    );
+    a.shutdown();
+}
