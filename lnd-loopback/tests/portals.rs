@@ -1148,3 +1148,82 @@ fn an_md_filled_inline_then_through_a_sink_keeps_both_and_gives_them_back() {
     let got = e.buffer.expect("the buffer comes back").into_vec();
     assert_eq!(got, [first, second].concat());
 }
+
+#[test]
+fn one_mds_events_from_many_threads_come_one_at_a_time_and_in_order() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // Four threads PUT into one MD at once over `lo` (each PUT is received
+    // and completed on its sender's thread): the MD's events are made on
+    // four threads, under its portal's lock, and handed to its callback
+    // after it. The callback must never run twice at once; it must see
+    // every event once, each thread's in the order that thread made them
+    // (its PUTs land at growing offsets), and the final event last.
+    const THREADS: usize = 4;
+    const PUTS: usize = 400;
+    const N: usize = THREADS * PUTS;
+    let l = node();
+    let inside = Arc::new(AtomicBool::new(false));
+    let overlaps = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::<(u64, u32, bool)>::new()));
+    let (i2, o2, s2) = (inside.clone(), overlaps.clone(), seen.clone());
+    let _me = target(
+        &l,
+        21,
+        7,
+        Md::new(vec![0u8; N * 8])
+            .options(MdOptions::OP_PUT)
+            .threshold(Threshold::Finite(N as u32))
+            .handler(lnet::EventHandler::callback(move |e| {
+                if i2.swap(true, Ordering::AcqRel) {
+                    o2.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut v = s2.lock().unwrap();
+                // Now and then linger, so that events queue behind this one.
+                if v.len() % 16 == 0 {
+                    std::thread::yield_now();
+                }
+                v.push((e.hdr_data, e.offset, e.unlinked));
+                drop(v);
+                i2.store(false, Ordering::Release);
+            })),
+    );
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let l = &l;
+            s.spawn(move || {
+                for _ in 0..PUTS {
+                    let md = l.md_bind(Md::new(vec![t as u8; 8])).unwrap();
+                    l.put(md, AckReq::NoAck, l.id(), 21, 7, 0, t as u64)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let t0 = std::time::Instant::now();
+    while seen.lock().unwrap().len() < N && t0.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let v = seen.lock().unwrap().clone();
+    assert_eq!(
+        overlaps.load(Ordering::Relaxed),
+        0,
+        "the callback ran twice at once"
+    );
+    assert_eq!(v.len(), N, "every event, once");
+    let mut offsets: Vec<u32> = v.iter().map(|(_, o, _)| *o).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (0..N as u32).map(|i| i * 8).collect::<Vec<_>>());
+    for t in 0..THREADS as u64 {
+        let mine: Vec<u32> = v.iter().filter(|e| e.0 == t).map(|e| e.1).collect();
+        assert_eq!(mine.len(), PUTS);
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "thread {t}'s events in its order"
+        );
+    }
+    assert!(
+        v[..N - 1].iter().all(|e| !e.2) && v[N - 1].2,
+        "the final event last"
+    );
+}
