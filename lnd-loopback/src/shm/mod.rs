@@ -1044,24 +1044,28 @@ pub(crate) fn pin_to(cpu: usize) {
 
 /// A connection the progress thread polls, with its receiver (taken from
 /// the connection when the thread first sees it, kept across rebuilds of
-/// the list; `None` only if another thread took it, which none does).
+/// the list).
 struct Polled {
     conn: Arc<Conn>,
-    rx: Option<ConsState>,
+    rx: ConsState,
 }
 
 /// The progress thread's list after `sh.conns` changed: the receivers of
-/// the connections still there move over, new ones are taken.
+/// the connections still there move over, new ones are taken. (Only this
+/// thread takes receivers, so every connection has one.)
 fn repoll(sh: &Shared, old: Vec<Polled>) -> Vec<Polled> {
-    let mut old = old;
+    let mut old: Vec<Option<Polled>> = old.into_iter().map(Some).collect();
     let now: Vec<Arc<Conn>> = lock(&sh.conns).clone();
     now.into_iter()
-        .map(|conn| {
-            let rx = match old.iter_mut().find(|p| Arc::ptr_eq(&p.conn, &conn)) {
-                Some(p) => p.rx.take(),
-                None => conn.take_receiver(),
-            };
-            Polled { conn, rx }
+        .filter_map(|conn| {
+            let kept = old
+                .iter_mut()
+                .find(|p| p.as_ref().is_some_and(|p| Arc::ptr_eq(&p.conn, &conn)))
+                .and_then(Option::take);
+            match kept {
+                Some(p) => Some(p),
+                None => conn.take_receiver().map(|rx| Polled { conn, rx }),
+            }
         })
         .collect()
 }
@@ -1090,9 +1094,8 @@ fn progress_loop(sh: &Arc<Shared>) {
         // and drop): its length is what a busy poller adds to latency.
         let mut broken = false;
         for p in &mut conns {
-            let Some(rx) = p.rx.as_mut() else { continue };
             let c = &p.conn;
-            match c.progress(rx, &mut pin) {
+            match c.progress(&mut p.rx, &mut pin) {
                 Ok(n) => work += n,
                 Err(e) => {
                     broken = true;
@@ -1135,9 +1138,7 @@ fn progress_loop(sh: &Arc<Shared>) {
         pin = None;
         let mut ready = false;
         for p in &conns {
-            if let Some(rx) = &p.rx {
-                ready |= p.conn.prepare_sleep(rx);
-            }
+            ready |= p.conn.prepare_sleep(&p.rx);
         }
         if !ready {
             inc(&sh.env.stats.local().sleeps);
@@ -1146,9 +1147,7 @@ fn progress_loop(sh: &Arc<Shared>) {
             }
         }
         for p in &conns {
-            if let Some(rx) = &p.rx {
-                p.conn.awake(rx);
-            }
+            p.conn.awake(&p.rx);
         }
         let _ = sh.doorbell.read();
         // Adapt the spin: a wake-up that came soon after we slept says
