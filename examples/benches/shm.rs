@@ -200,7 +200,9 @@ fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize, reuse: bool) -> f64 {
     let left = Arc::new(AtomicUsize::new(0));
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let tx = Mutex::new(tx);
-    let weak = Arc::downgrade(l);
+    // The handler holds the node (as UCX's perftest holds its worker);
+    // unlinking the ME below lets it go.
+    let node = l.clone();
     let left2 = left.clone();
     let src = reuse.then(|| {
         l.md_bind(Md::new(vec![7u8; 8]).threshold(Threshold::Infinite))
@@ -221,10 +223,12 @@ fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize, reuse: bool) -> f64 {
                     if e.kind != EventKind::Put {
                         return;
                     }
-                    if left2.fetch_sub(1, Ordering::AcqRel) > 1 {
-                        if let Some(l) = weak.upgrade() {
-                            ping(&l, to, src);
-                        }
+                    // Events of one MD come one at a time (the pipe's
+                    // guarantee), so the count needs no atomic update.
+                    let n = left2.load(Ordering::Acquire);
+                    left2.store(n.saturating_sub(1), Ordering::Release);
+                    if n > 1 {
+                        ping(&node, to, src);
                     } else {
                         let _ = tx.lock().unwrap().send(());
                     }

@@ -127,7 +127,9 @@ fn main() -> Res<()> {
             .options(MdOptions::OP_PUT | MdOptions::LOAN)
             .threshold(Threshold::Infinite),
     )?;
-    let weak = Arc::downgrade(&node);
+    // The handler holds the node, as a server's request handler does:
+    // `shutdown` below unlinks the MD, and the handler with it.
+    let held = node.clone();
     // The answer to a ping with match bits 1 comes from this one bound MD
     // (as UCX answers from one buffer); others from an MD bound for it.
     let pong_md = node.md_bind(Md::new(vec![0u8; 8]).threshold(Threshold::Infinite))?;
@@ -145,7 +147,7 @@ fn main() -> Res<()> {
                 if e.kind != lnet::EventKind::Put {
                     return;
                 }
-                let Some(l) = weak.upgrade() else { return };
+                let l = &held;
                 let md = if e.match_bits == REUSE_MD_BITS {
                     Ok(pong_md)
                 } else {
