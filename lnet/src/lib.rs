@@ -28,6 +28,7 @@ pub mod node;
 pub mod pool;
 pub mod portals;
 pub mod shard;
+pub mod spin;
 mod sync;
 pub mod wire;
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use lnet::counters::Sharded;
+use lnet::spin::SpinLock;
 use lnet::wire::{ByteOrder, HDR_NID4_SIZE, Header};
 use lnet::{Delivery, Error, MemPool, NiContext, NiPin, Nid, SendNow, Sink, TxMsg};
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
@@ -73,7 +74,9 @@ pub(crate) struct Conn {
     peer_pool: Option<(Arc<Seg>, usize)>,
     peer_bell: OwnedFd,
     cma: AtomicBool,
-    prod: Mutex<ProdState>,
+    /// Any thread may send; held for a slot's copy at most (a backlog's
+    /// flush, a ring's worth), so its release is a plain store.
+    prod: SpinLock<ProdState>,
     backlog_len: AtomicUsize,
     /// The consumer's state until the progress thread takes it: one
     /// owner, so the receive path takes no lock (two atomic operations
@@ -248,7 +251,7 @@ impl Conn {
             peer_incarnation: hello.incarnation,
             peer_pid,
             sock,
-            prod: Mutex::new(ProdState {
+            prod: SpinLock::new(ProdState {
                 ring: Producer::new(out_h.nslots as u64),
                 backlog: VecDeque::new(),
             }),
@@ -348,7 +351,7 @@ impl Conn {
     /// (false: it could not). `None`: no room, the caller queues.
     fn write_direct(&self, fill: impl FnOnce(usize) -> bool) -> Option<bool> {
         let wake = {
-            let mut p = lock(&self.prod);
+            let mut p = self.prod.lock();
             if !p.backlog.is_empty() {
                 return None;
             }
@@ -506,7 +509,7 @@ impl Conn {
             return;
         }
         {
-            let mut p = lock(&self.prod);
+            let mut p = self.prod.lock();
             p.backlog.push_back((slot, tx));
             self.backlog_len.fetch_add(1, Ordering::Relaxed);
         }
@@ -527,7 +530,7 @@ impl Conn {
         let mut wake = false;
         let mut moved = 0;
         {
-            let mut p = lock(&self.prod);
+            let mut p = self.prod.lock();
             let ctl = self.out_ctl();
             // Bounded: each turn moves a slot or stops.
             loop {
@@ -573,7 +576,7 @@ impl Conn {
 
     fn fail_backlog(&self, err: Error) {
         let txs: Vec<TxMsg> = {
-            let mut p = lock(&self.prod);
+            let mut p = self.prod.lock();
             self.backlog_len.store(0, Ordering::Relaxed);
             p.backlog.drain(..).filter_map(|(_, t)| t).collect()
         };
@@ -649,7 +652,7 @@ impl Conn {
     pub(crate) fn prepare_sleep(&self, cons: &ConsState) -> bool {
         let mut ready = cons.ring.prepare_sleep(self.in_ctl());
         if self.backlog_len.load(Ordering::Relaxed) > 0 {
-            ready |= lock(&self.prod).ring.want_space(self.out_ctl());
+            ready |= self.prod.lock().ring.want_space(self.out_ctl());
         }
         ready
     }
