@@ -18,12 +18,14 @@ use tracing::{debug, trace};
 
 use super::ring::{Consumer, Peek, Producer, RingCtl};
 use super::sys::Seg;
-use super::wire::{self, Hello, Kind, Msg, SLOT_HDR, SegHeader, SlotHdr};
+use super::wire::{self, CompactPut, Hello, Kind, Msg, PUT_HDR_ACK, SLOT_HDR, SegHeader, SlotHdr};
 use super::{ShmConfig, ShmError, Stats, inc, lock};
 
 /// What every connection of an NI shares.
 pub(crate) struct ConnEnv {
     pub(crate) ni: NiContext,
+    /// Our NID on this NI.
+    pub(crate) nid: Nid,
     pub(crate) cfg: ShmConfig,
     pub(crate) pool: Option<MemPool>,
     pub(crate) stats: Arc<Sharded<Stats>>,
@@ -392,13 +394,22 @@ impl Conn {
         if plen > self.env.eager {
             return SendNow::Declined;
         }
-        let hb = match hdr.encode_nid4(ByteOrder::NATIVE) {
-            Ok(h) => h,
-            Err(e) => return SendNow::Failed(Error::Network(format!("header: {e}"))),
+        // A PUT of ours to this peer goes with the compact header.
+        let direct = if let Some(put) = CompactPut::of(hdr, self.env.nid, self.peer) {
+            let mut hb = [0u8; SLOT_HDR + PUT_HDR_ACK];
+            let n = put.encode(plen, &mut hb);
+            self.write_direct(|off| {
+                self.out.write(off, &hb[..n]).is_ok() && self.out.write(off + n, payload).is_ok()
+            })
+        } else {
+            let hb = match hdr.encode_nid4(ByteOrder::NATIVE) {
+                Ok(h) => h,
+                Err(e) => return SendNow::Failed(Error::Network(format!("header: {e}"))),
+            };
+            self.write_direct(|off| {
+                self.fill_inline(off, &hb, plen, |at| self.out.write(at, payload).is_ok())
+            })
         };
-        let direct = self.write_direct(|off| {
-            self.fill_inline(off, &hb, plen, |at| self.out.write(at, payload).is_ok())
-        });
         match direct {
             Some(true) => {
                 inc(&self.env.stats.local().tx_inline);
@@ -627,11 +638,15 @@ impl Conn {
             let mut shb = [0u8; SLOT_HDR];
             self.inp.read(off, &mut shb)?;
             let sh = SlotHdr::decode(&shb, slot_size)?;
-            if sh.kind == Kind::Inline {
+            if sh.kind == Kind::Put || sh.kind == Kind::Inline {
                 if pin.is_none() {
                     *pin = self.env.ni.pin();
                 }
-                self.on_inline(off, &sh, pin.as_ref())?;
+                if sh.kind == Kind::Put {
+                    self.on_put(off, &sh, pin.as_ref())?;
+                } else {
+                    self.on_inline(off, &sh, pin.as_ref())?;
+                }
             } else {
                 let total = SLOT_HDR + sh.len as usize;
                 let st = &mut *cons;
@@ -674,12 +689,37 @@ impl Conn {
         if hdr.payload_length as usize != plen {
             return Err(ShmError::BadSlot("inline payload length"));
         }
-        let poff = off + SLOT_HDR + HDR_NID4_SIZE;
+        self.deliver_inline(&hdr, off + SLOT_HDR + HDR_NID4_SIZE, plen, pin)
+    }
+
+    /// A [`Kind::Put`] slot at `off`: its compact header stands for the
+    /// LNet header of a PUT from the peer's NID to ours.
+    fn on_put(&self, off: usize, sh: &SlotHdr, pin: Option<&NiPin>) -> Result<(), ShmError> {
+        let hl = CompactPut::header_len(sh)?;
+        let mut b = [0u8; PUT_HDR_ACK];
+        self.inp.read(off + SLOT_HDR, &mut b[..hl])?;
+        let put = CompactPut::decode(sh, &b[..hl])?;
+        // Below the slot's size (checked in `SlotHdr::decode`), so below
+        // LNET_MTU.
+        let plen = sh.len as usize - hl;
+        let hdr = put.header(self.peer, self.env.nid, plen as u32);
+        self.deliver_inline(&hdr, off + SLOT_HDR + hl, plen, pin)
+    }
+
+    /// Hand the core an inline message, header `hdr`, its `plen` payload
+    /// bytes at `poff` in the slot.
+    fn deliver_inline(
+        &self,
+        hdr: &Header,
+        poff: usize,
+        plen: usize,
+        pin: Option<&NiPin>,
+    ) -> Result<(), ShmError> {
         trace!(target: "nettrace", peer = %self.peer, ty = ?hdr.msg_type(), plen, "shm inline");
         // A PUT into MD memory is copied from the slot under the match.
         let fill = |rel, dst: &mut [u8]| self.inp.read(poff + rel, dst);
         let d = match pin {
-            Some(p) => p.parse_inline(&hdr, self.peer, fill)?,
+            Some(p) => p.parse_inline(hdr, self.peer, fill)?,
             // The node is gone.
             None => Delivery::Discard(hdr.payload_length),
         };
@@ -709,7 +749,7 @@ impl Conn {
 
     fn on_msg(&self, cookie: u64, msg: Msg<'_>) -> Result<(), ShmError> {
         match msg {
-            Msg::Inline { .. } => unreachable!("handled by on_inline"),
+            Msg::Inline { .. } | Msg::Put { .. } => unreachable!("handled by on_inline/on_put"),
             Msg::Rdv { hdr, flags, frags } => {
                 let total: u64 = frags.iter().map(|f| f.1).sum();
                 if total != hdr.payload_length as u64 {

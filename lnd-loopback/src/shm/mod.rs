@@ -505,6 +505,7 @@ impl Lnd for ShmLnd {
         }
         let env = Arc::new(ConnEnv {
             ni: ni.clone(),
+            nid: cfg.nid(),
             cfg: cfg.clone(),
             pool: self.pool.as_ref().map(|(p, _)| p.clone()),
             stats: self.stats.clone(),
