@@ -18,6 +18,7 @@
 //! (LNet's "unique" portals), and wildcard MEs cost what they must.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound::{Excluded, Unbounded};
 
 use slab::Slab;
 
@@ -83,6 +84,9 @@ pub struct MatchTable<T> {
     /// Wildcard MEs by position (slot, criteria), the criteria inline so
     /// a walk touches only this map until something matches.
     wild: BTreeMap<i64, (usize, MatchCriteria)>,
+    /// `wild`'s first entry, copied out: most wildcard lookups stop at it,
+    /// without starting a walk of the map.
+    wild_first: Option<(i64, usize, MatchCriteria)>,
     head: i64,
     tail: i64,
 }
@@ -94,6 +98,7 @@ impl<T> Default for MatchTable<T> {
             slots: HashMap::default(),
             exact: HashMap::default(),
             wild: BTreeMap::new(),
+            wild_first: None,
             head: 0,
             tail: 0,
         }
@@ -145,6 +150,9 @@ impl<T> MatchTable<T> {
             b.insert(at, (p, slot));
         } else {
             self.wild.insert(p, (slot, crit));
+            if self.wild_first.is_none_or(|(q, ..)| p < q) {
+                self.wild_first = Some((p, slot, crit));
+            }
         }
     }
 
@@ -164,6 +172,9 @@ impl<T> MatchTable<T> {
             }
         } else {
             self.wild.remove(&e.pos);
+            if self.wild_first.is_some_and(|(q, ..)| q == e.pos) {
+                self.wild_first = self.wild.first_key_value().map(|(&q, &(s, c))| (q, s, c));
+            }
         }
         Some((e.crit, e.value))
     }
@@ -247,8 +258,20 @@ impl<T> MatchTable<T> {
         bits: u64,
         mut decide: impl FnMut(u64, &mut T) -> Decision<R>,
     ) -> Option<(u64, R)> {
-        let Self { entries, wild, .. } = self;
-        for (s, c) in wild.values() {
+        let Self {
+            entries,
+            wild,
+            wild_first,
+            ..
+        } = self;
+        let (first, s, c) = (*wild_first)?;
+        if c.accepts(src, bits)
+            && let Some(e) = entries.get_mut(s)
+            && let Decision::Stop(r) = decide(e.key, &mut e.value)
+        {
+            return Some((e.key, r));
+        }
+        for (s, c) in wild.range((Excluded(first), Unbounded)).map(|(_, v)| v) {
             if !c.accepts(src, bits) {
                 continue;
             }
@@ -436,6 +459,11 @@ mod tests {
                 }
                 prop_assert_eq!(t.keys_in_order(), m.0.iter().map(|x| x.0).collect::<Vec<_>>());
                 prop_assert_eq!(t.indexed(), t.len(), "an index kept a removed ME");
+                prop_assert_eq!(
+                    t.wild_first.map(|(p, s, c)| (p, s, c.match_bits, c.ignore_bits)),
+                    t.wild.first_key_value().map(|(&p, &(s, c))| (p, s, c.match_bits, c.ignore_bits)),
+                    "the cached first wildcard is not the map's"
+                );
             }
         }
     }
