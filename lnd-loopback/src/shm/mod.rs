@@ -15,7 +15,9 @@
 //! * **Messages.** Per direction, a single-producer single-consumer ring of
 //!   fixed-size slots in the sender's segment ([`ShmConfig::slots`] x
 //!   [`ShmConfig::slot_size`]). A message whose payload fits in a slot
-//!   travels inline. The receiver's progress thread polls its rings, spins
+//!   travels inline; a PUT of ours to the peer under a 24-byte header of
+//!   what the connection does not already say (an 8-byte PUT fills one
+//!   cache line), any other message under LNet's 72 bytes. The receiver's progress thread polls its rings, spins
 //!   briefly when idle ([`ShmConfig::spin`]), then sleeps on its eventfd;
 //!   a sender rings the doorbell only when the receiver said it sleeps
 //!   ([`ShmConfig::busy_poll`] never sleeps). Core credits bound what a
