@@ -16,9 +16,11 @@ use lnet::{Delivery, Error, MemPool, NiContext, NiPin, Nid, SendNow, Sink, TxMsg
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use tracing::{debug, trace};
 
-use super::ring::{Consumer, Peek, Producer, RingCtl};
+use super::ring::{AtomicU32, Consumer, Peek, Producer, RingCtl};
 use super::sys::Seg;
-use super::wire::{self, CompactPut, Hello, Kind, Msg, PUT_HDR_ACK, SLOT_HDR, SegHeader, SlotHdr};
+use super::wire::{
+    self, CompactPut, Hello, Kind, Msg, PUT_HDR_ACK, SLOT_HDR, SLOT_MARK, SegHeader, SlotHdr,
+};
 use super::{ShmConfig, ShmError, Stats, inc, lock};
 
 /// What every connection of an NI shares.
@@ -120,10 +122,6 @@ impl Drop for RemoteLoan {
 
 /// Smallest frozen pool payload sent by descriptor (so it can be lent).
 const LOAN_MIN: usize = 4096;
-
-/// Bytes of the next slot an idle poll keeps in cache: the slot header,
-/// the LNet header and a small payload (two lines).
-const PREFETCH_LEN: usize = 128;
 
 const DONE_OK: u32 = 0;
 const DONE_FAILED: u32 = 1;
@@ -312,6 +310,22 @@ impl Conn {
     fn in_slot(&self, idx: u64) -> usize {
         self.in_h.data_off as usize + idx as usize * self.in_h.slot_size as usize
     }
+    fn out_mark(&self, idx: u64) -> &AtomicU32 {
+        // Slots are inside the segment and 64-byte aligned (checked in `new`).
+        self.out
+            .mark(self.out_slot(idx))
+            .expect("checked at connect")
+    }
+    fn in_mark(&self, idx: u64) -> &AtomicU32 {
+        self.inp
+            .mark(self.in_slot(idx))
+            .expect("checked at connect")
+    }
+    /// Write a slot laid out from offset 0 (`slot`, its mark bytes
+    /// ignored) at `off`, all but the mark, which only the ring stores.
+    fn write_slot(&self, off: usize, slot: &[u8]) -> bool {
+        slot.len() >= SLOT_MARK && self.out.write(off + SLOT_MARK, &slot[SLOT_MARK..]).is_ok()
+    }
 
     fn ring_peer(&self) {
         inc(&self.env.stats.local().wakeups_sent);
@@ -362,7 +376,7 @@ impl Conn {
             if !fill(self.out_slot(idx)) {
                 return Some(false);
             }
-            p.ring.publish(ctl)
+            p.ring.publish(ctl, self.out_mark(idx))
         };
         if wake {
             self.ring_peer();
@@ -383,7 +397,7 @@ impl Conn {
         inline_slot_hdr(plen).encode(&mut shb);
         self.out.write(off + SLOT_HDR, hb).is_ok()
             && payload(off + SLOT_HDR + HDR_NID4_SIZE)
-            && self.out.write(off, &shb).is_ok()
+            && self.write_slot(off, &shb)
     }
 
     /// [`lnet::Lnd::send_now`] on this connection: an inline slot written
@@ -399,7 +413,7 @@ impl Conn {
             let mut hb = [0u8; SLOT_HDR + PUT_HDR_ACK];
             let n = put.encode(plen, &mut hb);
             self.write_direct(|off| {
-                self.out.write(off, &hb[..n]).is_ok() && self.out.write(off + n, payload).is_ok()
+                self.write_slot(off, &hb[..n]) && self.out.write(off + n, payload).is_ok()
             })
         } else {
             let hb = match hdr.encode_nid4(ByteOrder::NATIVE) {
@@ -443,7 +457,7 @@ impl Conn {
     fn send_rdv(&self, tx: TxMsg, hb: &[u8; HDR_NID4_SIZE]) {
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         let frags = tx.raw_fragments();
-        let mut flags = 0u16;
+        let mut flags = 0u8;
         let mut desc: Vec<(u64, u64)> = Vec::with_capacity(frags.len());
         let in_pool = self.env.cfg.use_pool
             && self
@@ -480,7 +494,7 @@ impl Conn {
 
     /// Post a slot built from `parts`: straight into the ring when it can,
     /// else queued in order.
-    pub(crate) fn post(&self, kind: Kind, flags: u16, cookie: u64, parts: &[&[u8]]) {
+    pub(crate) fn post(&self, kind: Kind, flags: u8, cookie: u64, parts: &[&[u8]]) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let sh = SlotHdr {
             kind,
@@ -499,7 +513,7 @@ impl Conn {
                 }
                 let mut shb = [0u8; SLOT_HDR];
                 sh.encode(&mut shb);
-                self.out.write(off, &shb).is_ok()
+                self.write_slot(off, &shb)
             });
             if direct.is_some() {
                 return;
@@ -552,8 +566,8 @@ impl Conn {
                     Some(idx) => {
                         let (slot, tx) = p.backlog.pop_front().expect("not empty");
                         self.backlog_len.fetch_sub(1, Ordering::Relaxed);
-                        let ok = self.out.write(self.out_slot(idx), &slot).is_ok();
-                        wake |= p.ring.publish(ctl);
+                        let ok = self.write_slot(self.out_slot(idx), &slot);
+                        wake |= p.ring.publish(ctl, self.out_mark(idx));
                         moved += 1;
                         if let Some(tx) = tx {
                             done.push((tx, ok));
@@ -618,20 +632,20 @@ impl Conn {
         }
         let mut n = self.flush_backlog();
         let ctl = self.in_ctl();
-        if ctl.tail.load(Ordering::Relaxed) == cons.ring.head {
-            // Idle: keep the next slot's first lines coming, so that when
-            // `tail` moves, its header is (being) fetched already: one
-            // cross-core transfer on a message's way in instead of two in
-            // a row. Only a hint: the slot is read after `tail` as ever.
-            self.inp
-                .prefetch(self.in_slot(cons.ring.slot), PREFETCH_LEN);
-            return Ok(n);
-        }
         let slot_size = self.in_h.slot_size as usize;
         for _ in 0..64 {
-            let idx = match cons.ring.peek(ctl) {
-                Peek::Empty => break,
-                Peek::Corrupt => return Err(ShmError::BadSlot("ring indices")),
+            // The next slot's mark, in the line that carries its header:
+            // idle, this is the one shared line polled.
+            let idx = match cons.ring.peek(self.in_mark(cons.ring.slot)) {
+                Peek::Empty => {
+                    // Keep the slot's second line coming too (a message
+                    // under a full LNet header spans two), so that it is
+                    // not a second transfer in a row once the mark moves.
+                    // Only a hint: it is read after the mark as ever.
+                    self.inp.prefetch(self.in_slot(cons.ring.slot) + 64, 64);
+                    break;
+                }
+                Peek::Corrupt => return Err(ShmError::BadSlot("slot mark")),
                 Peek::Ready(i) => i,
             };
             let off = self.in_slot(idx);
@@ -665,7 +679,9 @@ impl Conn {
     }
 
     pub(crate) fn prepare_sleep(&self, cons: &ConsState) -> bool {
-        let mut ready = cons.ring.prepare_sleep(self.in_ctl());
+        let mut ready = cons
+            .ring
+            .prepare_sleep(self.in_ctl(), self.in_mark(cons.ring.slot));
         if self.backlog_len.load(Ordering::Relaxed) > 0 {
             ready |= self.prod.lock().ring.want_space(self.out_ctl());
         }
@@ -816,7 +832,7 @@ impl Conn {
     }
 
     /// Move a matched bulk payload into its sink, by the cheapest way open.
-    fn rdv_deliver(&self, d: Delivery, cookie: u64, flags: u16, frags: Vec<(u64, u64)>) {
+    fn rdv_deliver(&self, d: Delivery, cookie: u64, flags: u8, frags: Vec<(u64, u64)>) {
         let mut sink = match d {
             Delivery::Receive(s) => s,
             Delivery::Reply(tx) => {

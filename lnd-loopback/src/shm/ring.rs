@@ -2,19 +2,25 @@
 //! wake-ups, kept apart from the memory it lives in so that loom can
 //! model-check it.
 //!
-//! The control block sits in the producer's shared segment. The producer
-//! owns `tail`, the consumer owns `head`; both are free-running counters
-//! (slot = counter mod `nslots`). A slot is written by the producer before
-//! it publishes `tail` (release) and read by the consumer after it loads
-//! `tail` (acquire); the consumer hands it back by storing `head`
-//! (release), which the producer loads (acquire) before reusing the slot.
+//! The producer owns a free-running counter `tail`, the consumer a
+//! free-running counter `head` (slot = counter mod `nslots`). A slot is
+//! published by its *mark*, the first 4 bytes of the slot: the producer
+//! writes the slot, then stores the mark `tail + 1` (low 32 bits, release);
+//! the consumer waits for the mark it expects, `head + 1`, in the slot it
+//! reads next (acquire), so a message crosses between the cores in the
+//! cache line that carries its header, with no shared index to read first.
+//! The consumer hands the slot back by storing `head` (release) in the
+//! control block, which the producer loads (acquire) only when its cached
+//! copy says the ring is full. Any mark other than the expected one and
+//! the one a slot holds from its previous lap (or zero, before its first)
+//! is a broken producer.
 //!
 //! Wake-ups (no lost wake-up, no syscall while both sides are busy):
 //! * the consumer, before it sleeps, sets `consumer_sleeping`, then looks
-//!   at `tail` once more; the producer, after publishing, looks at
-//!   `consumer_sleeping` and rings the consumer's doorbell only if it was
-//!   set (clearing it). A `SeqCst` fence on both sides orders the store
-//!   before the load, so at least one of them sees the other.
+//!   at the next slot's mark once more; the producer, after publishing,
+//!   looks at `consumer_sleeping` and rings the consumer's doorbell only if
+//!   it was set (clearing it). A `SeqCst` fence on both sides orders the
+//!   store before the load, so at least one of them sees the other.
 //! * the same handshake runs the other way (`producer_waiting` / `head`)
 //!   when the producer has messages queued for want of a free slot.
 
@@ -26,8 +32,8 @@ pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 /// The ring's shared control words, each on its own cache line.
 #[repr(C, align(64))]
 pub(crate) struct RingCtl {
-    pub(crate) tail: AtomicU64,
-    _p0: [u64; 7],
+    /// Unused since version 3 of the segment (the marks publish).
+    _p0: [u64; 8],
     pub(crate) head: AtomicU64,
     _p1: [u64; 7],
     pub(crate) consumer_sleeping: AtomicU32,
@@ -47,8 +53,7 @@ impl RingCtl {
     /// production it lives in a segment).
     pub(crate) fn new() -> Self {
         RingCtl {
-            tail: AtomicU64::new(0),
-            _p0: [0; 7],
+            _p0: [0; 8],
             head: AtomicU64::new(0),
             _p1: [0; 7],
             consumer_sleeping: AtomicU32::new(0),
@@ -101,12 +106,12 @@ impl Producer {
         Some(self.slot)
     }
 
-    /// Publish the reserved slot. Returns true when the consumer asked to
-    /// be woken (ring its doorbell).
-    pub(crate) fn publish(&mut self, ctl: &RingCtl) -> bool {
+    /// Publish the reserved slot, whose mark is `mark`. Returns true when
+    /// the consumer asked to be woken (ring its doorbell).
+    pub(crate) fn publish(&mut self, ctl: &RingCtl, mark: &AtomicU32) -> bool {
         self.tail = self.tail.wrapping_add(1);
         self.slot = next_slot(self.slot, self.nslots);
-        ctl.tail.store(self.tail, Ordering::Release);
+        mark.store(self.tail as u32, Ordering::Release);
         fence(Ordering::SeqCst);
         ctl.consumer_sleeping.load(Ordering::Relaxed) != 0
     }
@@ -147,7 +152,7 @@ pub(crate) enum Peek {
     Empty,
     /// A published slot at this index.
     Ready(u64),
-    /// `tail` claims more than the ring holds: the producer is broken.
+    /// The next slot holds a mark no correct producer writes there.
     Corrupt,
 }
 
@@ -160,16 +165,19 @@ impl Consumer {
         }
     }
 
-    /// The next published slot, if any.
-    pub(crate) fn peek(&self, ctl: &RingCtl) -> Peek {
-        let tail = ctl.tail.load(Ordering::Acquire);
-        let n = tail.wrapping_sub(self.head);
-        if n == 0 {
-            Peek::Empty
-        } else if n > self.nslots {
-            Peek::Corrupt
-        } else {
+    /// The next published slot, if any; `mark` is the mark of slot
+    /// [`Consumer::slot`].
+    #[inline]
+    pub(crate) fn peek(&self, mark: &AtomicU32) -> Peek {
+        let m = mark.load(Ordering::Acquire);
+        let want = self.head.wrapping_add(1) as u32;
+        if m == want {
             Peek::Ready(self.slot)
+        } else if m == want.wrapping_sub(self.nslots as u32) || (m == 0 && self.head < self.nslots)
+        {
+            Peek::Empty
+        } else {
+            Peek::Corrupt
         }
     }
 
@@ -183,12 +191,13 @@ impl Consumer {
         ctl.producer_waiting.load(Ordering::Relaxed) != 0
     }
 
-    /// Before sleeping: ask to be woken. Returns true when a message is
-    /// there already (do not sleep).
-    pub(crate) fn prepare_sleep(&self, ctl: &RingCtl) -> bool {
+    /// Before sleeping: ask to be woken (`mark` as for [`Consumer::peek`]).
+    /// Returns true when a message, or a broken mark, is there already
+    /// (do not sleep).
+    pub(crate) fn prepare_sleep(&self, ctl: &RingCtl, mark: &AtomicU32) -> bool {
         ctl.consumer_sleeping.store(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        let ready = ctl.tail.load(Ordering::Acquire) != self.head;
+        let ready = self.peek(mark) != Peek::Empty;
         if ready {
             ctl.consumer_sleeping.store(0, Ordering::Relaxed);
         }
@@ -208,60 +217,90 @@ mod tests {
     fn ctl() -> Box<RingCtl> {
         Box::new(RingCtl::new())
     }
+    fn marks(n: usize) -> Vec<AtomicU32> {
+        (0..n).map(|_| AtomicU32::new(0)).collect()
+    }
 
     #[test]
     fn full_empty_wrap() {
         let c = ctl();
+        let m = marks(4);
         let mut p = Producer::new(4);
         let mut q = Consumer::new(4);
-        assert_eq!(q.peek(&c), Peek::Empty);
+        assert_eq!(q.peek(&m[0]), Peek::Empty);
         for round in 0..10u64 {
             for i in 0..4 {
                 assert_eq!(p.reserve(&c), Some(i));
-                p.publish(&c);
+                p.publish(&c, &m[i as usize]);
             }
             assert_eq!(p.reserve(&c), None, "round {round}");
             for i in 0..4 {
-                assert_eq!(q.peek(&c), Peek::Ready(i));
+                assert_eq!(q.peek(&m[q.slot as usize]), Peek::Ready(i));
                 q.release(&c);
             }
-            assert_eq!(q.peek(&c), Peek::Empty);
+            assert_eq!(q.peek(&m[q.slot as usize]), Peek::Empty);
         }
     }
 
     #[test]
-    fn counters_wrap_u64() {
-        let c = ctl();
-        let start = u64::MAX - 2;
-        c.tail.store(start, Ordering::Relaxed);
-        c.head.store(start, Ordering::Relaxed);
-        let mut p = Producer {
-            nslots: 4,
-            tail: start,
-            cached_head: start,
-            slot: 1,
-        };
-        let mut q = Consumer {
-            nslots: 4,
-            head: start,
-            slot: 1,
-        };
-        for k in 0..8u64 {
-            let i = p.reserve(&c).expect("room");
-            assert_eq!(i, (1 + k) % 4, "slots follow the counter");
-            p.publish(&c);
-            assert_eq!(q.peek(&c), Peek::Ready(i), "both sides on one slot");
-            q.release(&c);
+    fn counters_wrap_u64_and_marks_wrap_u32() {
+        for start in [u64::MAX - 2, u32::MAX as u64 - 2] {
+            let c = ctl();
+            // The marks the slots hold from the lap before `start`.
+            let m = marks(4);
+            for k in 0..4u64 {
+                let ctr = start.wrapping_sub(4).wrapping_add(k);
+                m[((1 + k) % 4) as usize].store(ctr.wrapping_add(1) as u32, Ordering::Relaxed);
+            }
+            c.head.store(start, Ordering::Relaxed);
+            let mut p = Producer {
+                nslots: 4,
+                tail: start,
+                cached_head: start,
+                slot: 1,
+            };
+            let mut q = Consumer {
+                nslots: 4,
+                head: start,
+                slot: 1,
+            };
+            assert_eq!(q.peek(&m[1]), Peek::Empty, "last lap's mark");
+            for k in 0..8u64 {
+                let i = p.reserve(&c).expect("room");
+                assert_eq!(i, (1 + k) % 4, "slots follow the counter");
+                p.publish(&c, &m[i as usize]);
+                assert_eq!(
+                    q.peek(&m[i as usize]),
+                    Peek::Ready(i),
+                    "both sides on one slot"
+                );
+                q.release(&c);
+            }
+            assert_eq!(q.peek(&m[q.slot as usize]), Peek::Empty);
         }
-        assert_eq!(q.peek(&c), Peek::Empty);
     }
 
     #[test]
-    fn hostile_indices() {
+    fn hostile_marks_and_indices() {
         let c = ctl();
+        let m = marks(4);
         let q = Consumer::new(4);
-        c.tail.store(1000, Ordering::Relaxed);
-        assert_eq!(q.peek(&c), Peek::Corrupt);
+        for bad in [2, 1000, u32::MAX] {
+            m[0].store(bad, Ordering::Relaxed);
+            assert_eq!(q.peek(&m[0]), Peek::Corrupt, "mark {bad}");
+        }
+        m[0].store(1, Ordering::Relaxed);
+        assert_eq!(q.peek(&m[0]), Peek::Ready(0));
+        // After the first lap a zero mark is no longer "never written".
+        let q = Consumer {
+            nslots: 4,
+            head: 8,
+            slot: 0,
+        };
+        m[0].store(0, Ordering::Relaxed);
+        assert_eq!(q.peek(&m[0]), Peek::Corrupt);
+        m[0].store(5, Ordering::Relaxed);
+        assert_eq!(q.peek(&m[0]), Peek::Empty);
         let mut p = Producer::new(4);
         c.head.store(77, Ordering::Relaxed);
         p.cached_head = 0;
@@ -272,18 +311,20 @@ mod tests {
     #[test]
     fn wake_flags() {
         let c = ctl();
+        let m = marks(2);
         let mut p = Producer::new(2);
         let mut q = Consumer::new(2);
-        assert!(!q.prepare_sleep(&c));
+        assert!(!q.prepare_sleep(&c, &m[0]));
         p.reserve(&c).unwrap();
-        assert!(p.publish(&c), "sleeping consumer must be woken");
+        assert!(p.publish(&c, &m[0]), "sleeping consumer must be woken");
         q.awake(&c);
         assert!(p.reserve(&c).is_some());
-        assert!(!p.publish(&c), "the consumer is awake");
+        assert!(!p.publish(&c, &m[1]), "the consumer is awake");
         assert!(!p.want_space(&c));
-        assert_eq!(q.peek(&c), Peek::Ready(0));
+        assert_eq!(q.peek(&m[0]), Peek::Ready(0));
         assert!(q.release(&c), "waiting producer must be woken");
         p.got_space(&c);
+        assert!(q.prepare_sleep(&c, &m[1]), "a message is there: no sleep");
     }
 }
 
@@ -313,8 +354,9 @@ mod loom_tests {
         }
     }
 
-    /// Slots modelled as loom cells, so unsynchronised access is caught.
-    struct Slots(Vec<loom::cell::UnsafeCell<u64>>);
+    /// Slots modelled as loom cells, so unsynchronised access is caught,
+    /// each with its mark.
+    struct Slots(Vec<loom::cell::UnsafeCell<u64>>, Vec<AtomicU32>);
     // SAFETY: access is ordered by the ring protocol under test; loom
     // checks that claim.
     unsafe impl Sync for Slots {}
@@ -330,6 +372,7 @@ mod loom_tests {
                 (0..nslots)
                     .map(|_| loom::cell::UnsafeCell::new(0))
                     .collect(),
+                (0..nslots).map(|_| AtomicU32::new(0)).collect(),
             ));
             let cons_bell = Arc::new(Doorbell::default());
             let prod_bell = Arc::new(Doorbell::default());
@@ -347,7 +390,7 @@ mod loom_tests {
                         Some(idx) => {
                             // SAFETY: the ring protocol gives this slot to the producer.
                             s2.0[idx as usize].with_mut(|v| unsafe { *v = i + 100 });
-                            if p.publish(&c2) {
+                            if p.publish(&c2, &s2.1[idx as usize]) {
                                 cb.ring();
                             }
                             i += 1;
@@ -364,7 +407,8 @@ mod loom_tests {
             let mut q = Consumer::new(nslots);
             let mut got = 0;
             while got < n {
-                match q.peek(&ctl) {
+                let mark = &slots.1[q.slot as usize];
+                match q.peek(mark) {
                     Peek::Ready(idx) => {
                         // SAFETY: published by the producer, ours until release.
                         let v = slots.0[idx as usize].with(|v| unsafe { *v });
@@ -375,7 +419,7 @@ mod loom_tests {
                         }
                     }
                     Peek::Empty => {
-                        if !q.prepare_sleep(&ctl) {
+                        if !q.prepare_sleep(&ctl, mark) {
                             cons_bell.wait();
                         }
                         q.awake(&ctl);
@@ -405,9 +449,9 @@ mod loom_tests {
 
 /// The floor under the shm transport's latency, in µs: the one-way time
 /// of `round_trips` ping-pongs between two threads, each message one
-/// inline slot of an 8-byte PUT (slot header, LNet header and payload:
-/// 96 bytes) written and published through this ring protocol, read and
-/// released on the other side. No LNet work at all: what is left is the
+/// slot of an 8-byte PUT under the compact header (48 bytes: mark, the
+/// rest of the slot header, PUT header and payload) written and published
+/// through this ring protocol, read and released on the other side. No LNet work at all: what is left is the
 /// ring's index protocol and the cache-line transfers between the two
 /// CPUs. Benchmarks print it beside the full path to show how much of
 /// a message's latency the transport itself accounts for.
@@ -424,20 +468,22 @@ mod loom_tests {
 #[cfg(not(lnet_loom))]
 pub fn ring_floor_one_way_us(round_trips: u64, cpus: Option<(usize, usize)>) -> f64 {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicU64;
     const NSLOTS: u64 = 64;
-    const WORDS: usize = 12;
-    /// One direction: control block and slots, as in a segment (slots on
-    /// lines of their own).
+    /// The message after the mark, in 4-byte words.
+    const WORDS: usize = 11;
+    /// A slot's first line: the mark, then the message.
+    #[repr(C, align(64))]
+    struct Line([AtomicU32; 16]);
+    /// One direction: control block and slots, as in a segment.
     struct Dir {
         ctl: RingCtl,
-        slots: Vec<[AtomicU64; 16]>,
+        slots: Vec<Line>,
     }
     let dir = || {
         Arc::new(Dir {
             ctl: RingCtl::new(),
             slots: (0..NSLOTS)
-                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                .map(|_| Line(std::array::from_fn(|_| AtomicU32::new(0))))
                 .collect(),
         })
     };
@@ -447,14 +493,15 @@ pub fn ring_floor_one_way_us(round_trips: u64, cpus: Option<(usize, usize)>) -> 
             super::pin_to(cpu);
         }
         let (mut p, mut q) = (Producer::new(NSLOTS), Consumer::new(NSLOTS));
-        let mut msg = [7u64; WORDS];
-        let send = |p: &mut Producer, msg: &[u64; WORDS]| {
+        let mut msg = [7u32; WORDS];
+        let send = |p: &mut Producer, msg: &[u32; WORDS]| {
             // The peer releases each slot before answering: never full.
             let i = p.reserve(&out.ctl).unwrap_or(0) as usize;
-            for (w, v) in out.slots[i].iter().zip(msg) {
+            let line = &out.slots[i].0;
+            for (w, v) in line[1..].iter().zip(msg) {
                 w.store(*v, Ordering::Relaxed);
             }
-            p.publish(&out.ctl);
+            p.publish(&out.ctl, &line[0]);
         };
         let t0 = std::time::Instant::now();
         let deadline = t0 + std::time::Duration::from_secs(60);
@@ -463,7 +510,7 @@ pub fn ring_floor_one_way_us(round_trips: u64, cpus: Option<(usize, usize)>) -> 
         }
         let mut done = 0;
         while done < round_trips {
-            let i = match q.peek(&inp.ctl) {
+            let i = match q.peek(&inp.slots[q.slot as usize].0[0]) {
                 Peek::Ready(i) => i as usize,
                 _ => {
                     if std::time::Instant::now() > deadline {
@@ -473,7 +520,7 @@ pub fn ring_floor_one_way_us(round_trips: u64, cpus: Option<(usize, usize)>) -> 
                     continue;
                 }
             };
-            for (v, w) in msg.iter_mut().zip(&inp.slots[i]) {
+            for (v, w) in msg.iter_mut().zip(&inp.slots[i].0[1..]) {
                 *v = w.load(Ordering::Relaxed);
             }
             q.release(&inp.ctl);

@@ -22,7 +22,7 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
 use super::ShmError;
-use super::ring::RingCtl;
+use super::ring::{AtomicU32, RingCtl};
 
 /// A shared segment mapped into this process.
 pub(crate) struct Seg {
@@ -98,6 +98,22 @@ impl Seg {
         // concurrently by the peer. The reference lives no longer than
         // `self`, which keeps the mapping.
         Ok(unsafe { &*(self.map.as_mut_ptr().add(off) as *const RingCtl) })
+    }
+
+    /// The 4-byte slot mark at `off` (4-byte aligned, inside).
+    #[inline]
+    pub(crate) fn mark(&self, off: usize) -> Result<&AtomicU32, ShmError> {
+        self.check(off, 4)?;
+        if off % 4 != 0 {
+            return Err(ShmError::OutOfBounds);
+        }
+        // SAFETY: in bounds and aligned for an AtomicU32 (the mapping is
+        // page-aligned, off a multiple of 4); any bit pattern is a valid
+        // u32. We touch it only atomically; the peer, another process,
+        // stores marks atomically too, and whatever it stores is a value
+        // the ring validates. The reference lives no longer than `self`,
+        // which keeps the mapping.
+        Ok(unsafe { &*(self.map.as_mut_ptr().add(off) as *const AtomicU32) })
     }
 
     /// Copy `dst.len()` bytes out from `off`.

@@ -13,7 +13,7 @@ use lnet::{AckReq, EventQueue, InsPos, LnetBuilder, Md, MdOptions, ProcessId, Th
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::ring::Producer;
-use super::wire::{self, Hello, Kind, SLOT_HDR};
+use super::wire::{self, Hello, Kind, SLOT_HDR, SLOT_MARK};
 use super::*;
 
 struct Rogue {
@@ -67,16 +67,20 @@ impl Rogue {
         let ctl = self.ring.ctl(self.h.ctl_off as usize).unwrap();
         let idx = self.p.reserve(ctl).unwrap();
         let off = self.h.data_off as usize + idx as usize * self.h.slot_size as usize;
-        self.ring.write(off, slot).unwrap();
-        self.p.publish(ctl);
+        self.ring
+            .write(off + SLOT_MARK, &slot[SLOT_MARK..])
+            .unwrap();
+        self.p.publish(ctl, self.ring.mark(off).unwrap());
         let _ = nix::unistd::write(&self.victim_bell, &1u64.to_ne_bytes());
     }
 
     /// Jump `tail` far ahead of what the ring holds.
-    fn corrupt_tail(&mut self) {
-        let ctl = self.ring.ctl(self.h.ctl_off as usize).unwrap();
-        ctl.tail
-            .store(1 << 40, std::sync::atomic::Ordering::Release);
+    fn corrupt_mark(&mut self) {
+        let off = self.h.data_off as usize + self.p.slot as usize * self.h.slot_size as usize;
+        self.ring
+            .mark(off)
+            .unwrap()
+            .store(12_345, std::sync::atomic::Ordering::Release);
         let _ = nix::unistd::write(&self.victim_bell, &1u64.to_ne_bytes());
     }
 
@@ -164,7 +168,7 @@ fn garbage_in_ring_slots_disconnects_with_a_counted_error() {
         Box::new(|r: &mut Rogue| {
             let mut s = vec![0u8; SLOT_HDR];
             wire::encode(&mut s, Kind::Done, 0, 1, &[]);
-            s[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+            s[6..8].copy_from_slice(&u16::MAX.to_ne_bytes());
             r.send_raw(&s)
         }),
     ));
@@ -200,8 +204,8 @@ fn garbage_in_ring_slots_disconnects_with_a_counted_error() {
         }),
     ));
     garbage.push((
-        "tail past the ring",
-        Box::new(|r: &mut Rogue| r.corrupt_tail()),
+        "a mark no producer writes there",
+        Box::new(|r: &mut Rogue| r.corrupt_mark()),
     ));
 
     for (i, (what, f)) in garbage.iter().enumerate() {

@@ -15,11 +15,15 @@ pub const SEG_MAGIC: u64 = 0x4c4e_4554_5348_4d31;
 /// "LNETSHMH": first word of a hello.
 pub const HELLO_MAGIC: u64 = 0x4c4e_4554_5348_4d48;
 /// Version of the segment layout, the hello and the slot messages.
-pub const SHM_VERSION: u32 = 2;
+pub const SHM_VERSION: u32 = 3;
 /// Bytes of the segment header (one page, so slots start aligned).
 pub const SEG_HDR_SIZE: usize = 4096;
-/// Bytes of a slot's own header (kind, flags, length, cookie).
+/// Bytes of a slot's own header (mark, kind, flags, length, cookie).
 pub const SLOT_HDR: usize = 16;
+/// Bytes at the start of every slot that hold its publication mark: the
+/// ring protocol's (see `ring.rs`), stored atomically once the rest of the
+/// slot is written. Whoever fills a slot writes from this offset on.
+pub const SLOT_MARK: usize = 4;
 
 /// Segment kinds.
 pub const SEG_RING: u32 = 1;
@@ -227,7 +231,7 @@ impl Hello {
 
 /// Slot message kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u16)]
+#[repr(u8)]
 pub enum Kind {
     /// LNet header and the whole payload in the slot.
     Inline = 1,
@@ -259,7 +263,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn from_u16(v: u16) -> Option<Kind> {
+    fn from_u8(v: u8) -> Option<Kind> {
         Some(match v {
             1 => Kind::Inline,
             2 => Kind::Rdv,
@@ -277,16 +281,16 @@ impl Kind {
 }
 
 /// Rdv flags: the extents are offsets in the sender's shared pool.
-pub const RDV_POOL: u16 = 1;
+pub const RDV_POOL: u8 = 1;
 /// Rdv flags: the source is immutable; the receiver may lend it.
-pub const RDV_LOANABLE: u16 = 2;
+pub const RDV_LOANABLE: u8 = 2;
 /// Rdv flags: the sender has the receiver's pool mapped (it can copy
 /// into it on a [`Kind::WriteReq`]).
-pub const RDV_CAN_WRITE: u16 = 4;
+pub const RDV_CAN_WRITE: u8 = 4;
 /// Done flags: the payload was lent.
-pub const DONE_LOANED: u16 = 1;
+pub const DONE_LOANED: u8 = 1;
 /// Put flags: the body carries the MD handle to ACK (16 bytes more).
-pub const PUT_ACK: u16 = 1;
+pub const PUT_ACK: u8 = 1;
 /// Bytes of a [`CompactPut`] body before its payload, without an ACK
 /// handle.
 pub const PUT_HDR: usize = 24;
@@ -428,25 +432,29 @@ impl CompactPut {
     }
 }
 
-/// The fixed part of a slot.
+/// The fixed part of a slot: after the 4-byte mark ([`SLOT_MARK`]), the
+/// kind (1 byte), flags (1 byte), body length (2 bytes: a slot is at most
+/// [`MAX_SLOT`]) and the cookie (8 bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotHdr {
     /// Message kind.
     pub kind: Kind,
     /// Kind-specific flags.
-    pub flags: u16,
-    /// Bytes of body after the slot header.
+    pub flags: u8,
+    /// Bytes of body after the slot header (below [`MAX_SLOT`]).
     pub len: u32,
     /// The sender's operation cookie.
     pub cookie: u64,
 }
 
 impl SlotHdr {
-    /// Encode into the first [`SLOT_HDR`] bytes of `b`.
+    /// Encode into the first [`SLOT_HDR`] bytes of `b`, all but the mark
+    /// (bytes `0..SLOT_MARK`, left as they are).
     pub fn encode(&self, b: &mut [u8]) {
-        b[0..2].copy_from_slice(&(self.kind as u16).to_ne_bytes());
-        b[2..4].copy_from_slice(&self.flags.to_ne_bytes());
-        b[4..8].copy_from_slice(&self.len.to_ne_bytes());
+        debug_assert!(self.len < MAX_SLOT, "slot bodies fit 16 bits");
+        b[4] = self.kind as u8;
+        b[5] = self.flags;
+        b[6..8].copy_from_slice(&(self.len as u16).to_ne_bytes());
         b[8..16].copy_from_slice(&self.cookie.to_ne_bytes());
     }
     /// Decode; `slot_size` bounds the body.
@@ -455,16 +463,16 @@ impl SlotHdr {
             return Err(ShmError::BadSlot("short slot"));
         }
         // (Not `ok_or`: that builds, and drops, the error on every slot.)
-        let Some(kind) = Kind::from_u16(u16::from_ne_bytes([b[0], b[1]])) else {
+        let Some(kind) = Kind::from_u8(b[4]) else {
             return Err(ShmError::BadSlot("unknown kind"));
         };
-        let len = u32_at(b, 4);
+        let len = u32::from(u16::from_ne_bytes([b[6], b[7]]));
         if len as usize > slot_size.saturating_sub(SLOT_HDR) {
             return Err(ShmError::BadSlot("body longer than the slot"));
         }
         Ok(SlotHdr {
             kind,
-            flags: u16::from_ne_bytes([b[2], b[3]]),
+            flags: b[5],
             len,
             cookie: u64_at(b, 8),
         })
@@ -493,7 +501,7 @@ pub enum Msg<'a> {
         /// The LNet header.
         hdr: Header,
         /// `RDV_*` flags.
-        flags: u16,
+        flags: u8,
         /// (address or pool offset, length) of each fragment.
         frags: Vec<(u64, u64)>,
     },
@@ -660,7 +668,7 @@ pub fn decode(slot: &[u8]) -> Result<(SlotHdr, Msg<'_>), ShmError> {
 }
 
 /// Encode a slot: its header then `body` parts; returns total bytes.
-pub fn encode(out: &mut [u8], kind: Kind, flags: u16, cookie: u64, parts: &[&[u8]]) -> usize {
+pub fn encode(out: &mut [u8], kind: Kind, flags: u8, cookie: u64, parts: &[&[u8]]) -> usize {
     let mut at = SLOT_HDR;
     for p in parts {
         out[at..at + p.len()].copy_from_slice(p);
