@@ -431,7 +431,7 @@ fn main() {
             ours.push(o);
             reused.push(r);
             // The ring's floor in the same round: the host's cache-line
-            // transfer time moves (0.08 to 0.27 us seen) from minute to
+            // transfer time moves (0.03 to 0.3 us seen) from minute to
             // minute, for our ring and UCX's alike.
             let f = lnd_loopback::shm::ring_floor_one_way_us(50_000, Some((0, 1)));
             floors.push(f);

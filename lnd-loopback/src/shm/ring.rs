@@ -458,7 +458,7 @@ mod loom_tests {
 ///
 /// `cpus` pins the two threads (first, echo), as the benchmark pins the
 /// progress threads it compares this with. On a shared host the figure
-/// moves with the host's cache-line transfer time (0.08 to 0.27 µs seen
+/// moves with the host's cache-line transfer time (0.03 to 0.3 µs seen
 /// here, minutes apart), so compare it only with figures taken beside it.
 ///
 /// ```
