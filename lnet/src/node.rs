@@ -1157,7 +1157,7 @@ impl Inner {
         from: Nid,
         fill: Option<Fill<'_>>,
     ) -> Delivery {
-        let Some(info) = self.ni_info(ni).copied() else {
+        let Some(info) = self.ni_info(ni) else {
             return self.drop_msg(ni, hdr, DropReason::NiDown);
         };
         if self.is_shutting_down() {
@@ -1166,7 +1166,9 @@ impl Inner {
         if hdr.payload_length > info.limits.max_payload {
             return self.drop_msg(ni, hdr, DropReason::TooLarge);
         }
-        if !self.is_local(&hdr.dest_nid) || hdr.dest_pid != self.cfg.pid {
+        // Addressed, as a rule, to the NI it came in on: one comparison.
+        let local = hdr.dest_nid == info.nid || self.is_local(&hdr.dest_nid);
+        if !local || hdr.dest_pid != self.cfg.pid {
             return self.drop_msg(ni, hdr, DropReason::NotForUs);
         }
         let mtype = hdr.msg_type();
