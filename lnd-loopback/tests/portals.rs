@@ -1227,3 +1227,42 @@ fn one_mds_events_from_many_threads_come_one_at_a_time_and_in_order() {
         "the final event last"
     );
 }
+
+#[test]
+fn messages_for_another_nid_or_pid_are_dropped_and_ours_by_any_local_nid_land() {
+    let (l, h, q) = inline_target(
+        Md::new(vec![0u8; 64])
+            .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
+            .threshold(Threshold::Infinite),
+    );
+    let ni = h.ni.get().unwrap();
+    let none = lnet::wire::WireHandle::NONE;
+    let land = |hdr: &lnet::wire::Header| {
+        ni.parse_inline(hdr, peer(2).nid, |_, dst| {
+            dst.fill(1);
+            Ok::<(), String>(())
+        })
+        .unwrap()
+    };
+    // Another node's NID, and ours with another pid: not for us.
+    let mut other = put_hdr(&l, 9, 5, 8, none);
+    other.dest_nid = "10.0.0.9@tcp".parse().unwrap();
+    let mut wrong_pid = put_hdr(&l, 9, 5, 8, none);
+    wrong_pid.dest_pid = l.pid() + 1;
+    for hdr in [&other, &wrong_pid] {
+        let d = land(hdr);
+        assert!(matches!(d, lnet::Delivery::Discard(8)), "{d:?}");
+    }
+    assert_eq!(l.counters().drops_for(DropReason::NotForUs), 2);
+    assert!(q.try_recv().is_none(), "nothing landed");
+    // Our NID on this NI, and a local NID of another NI (lo's), land.
+    let mut via_lo = put_hdr(&l, 9, 5, 8, none);
+    via_lo.dest_nid = Nid::LO;
+    for hdr in [&put_hdr(&l, 9, 5, 8, none), &via_lo] {
+        let d = land(hdr);
+        assert!(matches!(d, lnet::Delivery::Done), "{d:?}");
+        let e = next(&q);
+        assert_eq!((e.kind, e.mlength), (EventKind::Put, 8));
+    }
+    assert_eq!(l.counters().drops_for(DropReason::NotForUs), 2);
+}
