@@ -746,6 +746,25 @@ mod tests {
     }
 
     #[test]
+    fn slot_header_leaves_the_mark_alone_and_holds_the_largest_body() {
+        let mut b = [0xa5u8; SLOT_HDR];
+        let h = SlotHdr {
+            kind: Kind::BounceData,
+            flags: RDV_POOL | RDV_CAN_WRITE,
+            len: MAX_SLOT - SLOT_HDR as u32,
+            cookie: u64::MAX - 1,
+        };
+        h.encode(&mut b);
+        assert_eq!(b[..SLOT_MARK], [0xa5; SLOT_MARK], "the mark is the ring's");
+        assert_eq!(SlotHdr::decode(&b, MAX_SLOT as usize).unwrap(), h);
+        // One byte more than the slot holds is refused.
+        let big = SlotHdr { len: 1025, ..h };
+        big.encode(&mut b);
+        assert!(SlotHdr::decode(&b, 1024 + SLOT_HDR).is_err());
+        assert!(SlotHdr::decode(&b, 1025 + SLOT_HDR).is_ok());
+    }
+
+    #[test]
     fn compact_put_stands_for_the_lnet_header_on_its_connection() {
         let (local, peer) = (
             "1@shm".parse::<Nid>().unwrap(),
