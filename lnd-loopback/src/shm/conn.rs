@@ -310,16 +310,14 @@ impl Conn {
     fn in_slot(&self, idx: u64) -> usize {
         self.in_h.data_off as usize + idx as usize * self.in_h.slot_size as usize
     }
-    fn out_mark(&self, idx: u64) -> &AtomicU32 {
+    /// The mark of the outgoing slot at offset `off` (from `out_slot`).
+    fn out_mark(&self, off: usize) -> &AtomicU32 {
         // Slots are inside the segment and 64-byte aligned (checked in `new`).
-        self.out
-            .mark(self.out_slot(idx))
-            .expect("checked at connect")
+        self.out.mark(off).expect("checked at connect")
     }
-    fn in_mark(&self, idx: u64) -> &AtomicU32 {
-        self.inp
-            .mark(self.in_slot(idx))
-            .expect("checked at connect")
+    /// The mark of the incoming slot at offset `off` (from `in_slot`).
+    fn in_mark(&self, off: usize) -> &AtomicU32 {
+        self.inp.mark(off).expect("checked at connect")
     }
     /// Write a slot laid out from offset 0 (`slot`, its mark bytes
     /// ignored) at `off`, all but the mark, which only the ring stores.
@@ -373,10 +371,11 @@ impl Conn {
             }
             let ctl = self.out_ctl();
             let idx = p.ring.reserve(ctl)?;
-            if !fill(self.out_slot(idx)) {
+            let off = self.out_slot(idx);
+            if !fill(off) {
                 return Some(false);
             }
-            p.ring.publish(ctl, self.out_mark(idx))
+            p.ring.publish(ctl, self.out_mark(off))
         };
         if wake {
             self.ring_peer();
@@ -566,8 +565,9 @@ impl Conn {
                     Some(idx) => {
                         let (slot, tx) = p.backlog.pop_front().expect("not empty");
                         self.backlog_len.fetch_sub(1, Ordering::Relaxed);
-                        let ok = self.write_slot(self.out_slot(idx), &slot);
-                        wake |= p.ring.publish(ctl, self.out_mark(idx));
+                        let off = self.out_slot(idx);
+                        let ok = self.write_slot(off, &slot);
+                        wake |= p.ring.publish(ctl, self.out_mark(off));
                         moved += 1;
                         if let Some(tx) = tx {
                             done.push((tx, ok));
@@ -636,19 +636,19 @@ impl Conn {
         for _ in 0..64 {
             // The next slot's mark, in the line that carries its header:
             // idle, this is the one shared line polled.
-            let idx = match cons.ring.peek(self.in_mark(cons.ring.slot)) {
+            let off = self.in_slot(cons.ring.slot);
+            match cons.ring.peek(self.in_mark(off)) {
                 Peek::Empty => {
                     // Keep the slot's second line coming too (a message
                     // under a full LNet header spans two), so that it is
                     // not a second transfer in a row once the mark moves.
                     // Only a hint: it is read after the mark as ever.
-                    self.inp.prefetch(self.in_slot(cons.ring.slot) + 64, 64);
+                    self.inp.prefetch(off + 64, 64);
                     break;
                 }
                 Peek::Corrupt => return Err(ShmError::BadSlot("slot mark")),
-                Peek::Ready(i) => i,
-            };
-            let off = self.in_slot(idx);
+                Peek::Ready(_) => {}
+            }
             let mut shb = [0u8; SLOT_HDR];
             self.inp.read(off, &mut shb)?;
             let sh = SlotHdr::decode(&shb, slot_size)?;
@@ -681,7 +681,7 @@ impl Conn {
     pub(crate) fn prepare_sleep(&self, cons: &ConsState) -> bool {
         let mut ready = cons
             .ring
-            .prepare_sleep(self.in_ctl(), self.in_mark(cons.ring.slot));
+            .prepare_sleep(self.in_ctl(), self.in_mark(self.in_slot(cons.ring.slot)));
         if self.backlog_len.load(Ordering::Relaxed) > 0 {
             ready |= self.prod.lock().ring.want_space(self.out_ctl());
         }

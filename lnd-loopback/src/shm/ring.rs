@@ -451,9 +451,9 @@ mod loom_tests {
 /// of `round_trips` ping-pongs between two threads, each message one
 /// slot of an 8-byte PUT under the compact header (48 bytes: mark, the
 /// rest of the slot header, PUT header and payload) written and published
-/// through this ring protocol, read and released on the other side. No LNet work at all: what is left is the
-/// ring's index protocol and the cache-line transfers between the two
-/// CPUs. Benchmarks print it beside the full path to show how much of
+/// through this ring protocol, read and released on the other side. No
+/// LNet work at all: what is left is the ring's protocol and the
+/// cache-line transfers between the two CPUs. Benchmarks print it beside the full path to show how much of
 /// a message's latency the transport itself accounts for.
 ///
 /// `cpus` pins the two threads (first, echo), as the benchmark pins the

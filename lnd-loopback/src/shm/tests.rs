@@ -62,11 +62,16 @@ impl Rogue {
         })
     }
 
+    /// Offset of slot `idx` in our ring.
+    fn slot_off(&self, idx: u64) -> usize {
+        self.h.data_off as usize + idx as usize * self.h.slot_size as usize
+    }
+
     /// Put `slot` in the next ring slot and publish it.
     fn send_raw(&mut self, slot: &[u8]) {
         let ctl = self.ring.ctl(self.h.ctl_off as usize).unwrap();
         let idx = self.p.reserve(ctl).unwrap();
-        let off = self.h.data_off as usize + idx as usize * self.h.slot_size as usize;
+        let off = self.slot_off(idx);
         self.ring
             .write(off + SLOT_MARK, &slot[SLOT_MARK..])
             .unwrap();
@@ -74,9 +79,9 @@ impl Rogue {
         let _ = nix::unistd::write(&self.victim_bell, &1u64.to_ne_bytes());
     }
 
-    /// Jump `tail` far ahead of what the ring holds.
+    /// Put a mark no producer writes there in the next slot.
     fn corrupt_mark(&mut self) {
-        let off = self.h.data_off as usize + self.p.slot as usize * self.h.slot_size as usize;
+        let off = self.slot_off(self.p.slot);
         self.ring
             .mark(off)
             .unwrap()
