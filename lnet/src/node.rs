@@ -1097,6 +1097,11 @@ impl Inner {
     /// The operation behind a completed message: its event and MD
     /// bookkeeping.
     fn token_done(self: &Arc<Self>, tok: &TxToken, status: Result<(), Error>) {
+        // An ACK, or an operation detached from its MD: nothing to do (and
+        // no `After` to build and drop, the usual immediate send's case).
+        if matches!(tok, TxToken::Ack | TxToken::Detached) {
+            return;
+        }
         let ok = status.is_ok();
         let mut after = After::default();
         match *tok {
@@ -1804,10 +1809,16 @@ impl Timers {
 
     /// Drop stale entries once they outnumber the live ones (plus the
     /// slack): what keeps the queue bounded.
+    #[inline]
     fn compact(&mut self, mds: &MdTable<MdState>) {
         if self.q.len() > 2 * self.live + Self::SLACK {
-            self.q.retain(|&(d, md)| awaits(mds, md, d));
+            self.retain_live(mds);
         }
+    }
+
+    #[cold]
+    fn retain_live(&mut self, mds: &MdTable<MdState>) {
+        self.q.retain(|&(d, md)| awaits(mds, md, d));
     }
 }
 
