@@ -406,7 +406,7 @@ impl EventPipe {
 
     /// Deliver `first`, then whatever queued meanwhile; the caller holds
     /// the claim.
-    #[inline]
+    #[inline(always)]
     fn deliver_from(&self, first: Event) {
         self.handler.deliver(first);
         self.drain();
@@ -604,7 +604,7 @@ impl After {
     }
 
     /// Deliver the event of the pipe this After claimed, if any.
-    #[inline]
+    #[inline(always)]
     fn deliver_direct(&mut self) {
         if let Some(p) = self.direct_pipe.take() {
             let e = self.direct_ev.take().expect("a claimed pipe has its event");

@@ -111,7 +111,7 @@ impl EventHandler {
     }
     // Inlined into the pipe's delivery loop: one move of the (large)
     // event fewer per delivery.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn deliver(&self, ev: Event) {
         match self {
             EventHandler::None => {}
