@@ -1097,42 +1097,28 @@ impl Inner {
     /// The operation behind a completed message: its event and MD
     /// bookkeeping.
     fn token_done(self: &Arc<Self>, tok: &TxToken, status: Result<(), Error>) {
-        // An ACK, or an operation detached from its MD: nothing to do (and
-        // no `After` to build and drop, the usual immediate send's case).
-        if matches!(tok, TxToken::Ack | TxToken::Detached) {
-            return;
-        }
-        let ok = status.is_ok();
+        // Our PUT or GET left (a failed send loses the response it waited
+        // for); a REPLY we sent is the GET on our MD. An ACK, or an
+        // operation detached from its MD, has nothing left to do: no
+        // `After` is built for it (the usual immediate send's case).
+        let (md, ev, kind, lost_response) = match *tok {
+            TxToken::Initiator { md, ref ev } => (md, ev, EventKind::Send, status.is_err()),
+            TxToken::Reply { md, ref ev } => (md, ev, EventKind::Get, false),
+            TxToken::Ack | TxToken::Detached => return,
+        };
         let mut after = After::default();
-        match *tok {
-            TxToken::Initiator { md, ref ev } => {
-                let mut c = self.containers[container_of(md)].lock();
-                op_done(
-                    &mut c,
-                    md,
-                    EventKind::Send,
-                    ev,
-                    status,
-                    None,
-                    !ok,
-                    &mut after,
-                );
-            }
-            TxToken::Reply { md, ref ev } => {
-                let mut c = self.containers[container_of(md)].lock();
-                op_done(
-                    &mut c,
-                    md,
-                    EventKind::Get,
-                    ev,
-                    status,
-                    None,
-                    false,
-                    &mut after,
-                );
-            }
-            TxToken::Ack | TxToken::Detached => {}
-        }
+        let mut c = self.containers[container_of(md)].lock();
+        op_done(
+            &mut c,
+            md,
+            kind,
+            ev,
+            status,
+            None,
+            lost_response,
+            &mut after,
+        );
+        drop(c);
         after.run(self);
     }
 
