@@ -1284,14 +1284,16 @@ struct MdCase {
     unlink_me: bool,
 }
 
-/// One incoming PUT: payload length, remote offset, ACK asked for, and
-/// whether its match bits are the ME's (5) or not (6).
+/// One incoming PUT: payload length, remote offset, ACK asked for,
+/// whether its match bits are the ME's (5) or not (6), and whether the
+/// LND fails to deliver its payload (a torn slot, a broken connection).
 #[derive(Clone, Debug)]
 struct PutCase {
     len: u32,
     offset: u32,
     ack: bool,
     matching: bool,
+    fails: bool,
 }
 
 fn md_case() -> impl proptest::strategy::Strategy<Value = MdCase> {
@@ -1334,12 +1336,14 @@ fn put_case() -> impl proptest::strategy::Strategy<Value = PutCase> {
         0u32..56,
         any::<bool>(),
         proptest::bool::weighted(0.85),
+        proptest::bool::weighted(0.15),
     )
-        .prop_map(|(len, offset, ack, matching)| PutCase {
+        .prop_map(|(len, offset, ack, matching, fails)| PutCase {
             len,
             offset,
             ack,
             matching,
+            fails,
         })
 }
 
@@ -1399,16 +1403,8 @@ fn event_line(e: &Event) -> String {
         v
     });
     format!(
-        "{:?} rlen {} mlen {} off {} bits {} hdr {} ok {} unlinked {} mem {:?}",
-        e.kind,
-        e.rlength,
-        e.mlength,
-        e.offset,
-        e.match_bits,
-        e.hdr_data,
-        e.status.is_ok(),
-        e.unlinked,
-        mem
+        "{:?} rlen {} mlen {} off {} bits {} hdr {} status {:?} unlinked {} mem {:?}",
+        e.kind, e.rlength, e.mlength, e.offset, e.match_bits, e.hdr_data, e.status, e.unlinked, mem
     )
 }
 
@@ -1451,20 +1447,35 @@ fn deliver_all(md: &MdCase, puts: &[PutCase], inline: bool) -> Seen {
             *offset = p.offset;
         }
         let d = if inline {
-            ni.parse_inline(&hdr, peer(2).nid, |off, dst| {
+            let r = ni.parse_inline(&hdr, peer(2).nid, |off, dst| {
+                if p.fails {
+                    return Err("torn slot".to_string());
+                }
                 dst.copy_from_slice(&payload[off..off + dst.len()]);
-                Ok::<(), String>(())
-            })
-            .unwrap()
+                Ok(())
+            });
+            match r {
+                Ok(d) => d,
+                // The LND's own error back: the core has ended the receive.
+                Err(e) => {
+                    assert!(p.fails, "{e}");
+                    lnet::Delivery::Done
+                }
+            }
         } else {
             ni.parse(&hdr, peer(2).nid)
         };
         let taken = match d {
             lnet::Delivery::Done => None,
             lnet::Delivery::Receive(mut sink) => {
-                let n = sink.mlength();
-                assert_eq!(sink.write_at(0, &payload[..n]), n);
-                sink.complete(Ok(()));
+                // As an LND's copy fails: only when there is a byte to copy.
+                if p.fails && sink.mlength() > 0 {
+                    sink.complete(Err(Error::Network("inline payload: torn slot".into())));
+                } else {
+                    let n = sink.mlength();
+                    assert_eq!(sink.write_at(0, &payload[..n]), n);
+                    sink.complete(Ok(()));
+                }
                 None
             }
             lnet::Delivery::Discard(n) => Some(n),
