@@ -1334,6 +1334,25 @@ impl Inner {
         let status = fill_mem(&mut m.mem, offset, mlength, fill);
         let (ev, ack) = self.put_info(m, hdr, from, offset, mlength);
         let ack = ack.filter(|_| status.is_ok());
+        // The usual case: the MD lives on and nobody is delivering its
+        // events. Its pipe is claimed here, under the lock, as
+        // `queue_event` would, and the event is built once, after the
+        // lock, as the handler's argument (not in an `After`, to be moved
+        // out of it and again into the call).
+        if !is_done(m)
+            && let Some(pipe) = &m.pipe
+            && pipe.claim()
+        {
+            let pipe = pipe.clone();
+            let user_ptr = m.user_ptr;
+            drop(c);
+            // The event, then the ACK, as `After::run` orders them.
+            pipe.deliver_from(make_event(EventKind::Put, &ev, md, user_ptr, status, None));
+            if let Some(wmd) = ack {
+                self.send_response(self.ack_msg(&ev, wmd, ni, from));
+            }
+            return;
+        }
         let mut after = After::default();
         emit_in(table, o, EventKind::Put, &ev, status, None, &mut after);
         drop(c);
@@ -1905,7 +1924,29 @@ fn emit_in(
         finish_in(table, o, None, after);
         return;
     };
-    let make = || Event {
+    let make = || make_event(kind, ev, o.key(), m.user_ptr, status, loan);
+    if !is_done(m) {
+        // The usual case: the MD lives on; its event is built where it
+        // waits for delivery.
+        queue_event(pipe, make, after);
+        return;
+    }
+    let event = make();
+    finish_in(table, o, Some(event), after);
+}
+
+/// The event of `kind` described by `ev` for MD `md` (not its last: no
+/// buffer).
+#[inline(always)]
+fn make_event(
+    kind: EventKind,
+    ev: &EvInfo,
+    md: u64,
+    user_ptr: u64,
+    status: Result<(), Error>,
+    loan: Option<Bytes>,
+) -> Event {
+    Event {
         kind,
         target: ev.target,
         initiator: ev.initiator,
@@ -1915,23 +1956,15 @@ fn emit_in(
         rlength: ev.rlength,
         mlength: ev.mlength,
         offset: ev.offset,
-        md: MdHandle(o.key()),
-        user_ptr: m.user_ptr,
+        md: MdHandle(md),
+        user_ptr,
         hdr_data: ev.hdr_data,
         msg_type: ev.msg_type,
         status,
         unlinked: false,
         buffer: None,
         loan,
-    };
-    if !is_done(m) {
-        // The usual case: the MD lives on; its event is built where it
-        // waits for delivery.
-        queue_event(pipe, make, after);
-        return;
     }
-    let event = make();
-    finish_in(table, o, Some(event), after);
 }
 
 /// True when MD `m` has nothing more to do: it is unlinked, or used up
