@@ -162,6 +162,11 @@ fn main() {
         g.finish();
     }
     c.final_summary();
+    // Profiling one bench (`--profile-time`, as under callgrind): that
+    // bench alone, nothing more.
+    if std::env::args().any(|a| a == "--profile-time") {
+        return;
+    }
 
     // Interleaved rounds: the three side by side on the same machine.
     let (rounds, per) = (200, 2_000);
