@@ -187,9 +187,9 @@ fn main() {
     }
     // Every operation did what it should: an event per receive, an
     // immediate send per send and one per hop.
-    let (rn, sn) = (rounds as u64 * per as u64, rounds as u64 * per as u64);
-    assert!(recv.events.load(Ordering::Relaxed) >= rn);
-    assert!(recv.lnd.sent.load(Ordering::Relaxed) >= sn);
+    let n = rounds as u64 * per as u64;
+    assert!(recv.events.load(Ordering::Relaxed) >= n);
+    assert!(recv.lnd.sent.load(Ordering::Relaxed) >= n);
     assert_eq!(
         hop.events.load(Ordering::Relaxed),
         hop.lnd.sent.load(Ordering::Relaxed)

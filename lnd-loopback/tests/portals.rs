@@ -1408,6 +1408,13 @@ fn event_line(e: &Event) -> String {
     )
 }
 
+/// The events waiting on `q`, as [`event_line`]s.
+fn event_lines(q: &EventQueue) -> Vec<String> {
+    std::iter::from_fn(|| q.try_recv())
+        .map(|e| event_line(&e))
+        .collect()
+}
+
 /// Deliver `puts` to a fresh node holding `md` on portal 9 (match bits
 /// 5): each PUT's payload inline (`inline`: copied in under the match,
 /// as shm and o2iblnd do) or through a sink (as socklnd does).
@@ -1481,10 +1488,7 @@ fn deliver_all(md: &MdCase, puts: &[PutCase], inline: bool) -> Seen {
             lnet::Delivery::Discard(n) => Some(n),
             other => panic!("unexpected delivery {other:?}"),
         };
-        let mut evs = Vec::new();
-        while let Some(e) = q.try_recv() {
-            evs.push(event_line(&e));
-        }
+        let evs = event_lines(&q);
         let mut acks = Vec::new();
         for tx in h.take() {
             acks.push(format!("{:?} to {}", tx.header(), tx.peer()));
@@ -1494,11 +1498,7 @@ fn deliver_all(md: &MdCase, puts: &[PutCase], inline: bool) -> Seen {
     }
     // What is left of the MD comes back with its unlink.
     let _ = l.me_unlink(me);
-    let mut evs = Vec::new();
-    while let Some(e) = q.try_recv() {
-        evs.push(event_line(&e));
-    }
-    steps.push((None, evs, Vec::new()));
+    steps.push((None, event_lines(&q), Vec::new()));
     let counters = l.counters();
     l.shutdown();
     Seen { steps, counters }
