@@ -219,7 +219,9 @@ fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize, reuse: bool) -> f64 {
             Md::new(vec![0u8; 8])
                 .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
                 .threshold(Threshold::Infinite)
-                .handler(EventHandler::callback(move |e| {
+                // Lent each event (no copy of it on the way in), as
+                // UCX's AM handler is lent its message.
+                .handler(EventHandler::callback_mut(move |e| {
                     if e.kind != EventKind::Put {
                         return;
                     }

@@ -5,7 +5,9 @@
 //! payloads, as shm and o2iblnd do.
 //!
 //! * `recv`: an 8-byte PUT handed to the core inline (`parse_inline`),
-//!   matched onto a persistent MD whose callback counts the event;
+//!   matched onto a persistent MD whose callback (lent the event:
+//!   `EventHandler::callback_mut`, as a latency-bound server's would be)
+//!   counts it;
 //! * `send`: an 8-byte PUT, no ACK, from one reused bound MD without a
 //!   handler, leaving through the LND's `send_now`;
 //! * `hop`: both in one, as a ping-pong's hop: the PUT event's callback
@@ -95,7 +97,7 @@ fn setup(answer: bool) -> Setup {
         Md::new(vec![0u8; 8])
             .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
             .threshold(Threshold::Infinite)
-            .handler(EventHandler::callback(move |ev| {
+            .handler(EventHandler::callback_mut(move |ev| {
                 if ev.kind != EventKind::Put {
                     return;
                 }

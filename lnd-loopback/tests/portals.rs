@@ -1150,6 +1150,68 @@ fn an_md_filled_inline_then_through_a_sink_keeps_both_and_gives_them_back() {
 }
 
 #[test]
+fn a_lent_callback_sees_every_event_and_keeps_what_it_takes() {
+    // `callback_mut`: each event lent, not given. The first PUT lands
+    // inline (delivered straight to the handler), the second through a
+    // sink; the handler takes the buffer out of the final event.
+    type Seen = Vec<(EventKind, u32, u32, u64, bool)>;
+    let (l, h) = held_node(8, 8);
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let back: Arc<Mutex<Option<MdBuffer>>> = Arc::default();
+    let (s2, b2) = (seen.clone(), back.clone());
+    target(
+        &l,
+        9,
+        5,
+        Md::new(vec![0u8; 16])
+            .options(MdOptions::OP_PUT | MdOptions::MANAGE_REMOTE)
+            .threshold(Threshold::Finite(2))
+            .handler(lnet::EventHandler::callback_mut(move |e| {
+                let r = (e.kind, e.offset, e.mlength, e.hdr_data, e.unlinked);
+                assert!(e.status.is_ok(), "{e:?}");
+                s2.lock().unwrap().push(r);
+                if e.unlinked {
+                    *b2.lock().unwrap() = e.buffer.take();
+                }
+            })),
+    );
+    let ni = h.ni.get().unwrap();
+    let none = lnet::wire::WireHandle::NONE;
+    let first = pattern(8, 3);
+    let d = ni
+        .parse_inline(&put_hdr(&l, 9, 5, 8, none), peer(2).nid, |off, dst| {
+            dst.copy_from_slice(&first[off..off + dst.len()]);
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    assert!(matches!(d, lnet::Delivery::Done), "{d:?}");
+    let mut hdr = put_hdr(&l, 9, 5, 8, none);
+    if let lnet::wire::MsgBody::Put { offset, .. } = &mut hdr.body {
+        *offset = 8;
+    }
+    let second = pattern(8, 4);
+    let lnet::Delivery::Receive(mut sink) = ni.parse(&hdr, peer(2).nid) else {
+        panic!("expected a sink")
+    };
+    sink.write_at(0, &second);
+    sink.complete(Ok(()));
+    // Both delivered on this thread, in order, before the calls returned.
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            (EventKind::Put, 0, 8, 99, false),
+            (EventKind::Put, 8, 8, 99, true)
+        ]
+    );
+    let got = back
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the handler kept the buffer");
+    assert_eq!(got.into_vec(), [first, second].concat());
+}
+
+#[test]
 fn one_mds_events_from_many_threads_come_one_at_a_time_and_in_order() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     // Four threads PUT into one MD at once over `lo` (each PUT is received
