@@ -1112,6 +1112,67 @@ fn an_inline_put_is_counted_once_handled_after_its_event() {
 }
 
 #[test]
+fn one_thread_counting_for_many_peers_and_nodes_keeps_each_count_exact() {
+    // A thread keeps a handle on the counters of the peer it counted last:
+    // switching peers, NIs' nodes and back must land every message on its
+    // own peer of its own node.
+    let nodes = [held_node(8, 8), held_node(8, 8)];
+    for (l, _) in &nodes {
+        l.attach(
+            9,
+            ProcessId::ANY,
+            5,
+            0,
+            Unlink::Retain,
+            InsPos::Tail,
+            Md::new(vec![0u8; 64])
+                .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
+                .threshold(Threshold::Infinite),
+        )
+        .unwrap();
+    }
+    let put = lnet::wire::MsgType::Put.index();
+    // (node, peer) for each PUT, and its length.
+    let plan = [
+        (0, 2),
+        (0, 3),
+        (1, 2),
+        (0, 2),
+        (1, 3),
+        (1, 3),
+        (0, 3),
+        (1, 2),
+    ];
+    let mut want = std::collections::HashMap::<(usize, u8), (u64, u64)>::new();
+    for (i, &(n, p)) in plan.iter().enumerate() {
+        let (l, h) = &nodes[n];
+        let len = i as u32 + 1;
+        let mut hdr = put_hdr(l, 9, 5, len, lnet::wire::WireHandle::NONE);
+        hdr.src_nid = peer(p).nid;
+        let d =
+            h.ni.get()
+                .unwrap()
+                .parse_inline(&hdr, peer(p).nid, |_, dst| {
+                    dst.fill(1);
+                    Ok::<(), String>(())
+                })
+                .unwrap();
+        assert!(matches!(d, lnet::Delivery::Done), "{d:?}");
+        let w = want.entry((n, p)).or_default();
+        w.0 += 1;
+        w.1 += u64::from(len);
+    }
+    for ((n, p), (count, bytes)) in want {
+        let c = nodes[n].0.peer_counters(peer(p).nid).unwrap();
+        assert_eq!(
+            (c.recv_count[put], c.recv_length),
+            (count, bytes),
+            "node {n} peer {p}"
+        );
+    }
+}
+
+#[test]
 fn an_md_filled_inline_then_through_a_sink_keeps_both_and_gives_them_back() {
     // The first PUT lands under the match (the MD's memory still its own),
     // the second through a sink (the memory then shared with the LND): the

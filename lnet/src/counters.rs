@@ -66,32 +66,14 @@ impl CounterSnapshot {
     }
 }
 
-/// [`MsgCounters`] for state that is only touched under a lock (a peer
-/// NI): plain additions, no atomic read-modify-write on the message path.
-#[derive(Default, Debug)]
-pub(crate) struct LockedCounters(CounterSnapshot);
-
-impl LockedCounters {
-    pub(crate) fn sent(&mut self, t: MsgType, bytes: u32) {
-        self.0.send_count[t.index()] += 1;
-        self.0.send_length += u64::from(bytes);
-    }
-    pub(crate) fn received(&mut self, t: MsgType, bytes: u32) {
-        self.0.recv_count[t.index()] += 1;
-        self.0.recv_length += u64::from(bytes);
-    }
-    pub(crate) fn error(&mut self) {
-        self.0.errors += 1;
-    }
-    pub(crate) fn snapshot(&self) -> CounterSnapshot {
-        self.0
-    }
-}
-
 impl MsgCounters {
     pub(crate) fn sent(&self, t: MsgType, bytes: u32) {
         self.send_count[t.index()].fetch_add(1, Relaxed);
         self.send_length.fetch_add(bytes.into(), Relaxed);
+    }
+    pub(crate) fn received(&self, t: MsgType, bytes: u32) {
+        self.recv_count[t.index()].fetch_add(1, Relaxed);
+        self.recv_length.fetch_add(bytes.into(), Relaxed);
     }
     pub(crate) fn dropped(&self, t: MsgType, bytes: u32) {
         self.drop_count[t.index()].fetch_add(1, Relaxed);
