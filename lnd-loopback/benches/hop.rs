@@ -12,7 +12,10 @@
 //!   handler, leaving through the LND's `send_now`;
 //! * `hop`: both in one, as a ping-pong's hop: the PUT event's callback
 //!   answers with the PUT above (what the shm latency benchmark's two
-//!   processes do on each message).
+//!   processes do on each message);
+//! * `hop_md`: the same hop answered from an MD bound for the answer (and
+//!   unlinked once it has left), as Lustre binds one per RPC: the shm
+//!   benchmark's "an MD bound per PUT".
 //!
 //! The three figures (median ns per operation, interleaved rounds) are
 //! the budget of the core on the busy-poll latency path; the shm bench
@@ -74,7 +77,17 @@ struct Setup {
     events: Arc<AtomicU64>,
 }
 
-fn setup(answer: bool) -> Setup {
+/// How the receive's callback answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    No,
+    /// From the one bound MD.
+    Reused,
+    /// From an MD bound for it.
+    MdPerPut,
+}
+
+fn setup(answer: Answer) -> Setup {
     let lnd = Arc::new(Instant0 {
         nid: "10.0.0.1@tcp".parse().unwrap(),
         ni: OnceLock::new(),
@@ -102,9 +115,15 @@ fn setup(answer: bool) -> Setup {
                     return;
                 }
                 e.fetch_add(1, Ordering::Relaxed);
-                if answer && let Some(l) = node.upgrade() {
-                    let _ = l.put(src, AckReq::NoAck, ev.initiator, PORTAL, 1, 0, 0);
+                if answer == Answer::No {
+                    return;
                 }
+                let Some(l) = node.upgrade() else { return };
+                let md = match answer {
+                    Answer::MdPerPut => l.md_bind(Md::new(vec![7u8; 8])).unwrap(),
+                    _ => src,
+                };
+                let _ = l.put(md, AckReq::NoAck, ev.initiator, PORTAL, 1, 0, 0);
             })),
     )
     .unwrap();
@@ -152,8 +171,9 @@ impl Setup {
 }
 
 fn main() {
-    let recv = setup(false);
-    let hop = setup(true);
+    let recv = setup(Answer::No);
+    let hop = setup(Answer::Reused);
+    let hop_md = setup(Answer::MdPerPut);
     let mut c = Criterion::default().configure_from_args();
     {
         let mut g = c.benchmark_group("core_8B");
@@ -161,6 +181,7 @@ fn main() {
         g.bench_function("recv", |b| b.iter(|| recv.recv()));
         g.bench_function("send", |b| b.iter(|| recv.send()));
         g.bench_function("hop", |b| b.iter(|| hop.recv()));
+        g.bench_function("hop_md", |b| b.iter(|| hop_md.recv()));
         g.finish();
     }
     c.final_summary();
@@ -170,13 +191,16 @@ fn main() {
         return;
     }
 
-    // Interleaved rounds: the three side by side on the same machine.
+    // Interleaved rounds: the four side by side on the same machine.
     let (rounds, per) = (200, 2_000);
-    let mut t = [Vec::new(), Vec::new(), Vec::new()];
+    let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..rounds {
-        for (i, f) in [&(|| recv.recv()) as &dyn Fn(), &|| recv.send(), &|| {
-            hop.recv()
-        }]
+        for (i, f) in [
+            &(|| recv.recv()) as &dyn Fn(),
+            &|| recv.send(),
+            &|| hop.recv(),
+            &|| hop_md.recv(),
+        ]
         .into_iter()
         .enumerate()
         {
@@ -192,19 +216,22 @@ fn main() {
     let n = rounds as u64 * per as u64;
     assert!(recv.events.load(Ordering::Relaxed) >= n);
     assert!(recv.lnd.sent.load(Ordering::Relaxed) >= n);
-    assert_eq!(
-        hop.events.load(Ordering::Relaxed),
-        hop.lnd.sent.load(Ordering::Relaxed)
-    );
+    for h in [&hop, &hop_md] {
+        assert_eq!(
+            h.events.load(Ordering::Relaxed),
+            h.lnd.sent.load(Ordering::Relaxed)
+        );
+    }
     let med = |v: &mut Vec<Duration>| {
         v.sort();
         v[v.len() / 2].as_nanos()
     };
-    let [mut r, mut s, mut h] = t;
+    let [mut r, mut s, mut h, mut hm] = t;
     println!(
-        "core per 8-byte message (median of {rounds} interleaved rounds): receive inline {} ns, immediate send {} ns, hop (receive whose callback answers) {} ns",
+        "core per 8-byte message (median of {rounds} interleaved rounds): receive inline {} ns, immediate send {} ns, hop (receive whose callback answers) {} ns, hop answered from an MD bound for it {} ns",
         med(&mut r),
         med(&mut s),
-        med(&mut h)
+        med(&mut h),
+        med(&mut hm)
     );
 }
