@@ -1352,6 +1352,87 @@ fn one_mds_events_from_many_threads_come_one_at_a_time_and_in_order() {
 }
 
 #[test]
+fn one_mds_send_events_from_many_threads_come_one_at_a_time() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // Four threads PUT from one bound MD at once: its SEND events are made
+    // on four threads, each handed straight to the callback when the MD's
+    // pipe is free and queued behind the running one when not. The
+    // callback must never run twice at once and must see every SEND once,
+    // the final one (the MD used up, its buffer back) last.
+    const THREADS: usize = 4;
+    const PUTS: usize = 400;
+    const N: usize = THREADS * PUTS;
+    let l = node();
+    let _me = l
+        .attach(
+            22,
+            ProcessId::ANY,
+            7,
+            0,
+            Unlink::Retain,
+            InsPos::Tail,
+            Md::new(vec![0u8; 8])
+                .options(MdOptions::OP_PUT)
+                .threshold(Threshold::Infinite),
+        )
+        .unwrap();
+    let inside = Arc::new(AtomicBool::new(false));
+    let overlaps = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::<(EventKind, u64, bool, bool)>::new()));
+    let (i2, o2, s2) = (inside.clone(), overlaps.clone(), seen.clone());
+    let src = l
+        .md_bind(
+            Md::new(vec![5u8; 8])
+                .threshold(Threshold::Finite(N as u32))
+                .handler(lnet::EventHandler::callback_mut(move |e| {
+                    if i2.swap(true, Ordering::AcqRel) {
+                        o2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let mut v = s2.lock().unwrap();
+                    if v.len() % 16 == 0 {
+                        std::thread::yield_now();
+                    }
+                    assert!(e.status.is_ok(), "{e:?}");
+                    v.push((e.kind, e.hdr_data, e.unlinked, e.buffer.is_some()));
+                    drop(v);
+                    i2.store(false, Ordering::Release);
+                })),
+        )
+        .unwrap();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let l = &l;
+            s.spawn(move || {
+                for _ in 0..PUTS {
+                    l.put(src, AckReq::NoAck, l.id(), 22, 7, 0, t as u64)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let t0 = std::time::Instant::now();
+    while seen.lock().unwrap().len() < N && t0.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let v = seen.lock().unwrap().clone();
+    assert_eq!(
+        overlaps.load(Ordering::Relaxed),
+        0,
+        "the callback ran twice at once"
+    );
+    assert_eq!(v.len(), N, "every SEND, once");
+    assert!(v.iter().all(|e| e.0 == EventKind::Send));
+    for t in 0..THREADS as u64 {
+        assert_eq!(v.iter().filter(|e| e.1 == t).count(), PUTS, "thread {t}");
+    }
+    assert!(
+        v[..N - 1].iter().all(|e| !e.2 && !e.3) && v[N - 1].2 && v[N - 1].3,
+        "the final event last, with the buffer"
+    );
+}
+
+#[test]
 fn messages_for_another_nid_or_pid_are_dropped_and_ours_by_any_local_nid_land() {
     let (l, h, q) = inline_target(
         Md::new(vec![0u8; 64])
