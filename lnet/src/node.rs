@@ -438,9 +438,9 @@ fn queue_event(pipe: &Arc<EventPipe>, make: impl FnOnce() -> Event, after: &mut 
 /// holds. [`claim_direct`] claims the pipe under the lock, as
 /// [`queue_event`] would; [`DirectEv::deliver`] then builds the event
 /// once, as the handler's argument (not in an [`After`], to be moved out
-/// of it and again into the call: about 20 ns per event). Used by a PUT's
-/// completion (inline or through a sink) and by the SEND event of our
-/// own operations (`token_done`).
+/// of it and again into the call: about 20 ns per event). Used for an
+/// inline PUT's event (`put_filled`) and for every event of an operation
+/// that ends later (`op_done_now`: SEND, REPLY, a PUT through a sink).
 struct DirectEv {
     pipe: Arc<EventPipe>,
     md: u64,
@@ -1180,19 +1180,35 @@ impl Inner {
             TxToken::Reply { md, ref ev } => (md, ev, EventKind::Get, false),
             TxToken::Ack | TxToken::Detached => return,
         };
-        let mut c = self.containers[container_of(md)].lock();
+        let c = self.containers[container_of(md)].lock();
+        self.op_done_now(c, md, kind, ev, status, None, lost_response);
+    }
+
+    /// An operation on MD `md` ended (see [`op_settle`]): its event of
+    /// `kind`, delivered now. The usual event (of an MD that lives on, its
+    /// pipe free) goes straight to its handler ([`DirectEv`]); the last
+    /// one, or one behind a busy pipe, through an [`After`].
+    #[allow(clippy::too_many_arguments)]
+    fn op_done_now(
+        self: &Arc<Self>,
+        mut c: SpinGuard<'_, Container>,
+        md: u64,
+        kind: EventKind,
+        ev: &EvInfo,
+        status: Result<(), Error>,
+        loan: Option<Bytes>,
+        lost_response: bool,
+    ) {
         let Some((o, table)) = op_settle(&mut c, md, lost_response) else {
             return;
         };
-        // The usual SEND event (of an MD that lives on, its pipe free):
-        // straight to its handler, as an inline PUT's event goes.
         if let Some(d) = claim_direct(o.get(), md) {
             drop(c);
-            d.deliver(kind, ev, status, None);
+            d.deliver(kind, ev, status, loan);
             return;
         }
         let mut after = After::default();
-        emit_in(table, o, kind, ev, status, None, &mut after);
+        emit_in(table, o, kind, ev, status, loan, &mut after);
         drop(c);
         after.run(self);
     }
@@ -1482,7 +1498,7 @@ impl Inner {
     /// it succeeded and one was asked for.
     fn put_done(
         self: &Arc<Self>,
-        mut c: SpinGuard<'_, Container>,
+        c: SpinGuard<'_, Container>,
         md: u64,
         ev: &EvInfo,
         ack: Option<(WireHandle, usize, Nid)>,
@@ -1490,24 +1506,12 @@ impl Inner {
         loan: Option<Bytes>,
     ) {
         let ack = ack.filter(|_| status.is_ok());
-        let mut after = After::default();
-        if let Some((o, table)) = op_settle(&mut c, md, false) {
-            if let Some(d) = claim_direct(o.get(), md) {
-                drop(c);
-                // The event, then the ACK, as `After::run` orders them.
-                d.deliver(EventKind::Put, ev, status, loan);
-                if let Some((wmd, ni, peer)) = ack {
-                    self.send_response(self.ack_msg(ev, wmd, ni, peer));
-                }
-                return;
-            }
-            emit_in(table, o, EventKind::Put, ev, status, loan, &mut after);
-        }
-        drop(c);
+        self.op_done_now(c, md, EventKind::Put, ev, status, loan, false);
+        // The ACK after the event and whatever queued behind it, as
+        // `After::run` orders them.
         if let Some((wmd, ni, peer)) = ack {
-            after.push_send(self.ack_msg(ev, wmd, ni, peer));
+            self.send_response(self.ack_msg(ev, wmd, ni, peer));
         }
-        after.run(self);
     }
 
     /// The ACK of a PUT described by `ev`, to `wmd` at the initiator.
@@ -1705,27 +1709,16 @@ impl Inner {
         status: Result<(), Error>,
         loan: Option<Bytes>,
     ) {
-        let mut after = After::default();
         match *tok {
             RxToken::Put { md, ref ev, ack } => {
                 let c = self.containers[container_of(md)].lock();
                 self.put_done(c, md, ev, ack, status, loan);
             }
             RxToken::Reply { md, ref ev } => {
-                let mut c = self.containers[container_of(md)].lock();
-                op_done(
-                    &mut c,
-                    md,
-                    EventKind::Reply,
-                    ev,
-                    status,
-                    loan,
-                    false,
-                    &mut after,
-                );
+                let c = self.containers[container_of(md)].lock();
+                self.op_done_now(c, md, EventKind::Reply, ev, status, loan, false);
             }
         }
-        after.run(self);
     }
 
     // -------------------------------------------------- timeouts and peers
@@ -1931,26 +1924,7 @@ fn abort_md(c: &mut Container, md: u64, err: Error, after: &mut After) {
     finish_in(table, o, None, after);
 }
 
-/// An operation on MD `md` completed: one lookup for its bookkeeping, its
-/// event and, when it is done, its unlink. `lost_response`: the send
-/// failed, so the ACK/REPLY it waited for will not come.
-#[allow(clippy::too_many_arguments)]
-fn op_done(
-    c: &mut Container,
-    md: u64,
-    kind: EventKind,
-    ev: &EvInfo,
-    status: Result<(), Error>,
-    loan: Option<Bytes>,
-    lost_response: bool,
-    after: &mut After,
-) {
-    if let Some((o, table)) = op_settle(c, md, lost_response) {
-        emit_in(table, o, kind, ev, status, loan, after);
-    }
-}
-
-/// [`op_done`]'s bookkeeping before the event: the operation is no longer
+/// An operation's bookkeeping before its event: the operation is no longer
 /// in flight on MD `md` (and, with `lost_response`, the response it
 /// waited for will not come). The MD's entry, for its event; `None` when
 /// it is gone.
