@@ -606,8 +606,6 @@ struct After {
     /// The usual single pipe this After claimed with events queued on it
     /// (see `queue_event`), to drain (and give back), without allocating.
     pipe: Option<Arc<EventPipe>>,
-    /// The usual single send (an ACK or REPLY), without allocating.
-    send: Option<TxMsg>,
     /// The rest, rare: allocated when first needed (and an After without
     /// it costs one check to drop).
     more: Option<Box<AfterMore>>,
@@ -617,19 +615,11 @@ struct After {
 struct AfterMore {
     pipes: Vec<Arc<EventPipe>>,
     fires: Vec<(DeferredSender, Delivery)>,
-    sends: Vec<TxMsg>,
 }
 
 impl After {
     fn more(&mut self) -> &mut AfterMore {
         self.more.get_or_insert_with(Box::default)
-    }
-
-    fn push_send(&mut self, t: TxMsg) {
-        match self.send {
-            None => self.send = Some(t),
-            Some(_) => self.more().sends.push(t),
-        }
     }
 
     /// A pipe this After claimed (each is claimed once).
@@ -654,36 +644,27 @@ impl After {
         }
     }
 
-    fn run(&mut self, inner: &Arc<Inner>) {
+    fn run(&mut self) {
         self.deliver_direct();
         if let Some(p) = self.pipe.take() {
             p.drain();
         }
-        let send = self.send.take();
-        match self.more.take() {
-            None => {
-                if let Some(t) = send {
-                    inner.send_response(t);
-                }
-            }
-            Some(m) => m.run(send, inner),
+        if let Some(m) = self.more.take() {
+            m.run();
         }
     }
 }
 
 impl AfterMore {
-    /// The rest of [`After::run`], in the same order: pipes, deferred
-    /// deliveries, then sends (`first` before the others).
+    /// The rest of [`After::run`], in the same order: pipes, then
+    /// deferred deliveries.
     #[cold]
-    fn run(self, first: Option<TxMsg>, inner: &Arc<Inner>) {
+    fn run(self) {
         for p in &self.pipes {
             p.drain();
         }
         for (tx, d) in self.fires {
             tx.fire(d);
-        }
-        for t in first.into_iter().chain(self.sends) {
-            inner.send_response(t);
         }
     }
 }
@@ -1185,13 +1166,11 @@ impl Inner {
     }
 
     /// An operation on MD `md` ended (see [`op_settle`]): its event of
-    /// `kind`, delivered now. The usual event (of an MD that lives on, its
-    /// pipe free) goes straight to its handler ([`DirectEv`]); the last
-    /// one, or one behind a busy pipe, through an [`After`].
+    /// `kind`, delivered now ([`Inner::emit_now`]).
     #[allow(clippy::too_many_arguments)]
     fn op_done_now(
         self: &Arc<Self>,
-        mut c: SpinGuard<'_, Container>,
+        c: SpinGuard<'_, Container>,
         md: u64,
         kind: EventKind,
         ev: &EvInfo,
@@ -1199,9 +1178,34 @@ impl Inner {
         loan: Option<Bytes>,
         lost_response: bool,
     ) {
-        let Some((o, table)) = op_settle(&mut c, md, lost_response) else {
+        self.emit_now(c, md, kind, ev, loan, |_, m, timers| {
+            op_settle(m, timers, lost_response);
+            status
+        });
+    }
+
+    /// MD `md`'s event of `kind` (the MD in container `c`, whose lock is
+    /// released here), delivered now: every event the core makes outside
+    /// an [`After`] it already holds goes this way. `prep` first does, on
+    /// the MD found with the one lookup, what the event completes, and
+    /// gives the event's status. The usual event (of an MD that lives on,
+    /// its pipe free) then goes straight to its handler ([`DirectEv`]);
+    /// the last one, or one behind a busy pipe, through an [`After`]
+    /// ([`emit_in`]).
+    #[inline(always)]
+    fn emit_now(
+        self: &Arc<Self>,
+        mut c: SpinGuard<'_, Container>,
+        md: u64,
+        kind: EventKind,
+        ev: &EvInfo,
+        loan: Option<Bytes>,
+        prep: impl FnOnce(&mut MatchTable<MeState>, &mut MdState, &mut Timers) -> Result<(), Error>,
+    ) {
+        let Some((mut o, table, timers)) = md_entry(&mut c, md) else {
             return;
         };
+        let status = prep(table, o.get_mut(), timers);
         if let Some(d) = claim_direct(o.get(), md) {
             drop(c);
             d.deliver(kind, ev, status, loan);
@@ -1210,7 +1214,7 @@ impl Inner {
         let mut after = After::default();
         emit_in(table, o, kind, ev, status, loan, &mut after);
         drop(c);
-        after.run(self);
+        after.run();
     }
 
     // ------------------------------------------------------------- receive
@@ -1410,7 +1414,7 @@ impl Inner {
     #[allow(clippy::too_many_arguments)]
     fn put_filled(
         self: &Arc<Self>,
-        mut c: SpinGuard<'_, Container>,
+        c: SpinGuard<'_, Container>,
         md: u64,
         ni: usize,
         hdr: &Header,
@@ -1418,29 +1422,18 @@ impl Inner {
         (offset, mlength): (u32, u32),
         fill: Fill<'_>,
     ) {
-        let Container { table, mds, .. } = &mut *c;
-        let Some(mut o) = mds.entry(md) else { return };
-        let m = o.get_mut();
-        commit_on(table, m, offset, mlength);
-        let status = fill_mem(&mut m.mem, offset, mlength, fill);
-        let (ev, ack) = self.put_info(m, hdr, from, offset, mlength);
-        let ack = ack.filter(|_| status.is_ok());
-        if let Some(d) = claim_direct(m, md) {
-            drop(c);
-            // The event, then the ACK, as `After::run` orders them.
-            d.deliver(EventKind::Put, &ev, status, None);
-            if let Some(wmd) = ack {
-                self.send_response(self.ack_msg(&ev, wmd, ni, from));
-            }
-            return;
-        }
-        let mut after = After::default();
-        emit_in(table, o, EventKind::Put, &ev, status, None, &mut after);
-        drop(c);
+        let ev = self.put_ev(hdr, from, offset, mlength);
+        let mut ack = None;
+        self.emit_now(c, md, EventKind::Put, &ev, None, |table, m, _| {
+            commit_on(table, m, offset, mlength);
+            let status = fill_mem(&mut m.mem, offset, mlength, fill);
+            ack = put_ack(m, hdr).filter(|_| status.is_ok());
+            status
+        });
+        // The ACK after the event and whatever queued behind it.
         if let Some(wmd) = ack {
-            after.push_send(self.ack_msg(&ev, wmd, ni, from));
+            self.send_response(self.ack_msg(&ev, wmd, ni, from));
         }
-        after.run(self);
     }
 
     /// Commit a PUT's match on `md` (detaching it when exhausted) and
@@ -1460,7 +1453,7 @@ impl Inner {
         let m = mds.get_mut(md).expect("matched md");
         commit_on(table, m, offset, mlength);
         m.pending += 1;
-        let (ev, ack) = self.put_info(m, hdr, from, offset, mlength);
+        let (ev, ack) = (self.put_ev(hdr, from, offset, mlength), put_ack(m, hdr));
         let ack = ack.map(|wmd| (wmd, ni, from));
         m.sink(
             self,
@@ -1471,27 +1464,14 @@ impl Inner {
         )
     }
 
-    /// The PUT event's information for `hdr` matched on MD `m` at
-    /// `offset` for `mlength` bytes, and the handle to ACK, if the PUT
-    /// asks for one and the MD allows it.
-    fn put_info(
-        &self,
-        m: &MdState,
-        hdr: &Header,
-        from: Nid,
-        offset: u32,
-        mlength: u32,
-    ) -> (EvInfo, Option<WireHandle>) {
-        let MsgBody::Put { ack_wmd, .. } = hdr.body else {
-            unreachable!()
-        };
+    /// The PUT event's information for `hdr`, matched at `offset` for
+    /// `mlength` bytes.
+    fn put_ev(&self, hdr: &Header, from: Nid, offset: u32, mlength: u32) -> EvInfo {
         let mut ev = self.target_ev(hdr, from);
         ev.rlength = hdr.payload_length;
         ev.mlength = mlength;
         ev.offset = offset;
-        let ack = (!ack_wmd.is_none() && !m.view.options.contains(MdOptions::ACK_DISABLE))
-            .then_some(ack_wmd);
-        (ev, ack)
+        ev
     }
 
     /// A PUT into `md` ended with `status`: its event, then its ACK when
@@ -1507,8 +1487,7 @@ impl Inner {
     ) {
         let ack = ack.filter(|_| status.is_ok());
         self.op_done_now(c, md, EventKind::Put, ev, status, loan, false);
-        // The ACK after the event and whatever queued behind it, as
-        // `After::run` orders them.
+        // The ACK after the event and whatever queued behind it.
         if let Some((wmd, ni, peer)) = ack {
             self.send_response(self.ack_msg(ev, wmd, ni, peer));
         }
@@ -1638,7 +1617,7 @@ impl Inner {
         else {
             unreachable!()
         };
-        let Some((md, mut c)) = self.response_md(&dst_wmd, MsgType::Ack) else {
+        let Some((md, c)) = self.response_md(&dst_wmd, MsgType::Ack) else {
             return self.drop_msg(ni, hdr, DropReason::StaleHandle);
         };
         let ev = EvInfo {
@@ -1653,10 +1632,7 @@ impl Inner {
             hdr_data: 0,
             msg_type: MsgType::Ack,
         };
-        let mut after = After::default();
-        emit(&mut c, md, EventKind::Ack, &ev, Ok(()), None, &mut after);
-        drop(c);
-        after.run(self);
+        self.emit_now(c, md, EventKind::Ack, &ev, None, |_, _, _| Ok(()));
         Delivery::Done
     }
 
@@ -1684,18 +1660,9 @@ impl Inner {
         };
         if mlength < rlength && !m.view.options.contains(MdOptions::TRUNCATE) {
             ev.mlength = 0;
-            let mut after = After::default();
-            emit(
-                &mut c,
-                md,
-                EventKind::Reply,
-                &ev,
-                Err(Error::TooLarge),
-                None,
-                &mut after,
-            );
-            drop(c);
-            after.run(self);
+            self.emit_now(c, md, EventKind::Reply, &ev, None, |_, _, _| {
+                Err(Error::TooLarge)
+            });
             return self.drop_msg(ni, hdr, DropReason::TooLarge);
         }
         m.pending += 1;
@@ -1737,7 +1704,7 @@ impl Inner {
                     abort_md(&mut c, md, Error::Timeout, &mut after);
                 }
             }
-            after.run(self);
+            after.run();
         }
     }
 
@@ -1762,7 +1729,7 @@ impl Inner {
                     abort_md(&mut c, md, err, &mut after);
                 }
             }
-            after.run(self);
+            after.run();
         }
     }
 
@@ -1803,7 +1770,7 @@ impl Inner {
                     abort_md(&mut c, md, Error::Shutdown, &mut after);
                 }
             }
-            after.run(self);
+            after.run();
         }
         *lock(&self.monitor.stop) = true;
         self.monitor.cv.notify_all();
@@ -1924,17 +1891,10 @@ fn abort_md(c: &mut Container, md: u64, err: Error, after: &mut After) {
     finish_in(table, o, None, after);
 }
 
-/// An operation's bookkeeping before its event: the operation is no longer
-/// in flight on MD `md` (and, with `lost_response`, the response it
-/// waited for will not come). The MD's entry, for its event; `None` when
-/// it is gone.
-fn op_settle(
-    c: &mut Container,
-    md: u64,
-    lost_response: bool,
-) -> Option<(MdEntry<'_>, &mut MatchTable<MeState>)> {
-    let (mut o, table, timers) = md_entry(c, md)?;
-    let m = o.get_mut();
+/// An operation's bookkeeping before its event, on its MD `m`: no longer
+/// in flight (and, with `lost_response`, the response it waited for will
+/// not come).
+fn op_settle(m: &mut MdState, timers: &mut Timers, lost_response: bool) {
     m.pending -= 1;
     if lost_response {
         // Consume the response's share of the threshold as if it came.
@@ -1943,24 +1903,15 @@ fn op_settle(
             timers.remove();
         }
     }
-    Some((o, table))
 }
 
-/// Queue an event of `kind` for MD `md`; when the MD is done, the event
-/// carries `unlinked` and the buffer (or, after an abort, a separate
-/// UNLINK event carrying the abort's status does).
-fn emit(
-    c: &mut Container,
-    md: u64,
-    kind: EventKind,
-    ev: &EvInfo,
-    status: Result<(), Error>,
-    loan: Option<Bytes>,
-    after: &mut After,
-) {
-    if let Some((o, table, _)) = md_entry(c, md) {
-        emit_in(table, o, kind, ev, status, loan, after);
-    }
+/// The handle a PUT with header `hdr` asks to be ACKed on, if it asks
+/// and its MD `m` allows it.
+fn put_ack(m: &MdState, hdr: &Header) -> Option<WireHandle> {
+    let MsgBody::Put { ack_wmd, .. } = hdr.body else {
+        unreachable!()
+    };
+    (!ack_wmd.is_none() && !m.view.options.contains(MdOptions::ACK_DISABLE)).then_some(ack_wmd)
 }
 
 fn emit_in(
@@ -2267,7 +2218,7 @@ impl Lnet {
                 }
             }
         }
-        after.run(inner);
+        after.run();
         Ok(MdHandle(cookie))
     }
 
@@ -2328,7 +2279,7 @@ impl Lnet {
             }
             abort_md(&mut c, md.0, Error::Aborted, &mut after);
         }
-        after.run(&self.inner);
+        after.run();
         Ok(())
     }
 
@@ -2349,7 +2300,7 @@ impl Lnet {
                 abort_md(&mut c, md, Error::Aborted, &mut after);
             }
         }
-        after.run(&self.inner);
+        after.run();
         Ok(())
     }
 
@@ -2372,7 +2323,7 @@ impl Lnet {
                 }
             }
         }
-        after.run(&self.inner);
+        after.run();
         Ok(())
     }
 
