@@ -1272,9 +1272,58 @@ fn a_lent_callback_sees_every_event_and_keeps_what_it_takes() {
     assert_eq!(got.into_vec(), [first, second].concat());
 }
 
+/// What an MD's callback saw, called from many threads: each event's
+/// record, and whether two calls ever overlapped.
+struct Calls<T> {
+    inside: std::sync::atomic::AtomicBool,
+    overlaps: std::sync::atomic::AtomicUsize,
+    seen: Mutex<Vec<T>>,
+}
+
+impl<T: Clone> Calls<T> {
+    fn new() -> Arc<Self> {
+        Arc::new(Calls {
+            inside: Default::default(),
+            overlaps: Default::default(),
+            seen: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// One call's record; now and then it lingers, so that events queue
+    /// behind it.
+    fn record(&self, r: T) {
+        use std::sync::atomic::Ordering;
+        if self.inside.swap(true, Ordering::AcqRel) {
+            self.overlaps.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut v = self.seen.lock().unwrap();
+        if v.len() % 16 == 0 {
+            std::thread::yield_now();
+        }
+        v.push(r);
+        drop(v);
+        self.inside.store(false, Ordering::Release);
+    }
+
+    /// The records once `n` are in (or after [`T`]), with none after them
+    /// for a while; checks the callback never ran twice at once.
+    fn wait(&self, n: usize) -> Vec<T> {
+        let t0 = std::time::Instant::now();
+        while self.seen.lock().unwrap().len() < n && t0.elapsed() < T {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            self.overlaps.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "the callback ran twice at once"
+        );
+        self.seen.lock().unwrap().clone()
+    }
+}
+
 #[test]
 fn one_mds_events_from_many_threads_come_one_at_a_time_and_in_order() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     // Four threads PUT into one MD at once over `lo` (each PUT is received
     // and completed on its sender's thread): the MD's events are made on
     // four threads, under its portal's lock, and handed to its callback
@@ -1285,10 +1334,8 @@ fn one_mds_events_from_many_threads_come_one_at_a_time_and_in_order() {
     const PUTS: usize = 400;
     const N: usize = THREADS * PUTS;
     let l = node();
-    let inside = Arc::new(AtomicBool::new(false));
-    let overlaps = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::new(Mutex::new(Vec::<(u64, u32, bool)>::new()));
-    let (i2, o2, s2) = (inside.clone(), overlaps.clone(), seen.clone());
+    let calls = Calls::<(u64, u32, bool)>::new();
+    let c2 = calls.clone();
     let _me = target(
         &l,
         21,
@@ -1297,17 +1344,7 @@ fn one_mds_events_from_many_threads_come_one_at_a_time_and_in_order() {
             .options(MdOptions::OP_PUT)
             .threshold(Threshold::Finite(N as u32))
             .handler(lnet::EventHandler::callback(move |e| {
-                if i2.swap(true, Ordering::AcqRel) {
-                    o2.fetch_add(1, Ordering::Relaxed);
-                }
-                let mut v = s2.lock().unwrap();
-                // Now and then linger, so that events queue behind this one.
-                if v.len() % 16 == 0 {
-                    std::thread::yield_now();
-                }
-                v.push((e.hdr_data, e.offset, e.unlinked));
-                drop(v);
-                i2.store(false, Ordering::Release);
+                c2.record((e.hdr_data, e.offset, e.unlinked))
             })),
     );
     std::thread::scope(|s| {
@@ -1322,17 +1359,7 @@ fn one_mds_events_from_many_threads_come_one_at_a_time_and_in_order() {
             });
         }
     });
-    let t0 = std::time::Instant::now();
-    while seen.lock().unwrap().len() < N && t0.elapsed() < T {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    std::thread::sleep(Duration::from_millis(20));
-    let v = seen.lock().unwrap().clone();
-    assert_eq!(
-        overlaps.load(Ordering::Relaxed),
-        0,
-        "the callback ran twice at once"
-    );
+    let v = calls.wait(N);
     assert_eq!(v.len(), N, "every event, once");
     let mut offsets: Vec<u32> = v.iter().map(|(_, o, _)| *o).collect();
     offsets.sort_unstable();
@@ -1353,7 +1380,6 @@ fn one_mds_events_from_many_threads_come_one_at_a_time_and_in_order() {
 
 #[test]
 fn one_mds_send_events_from_many_threads_come_one_at_a_time() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     // Four threads PUT from one bound MD at once: its SEND events are made
     // on four threads, each handed straight to the callback when the MD's
     // pipe is free and queued behind the running one when not. The
@@ -1376,26 +1402,15 @@ fn one_mds_send_events_from_many_threads_come_one_at_a_time() {
                 .threshold(Threshold::Infinite),
         )
         .unwrap();
-    let inside = Arc::new(AtomicBool::new(false));
-    let overlaps = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::new(Mutex::new(Vec::<(EventKind, u64, bool, bool)>::new()));
-    let (i2, o2, s2) = (inside.clone(), overlaps.clone(), seen.clone());
+    let calls = Calls::<(EventKind, u64, bool, bool)>::new();
+    let c2 = calls.clone();
     let src = l
         .md_bind(
             Md::new(vec![5u8; 8])
                 .threshold(Threshold::Finite(N as u32))
                 .handler(lnet::EventHandler::callback_mut(move |e| {
-                    if i2.swap(true, Ordering::AcqRel) {
-                        o2.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let mut v = s2.lock().unwrap();
-                    if v.len() % 16 == 0 {
-                        std::thread::yield_now();
-                    }
                     assert!(e.status.is_ok(), "{e:?}");
-                    v.push((e.kind, e.hdr_data, e.unlinked, e.buffer.is_some()));
-                    drop(v);
-                    i2.store(false, Ordering::Release);
+                    c2.record((e.kind, e.hdr_data, e.unlinked, e.buffer.is_some()))
                 })),
         )
         .unwrap();
@@ -1410,17 +1425,7 @@ fn one_mds_send_events_from_many_threads_come_one_at_a_time() {
             });
         }
     });
-    let t0 = std::time::Instant::now();
-    while seen.lock().unwrap().len() < N && t0.elapsed() < T {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    std::thread::sleep(Duration::from_millis(20));
-    let v = seen.lock().unwrap().clone();
-    assert_eq!(
-        overlaps.load(Ordering::Relaxed),
-        0,
-        "the callback ran twice at once"
-    );
+    let v = calls.wait(N);
     assert_eq!(v.len(), N, "every SEND, once");
     assert!(v.iter().all(|e| e.0 == EventKind::Send));
     for t in 0..THREADS as u64 {
