@@ -11,7 +11,9 @@
 //!   from the event callback of the one before) in busy-poll mode beside `ucx_perftest` over UCX's posix
 //!   transport (Debian's `ucx-utils`), the two measured in turn round by
 //!   round, with the floor of our ring alone (two threads passing 96-byte
-//!   slots, no LNet work) taken in each round too and printed beside; and
+//!   slots, no LNet work) taken before, between and after the two sides
+//!   of each round and printed beside, and the ratios also given per host
+//!   state over the rounds whose state held throughout; and
 //!   in the default mode beside a blocking TCP ping-pong on loopback.
 //!
 //! `cargo bench -p lnet-examples --bench shm` (set `SHM_BENCH_SECS` for
@@ -20,9 +22,9 @@
 //! default: on a shared machine memory bandwidth swings by 30% from one
 //! second to the next, so a figure and its bound are taken in turn in
 //! short rounds and each ratio is the median of the rounds' ratios;
-//! `SHM_BENCH_LAT_ROUNDS` for the busy-poll latency's rounds, 7 by
-//! default, reported as the median of the rounds' ratios and as the
-//! ratio of each side's best round; `SHM_BENCH_ONLY=latency` for the latencies alone).
+//! `SHM_BENCH_LAT_ROUNDS` for the busy-poll latency's rounds, 15 by
+//! default, reported as the median of the rounds' ratios and per host
+//! state; `SHM_BENCH_ONLY=latency` for the latencies alone).
 
 use std::io::IoSliceMut;
 use std::path::{Path, PathBuf};
@@ -254,6 +256,57 @@ fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize, reuse: bool) -> f64 {
     r
 }
 
+/// The latency rounds' ratios by host state. This host flips between a
+/// fast and a slow cross-core state (our ring alone: about 0.03-0.07
+/// against 0.2-0.25 us), for seconds or minutes at a time, and the two
+/// sides of a round may run in different states; the median over all
+/// rounds then mixes them. Here a round counts only when our ring alone
+/// took the same state before, between and after its two sides; the
+/// states are split where the floors seen are more than twice apart (at
+/// their geometric mean), and each state's ratios are given as medians.
+fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
+    let all = rounds.iter().flat_map(|r| r.0);
+    let lo = all.clone().fold(f64::INFINITY, f64::min);
+    let hi = all.fold(0.0, f64::max);
+    if rounds.is_empty() {
+        return String::new();
+    }
+    if hi <= 2.0 * lo {
+        return format!(
+            "one host state throughout (our ring alone {lo:.3}-{hi:.3} us in every round)"
+        );
+    }
+    let cut = (lo * hi).sqrt();
+    let mut out = vec![];
+    let mut mixed = 0;
+    for (name, fast) in [("fast", true), ("slow", false)] {
+        let (mut per_put, mut reused): (Vec<f64>, Vec<f64>) = rounds
+            .iter()
+            .filter(|r| r.0.iter().all(|&f| (f < cut) == fast))
+            .map(|r| (r.1, r.2))
+            .unzip();
+        if per_put.is_empty() {
+            continue;
+        }
+        out.push(format!(
+            "{name} (ring alone {} {cut:.3} us), {} rounds: one MD reused {:.2}, an MD per PUT {:.2}",
+            if fast { "<" } else { ">=" },
+            per_put.len(),
+            median(&mut reused),
+            median(&mut per_put)
+        ));
+    }
+    for r in rounds {
+        if !(r.0.iter().all(|&f| f < cut) || r.0.iter().all(|&f| f >= cut)) {
+            mixed += 1;
+        }
+    }
+    format!(
+        "ratios by host state (rounds whose state held through both sides): {}; {mixed} rounds left out, the state moved within them",
+        out.join("; ")
+    )
+}
+
 /// An 8-byte PUT to the server's pong portal: from `src` (match bits
 /// `REUSE_MD_BITS`: answered from a reused MD too) or from an MD bound now.
 fn ping(l: &Lnet, to: ProcessId, src: Option<MdHandle>) {
@@ -411,13 +464,22 @@ fn main() {
         let nrounds = std::env::var("SHM_BENCH_LAT_ROUNDS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(7usize)
+            .unwrap_or(15usize)
             .max(1);
         let (mut ours, mut reused, mut ucx, mut floors) = (vec![], vec![], vec![], vec![]);
         let (mut ratios, mut reused_ratios) = (vec![], vec![]);
+        // Per round: our ring alone before ours, between ours and UCX's,
+        // and after UCX's (the host's state as each side saw it), with
+        // the round's two ratios.
+        let mut states: Vec<([f64; 3], f64, f64)> = vec![];
         let mut ucx_err = None;
         let mut log = vec![];
+        // The ring's floor: the host's cache-line transfer time moves (0.03
+        // to 0.3 us seen) from second to second, for our ring and UCX's
+        // alike.
+        let floor = || lnd_loopback::shm::ring_floor_one_way_us(50_000, Some((0, 1)));
         for _ in 0..nrounds {
+            let f0 = floor();
             // Both our busy-polling progress threads stop before UCX runs
             // (they would take its CPUs). Pinned as UCX is below: server
             // on CPU 0, client on CPU 1.
@@ -432,11 +494,8 @@ fn main() {
             l.shutdown();
             ours.push(o);
             reused.push(r);
-            // The ring's floor in the same round: the host's cache-line
-            // transfer time moves (0.03 to 0.3 us seen) from minute to
-            // minute, for our ring and UCX's alike.
-            let f = lnd_loopback::shm::ring_floor_one_way_us(50_000, Some((0, 1)));
-            floors.push(f);
+            let f1 = floor();
+            floors.push(f1);
             match compare::ucx_perftest_lat_us(
                 "ucp_am_lat",
                 &[],
@@ -445,10 +504,12 @@ fn main() {
                 Some((0, 1)),
             ) {
                 Ok(u) => {
-                    log.push(format!("{o:.3}/{r:.3}/{u:.3}/{f:.3}"));
+                    let f2 = floor();
+                    log.push(format!("{o:.3}/{r:.3}/{u:.3}/{f0:.3}-{f1:.3}-{f2:.3}"));
                     ucx.push(u);
                     ratios.push(o / u);
                     reused_ratios.push(r / u);
+                    states.push(([f0, f1, f2], o / u, r / u));
                 }
                 Err(e) => {
                     ucx_err = Some(e);
@@ -479,22 +540,10 @@ fn main() {
                     list(&reused_ratios)
                 );
                 println!(
-                    "   rounds, us (MD per PUT / one MD / UCX / our ring alone): {}",
+                    "   rounds, us (MD per PUT / one MD / UCX / our ring alone before-between-after): {}",
                     log.join("  ")
                 );
-                // This host flips, every second or so, between a fast and a
-                // slow cross-core state (our ring alone: about 0.07 against
-                // 0.25 us), and a round's figures may come from different
-                // states. Each side's best round is from the fast state
-                // (given a few rounds): their ratio compares like with like.
-                let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
-                let (bo, br, bu) = (best(&ours), best(&reused), best(&ucx));
-                println!(
-                    "   best rounds: an MD bound per PUT {bo:.3} us, one MD reused {br:.3} us, UCX {bu:.3} us: ratios {:.2} and {:.2} (our ring alone at best {:.3} us)",
-                    bo / bu,
-                    br / bu,
-                    best(&floors)
-                );
+                println!("   {}", by_state(&states));
             }
             Some(e) => {
                 println!(
