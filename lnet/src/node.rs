@@ -1029,14 +1029,19 @@ impl Inner {
         if let Some(m) = mds.get(md) {
             m.mem.with(|b| b.copy_out(0, &mut buf[..n]));
         }
-        if unlink && let Some(o) = mds.entry(md) {
-            // A bound MD without a handler: no ME, no event; its memory
-            // is released.
-            drop(o.remove());
-        }
+        // A bound MD without a handler, used up: no ME, no event. Out of
+        // the table now; its memory is released once the message has left
+        // (a `free` or two off the way to the wire: an RPC layer binds an
+        // MD per message).
+        let gone = if unlink {
+            mds.entry(md).map(|o| o.remove())
+        } else {
+            None
+        };
         timers.compact(mds);
         drop(c);
         self.send_now(ni, hdr, &buf[..n], tok);
+        drop(gone);
     }
 
     /// Our PUT or GET as a message for [`Lnd::send`]: to the header's
