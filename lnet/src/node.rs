@@ -495,6 +495,7 @@ impl MdMem {
         }
     }
 
+    #[inline]
     fn with<R>(&self, f: impl FnOnce(&MdBuffer) -> R) -> R {
         match self {
             MdMem::Own(b) => f(b),
@@ -502,6 +503,7 @@ impl MdMem {
         }
     }
 
+    #[inline]
     fn with_mut<R>(&mut self, f: impl FnOnce(&mut MdBuffer) -> R) -> R {
         match self {
             MdMem::Own(b) => f(b),
@@ -1012,35 +1014,28 @@ impl Inner {
         });
     }
 
-    /// [`Inner::send_now`] for our PUT or GET from bound MD `md`: its
-    /// first `n` (at most `N`) bytes copied onto the stack under the
-    /// container lock `c` (and the MD unlinked then, with `unlink`), then
-    /// offered with no core lock held.
-    fn send_copied<const N: usize>(
+    /// [`Inner::send_now`] for our PUT or GET, its payload already copied
+    /// out of its MD under the container lock `c`: the MD unlinked first
+    /// when the send used it up (`unlink`), then the message offered with
+    /// no core lock held.
+    fn send_immediate(
         self: &Arc<Self>,
         mut c: SpinGuard<'_, Container>,
-        (md, n, unlink): (u64, usize, bool),
+        unlink: Option<u64>,
         ni: usize,
         hdr: &Header,
+        payload: &[u8],
         tok: TxToken,
     ) {
-        let mut buf = [0u8; N];
         let Container { mds, timers, .. } = &mut *c;
-        if let Some(m) = mds.get(md) {
-            m.mem.with(|b| b.copy_out(0, &mut buf[..n]));
-        }
         // A bound MD without a handler, used up: no ME, no event. Out of
         // the table now; its memory is released once the message has left
         // (a `free` or two off the way to the wire: an RPC layer binds an
         // MD per message).
-        let gone = if unlink {
-            mds.entry(md).map(|o| o.remove())
-        } else {
-            None
-        };
+        let gone = unlink.and_then(|md| mds.entry(md)).map(|o| o.remove());
         timers.compact(mds);
         drop(c);
-        self.send_now(ni, hdr, &buf[..n], tok);
+        self.send_now(ni, hdr, payload, tok);
         drop(gone);
     }
 
@@ -2469,12 +2464,17 @@ impl Lnet {
             // container lock, and the LND called with no core lock held.
             // A buffer sized to the payload's class: the usual tiny
             // message zeroes 64 bytes of stack, not the whole cap.
+            // Copied from the MD found above (no second lookup).
             let n = plen as usize;
-            let copy = (mdh.0, n, unlink_now);
+            let unlink = unlink_now.then_some(mdh.0);
             if n <= SEND_NOW_SMALL {
-                inner.send_copied::<SEND_NOW_SMALL>(c, copy, ni, &hdr, token);
+                let mut buf = [0u8; SEND_NOW_SMALL];
+                m.mem.with(|b| b.copy_out(0, &mut buf[..n]));
+                inner.send_immediate(c, unlink, ni, &hdr, &buf[..n], token);
             } else {
-                inner.send_copied::<SEND_NOW_CAP>(c, copy, ni, &hdr, token);
+                let mut buf = [0u8; SEND_NOW_CAP];
+                m.mem.with(|b| b.copy_out(0, &mut buf[..n]));
+                inner.send_immediate(c, unlink, ni, &hdr, &buf[..n], token);
             }
             return Ok(());
         }

@@ -117,6 +117,41 @@ impl Segment {
     }
 }
 
+/// `dst.copy_from_slice(src)`, with the few bytes of a small message (up
+/// to 32) moved inline as two overlapping fixed-size words: a `memcpy`
+/// call, its size dispatch included, costs more than such a copy, and the
+/// core makes one or two on the way of every small message.
+///
+/// Panics, as `copy_from_slice` does, when the lengths differ.
+#[inline]
+pub(crate) fn copy_small(dst: &mut [u8], src: &[u8]) {
+    let n = src.len();
+    if n > 32 || n != dst.len() {
+        dst.copy_from_slice(src);
+    } else if n >= 16 {
+        copy_words::<16>(dst, src);
+    } else if n >= 8 {
+        copy_words::<8>(dst, src);
+    } else if n >= 4 {
+        copy_words::<4>(dst, src);
+    } else {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s;
+        }
+    }
+}
+
+/// The first and the last `W` bytes of `src` (`W <= len <= 2W`, same
+/// length as `dst`) into `dst`: together, all of it.
+#[inline(always)]
+fn copy_words<const W: usize>(dst: &mut [u8], src: &[u8]) {
+    let n = src.len();
+    let head: [u8; W] = src[..W].try_into().expect("len >= W");
+    let tail: [u8; W] = src[n - W..].try_into().expect("len >= W");
+    dst[..W].copy_from_slice(&head);
+    dst[n - W..].copy_from_slice(&tail);
+}
+
 /// The memory an MD owns: one segment or a vector of up to
 /// [`LNET_MAX_IOV`] fragments. Given back in the MD's final event.
 ///
@@ -355,18 +390,26 @@ impl MdBuffer {
     }
 
     /// Copy `[off, off+dst.len())` out into `dst`; returns bytes copied.
+    #[inline]
     pub fn copy_out(&self, off: usize, dst: &mut [u8]) -> usize {
-        // Straight over the segments (no slice list to build): the core
-        // copies small payloads this way on every message.
+        // The usual MD, one segment, inline (the core copies small
+        // payloads this way on every message); a fragment vector out of
+        // line.
         if let Segs::One(seg) = &self.segs {
-            // The usual MD: one segment, no walk.
             let b = seg.as_slice();
             let n = b.len().saturating_sub(off).min(dst.len());
             if n > 0 {
-                dst[..n].copy_from_slice(&b[off..off + n]);
+                copy_small(&mut dst[..n], &b[off..off + n]);
             }
             return n;
         }
+        self.copy_out_frags(off, dst)
+    }
+
+    /// [`MdBuffer::copy_out`] over a fragment vector: straight over the
+    /// segments (no slice list to build).
+    #[inline(never)]
+    fn copy_out_frags(&self, off: usize, dst: &mut [u8]) -> usize {
         let (mut off, mut done) = (off, 0);
         for s in self.segs.iter() {
             if done == dst.len() {
@@ -593,6 +636,27 @@ impl MdView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_copies_move_every_byte_at_every_length() {
+        let src: Vec<u8> = (1..=40).collect();
+        for n in 0..=40 {
+            let mut dst = vec![0u8; n];
+            copy_small(&mut dst, &src[..n]);
+            assert_eq!(dst, src[..n], "length {n}");
+            // From an unaligned start too.
+            let mut dst = vec![0u8; n.min(39)];
+            let l = dst.len();
+            copy_small(&mut dst, &src[1..1 + l]);
+            assert_eq!(dst, src[1..1 + l], "length {l} from offset 1");
+        }
+    }
+
+    #[test]
+    #[should_panic]
+    fn a_small_copy_between_different_lengths_panics() {
+        copy_small(&mut [0u8; 4], &[1u8; 5]);
+    }
 
     fn md(options: MdOptions, length: u32) -> MdView {
         MdView {
