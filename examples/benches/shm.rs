@@ -278,7 +278,7 @@ fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
     }
     let cut = (lo * hi).sqrt();
     let mut out = vec![];
-    let mut mixed = 0;
+    let mut held = 0;
     for (name, fast) in [("fast", true), ("slow", false)] {
         let (mut per_put, mut reused): (Vec<f64>, Vec<f64>) = rounds
             .iter()
@@ -288,6 +288,7 @@ fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
         if per_put.is_empty() {
             continue;
         }
+        held += per_put.len();
         out.push(format!(
             "{name} (ring alone {} {cut:.3} us), {} rounds: one MD reused {:.2}, an MD per PUT {:.2}",
             if fast { "<" } else { ">=" },
@@ -296,14 +297,10 @@ fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
             median(&mut per_put)
         ));
     }
-    for r in rounds {
-        if !(r.0.iter().all(|&f| f < cut) || r.0.iter().all(|&f| f >= cut)) {
-            mixed += 1;
-        }
-    }
     format!(
-        "ratios by host state (rounds whose state held through both sides): {}; {mixed} rounds left out, the state moved within them",
-        out.join("; ")
+        "ratios by host state (rounds whose state held through both sides): {}; {} rounds left out, the state moved within them",
+        out.join("; "),
+        rounds.len() - held
     )
 }
 
@@ -477,9 +474,9 @@ fn main() {
         // The ring's floor: the host's cache-line transfer time moves (0.03
         // to 0.3 us seen) from second to second, for our ring and UCX's
         // alike.
-        let floor = || lnd_loopback::shm::ring_floor_one_way_us(50_000, Some((0, 1)));
+        let ring_alone = || lnd_loopback::shm::ring_floor_one_way_us(50_000, Some((0, 1)));
         for _ in 0..nrounds {
-            let f0 = floor();
+            let f0 = ring_alone();
             // Both our busy-polling progress threads stop before UCX runs
             // (they would take its CPUs). Pinned as UCX is below: server
             // on CPU 0, client on CPU 1.
@@ -494,7 +491,7 @@ fn main() {
             l.shutdown();
             ours.push(o);
             reused.push(r);
-            let f1 = floor();
+            let f1 = ring_alone();
             floors.push(f1);
             match compare::ucx_perftest_lat_us(
                 "ucp_am_lat",
@@ -504,7 +501,7 @@ fn main() {
                 Some((0, 1)),
             ) {
                 Ok(u) => {
-                    let f2 = floor();
+                    let f2 = ring_alone();
                     log.push(format!("{o:.3}/{r:.3}/{u:.3}/{f0:.3}-{f1:.3}-{f2:.3}"));
                     ucx.push(u);
                     ratios.push(o / u);
