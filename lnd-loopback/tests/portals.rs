@@ -698,6 +698,62 @@ fn peer(n: u8) -> ProcessId {
 }
 
 #[test]
+fn each_put_takes_the_ni_of_its_network_and_ours_go_through_lo() {
+    let (l, h) = held_node(8, 8);
+    let q = EventQueue::new();
+    let _me = l
+        .attach(
+            9,
+            ProcessId::ANY,
+            5,
+            0,
+            Unlink::Retain,
+            InsPos::Tail,
+            Md::new(vec![0u8; 64])
+                .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
+                .threshold(Threshold::Infinite)
+                .handler(q.handler()),
+        )
+        .unwrap();
+    let sq = EventQueue::new();
+    let put_to = |nid: Nid| {
+        let md = l
+            .md_bind(Md::new(vec![3u8; 8]).handler(sq.handler()))
+            .unwrap();
+        l.put(md, AckReq::NoAck, ProcessId::new(nid, l.pid()), 9, 5, 0, 0)
+            .unwrap();
+        until_final(&sq)[0].status.clone()
+    };
+    // A peer on the NI's network: handed to that NI's LND, from its NID.
+    let first = l.put(
+        l.md_bind(Md::new(vec![3u8; 8])).unwrap(),
+        AckReq::NoAck,
+        peer(2),
+        9,
+        5,
+        0,
+        0,
+    );
+    assert!(first.is_ok());
+    let held = h.take();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].peer(), peer(2).nid);
+    assert_eq!(held[0].header().src_nid, h.nid);
+    drop(held);
+    // Our own NID on that network, and lo's: delivered here, through lo.
+    for nid in [h.nid, Nid::LO] {
+        assert!(put_to(nid).is_ok(), "{nid}");
+        let e = next(&q);
+        assert_eq!((e.kind, e.mlength), (EventKind::Put, 8), "{nid}");
+        assert_eq!(h.count(), 0, "{nid} left through the LND");
+    }
+    // A network we have no NI on: no route.
+    let status = put_to("10.0.0.2@tcp3".parse().unwrap());
+    assert!(matches!(status, Err(Error::NoRoute(_))), "{status:?}");
+    assert!(q.try_recv().is_none());
+}
+
+#[test]
 fn credits_queue_and_record_their_minimum() {
     let (l, h) = held_node(2, 1);
     let q = EventQueue::new();

@@ -776,21 +776,25 @@ impl Inner {
 
     /// The NI that reaches `dst`, and the source NID to use.
     fn route(&self, dst: &Nid) -> Option<(usize, Nid)> {
-        // One pass: a NID of ours is local (through `lo`); otherwise the
-        // first NI (after `lo`) on the destination's network.
-        if *dst == Nid::LO {
-            return Some((0, *dst));
-        }
+        // A NID of ours is local (through `lo`, NI 0); otherwise the first
+        // NI after `lo` on the destination's network. One pass over the
+        // NIs, comparing networks first (two small fields; a whole NID
+        // is five), and whole NIDs only on the destination's network,
+        // where ours can be.
         let net = dst.net();
+        if net == Nid::LO.net() {
+            return (*dst == Nid::LO).then_some((0, *dst));
+        }
         let mut via = None;
-        for (i, n) in self.nis.iter().enumerate() {
+        for (i, n) in self.nis.iter().enumerate().skip(1) {
             let Some(x) = n.info.get() else { continue };
+            if x.nid.net() != net {
+                continue;
+            }
             if x.nid == *dst {
                 return Some((0, *dst));
             }
-            if via.is_none() && i > 0 && x.nid.net() == net {
-                via = Some((i, x.nid));
-            }
+            via = via.or(Some((i, x.nid)));
         }
         via
     }
