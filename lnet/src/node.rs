@@ -341,7 +341,9 @@ struct Awaiting {
 struct EventPipe {
     handler: EventHandler,
     busy: AtomicBool,
-    q: Mutex<PipeQ>,
+    /// Held for a push or a pop only: a spin lock (its release is a plain
+    /// store; the drain after every delivered event takes it once).
+    q: SpinLock<PipeQ>,
 }
 
 /// Events waiting for delivery. Most MDs see one event at a time, so the
@@ -376,7 +378,7 @@ impl EventPipe {
         EventPipe {
             handler,
             busy: AtomicBool::new(false),
-            q: Mutex::new(PipeQ::default()),
+            q: SpinLock::new(PipeQ::default()),
         }
     }
 
@@ -393,7 +395,7 @@ impl EventPipe {
     fn drain(&self) {
         loop {
             let next = {
-                let mut g = lock(&self.q);
+                let mut g = self.q.lock();
                 match g.pop() {
                     Some(e) => e,
                     None => {
@@ -427,7 +429,7 @@ fn queue_event(pipe: &Arc<EventPipe>, make: impl FnOnce() -> Event, after: &mut 
         after.direct_ev = Some(make());
         return;
     }
-    lock(&pipe.q).push(make());
+    pipe.q.lock().push(make());
     if pipe.claim() {
         after.push_pipe(pipe.clone());
     }
