@@ -256,42 +256,54 @@ fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize, reuse: bool) -> f64 {
     r
 }
 
-/// The latency rounds' ratios by host state. This host flips between a
-/// fast and a slow cross-core state (our ring alone: about 0.03-0.07
-/// against 0.2-0.25 us), for seconds or minutes at a time, and the two
-/// sides of a round may run in different states; the median over all
-/// rounds then mixes them. Here a round counts only when our ring alone
-/// took the same state before, between and after its two sides; the
-/// states are split where the floors seen are more than twice apart (at
-/// their geometric mean), and each state's ratios are given as medians.
+/// The latency rounds' ratios by host state. This host moves between
+/// cross-core states (our ring alone: about 0.035, 0.06-0.08 or 0.2-0.25
+/// us), for seconds or minutes at a time, and the two sides of a round
+/// may run in different states; the median over all rounds then mixes
+/// them. Our ring alone is timed before, between and after the two sides
+/// of each round. A round's state is the median of those three; the
+/// states are the runs of rounds' states, in order, with no step of more
+/// than half as much again between neighbours. A round counts for its
+/// state only when the state held through it: its three floors all in
+/// the state and within twice each other.
 fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
-    let all = rounds.iter().flat_map(|r| r.0);
-    let lo = all.clone().fold(f64::INFINITY, f64::min);
-    let hi = all.fold(0.0, f64::max);
     if rounds.is_empty() {
         return String::new();
     }
-    if hi <= 2.0 * lo {
-        return format!(
-            "one host state throughout (our ring alone {lo:.3}-{hi:.3} us in every round)"
+    let state_floor = |f: &[f64; 3]| median(&mut f.to_vec());
+    let mut floors: Vec<f64> = rounds.iter().map(|r| state_floor(&r.0)).collect();
+    floors.sort_by(f64::total_cmp);
+    // Between two states, where neighbouring floors jump by half again.
+    let cuts: Vec<f64> = floors
+        .windows(2)
+        .filter(|w| w[1] > 1.5 * w[0])
+        .map(|w| (w[0] * w[1]).sqrt())
+        .collect();
+    let state_of = |f: f64| cuts.iter().filter(|&&c| f >= c).count();
+    let held = |f: &[f64; 3]| {
+        let (lo, hi) = (
+            f.iter().copied().fold(f64::INFINITY, f64::min),
+            f.iter().copied().fold(0.0, f64::max),
         );
-    }
-    let cut = (lo * hi).sqrt();
+        let s = state_of(f[0]);
+        (hi <= 2.0 * lo && f.iter().all(|&x| state_of(x) == s)).then_some(s)
+    };
     let mut out = vec![];
-    let mut held = 0;
-    for (name, fast) in [("fast", true), ("slow", false)] {
-        let (mut per_put, mut reused): (Vec<f64>, Vec<f64>) = rounds
-            .iter()
-            .filter(|r| r.0.iter().all(|&f| (f < cut) == fast))
-            .map(|r| (r.1, r.2))
-            .unzip();
-        if per_put.is_empty() {
+    let mut kept = 0;
+    for s in 0..=cuts.len() {
+        let in_state: Vec<&([f64; 3], f64, f64)> =
+            rounds.iter().filter(|r| held(&r.0) == Some(s)).collect();
+        if in_state.is_empty() {
             continue;
         }
-        held += per_put.len();
+        kept += in_state.len();
+        let range = in_state.iter().map(|r| state_floor(&r.0));
+        let lo = range.clone().fold(f64::INFINITY, f64::min);
+        let hi = range.fold(0.0, f64::max);
+        let (mut per_put, mut reused): (Vec<f64>, Vec<f64>) =
+            in_state.iter().map(|r| (r.1, r.2)).unzip();
         out.push(format!(
-            "{name} (ring alone {} {cut:.3} us), {} rounds: one MD reused {:.2}, an MD per PUT {:.2}",
-            if fast { "<" } else { ">=" },
+            "ring alone {lo:.3}-{hi:.3} us, {} rounds: one MD reused {:.2}, an MD per PUT {:.2}",
             per_put.len(),
             median(&mut reused),
             median(&mut per_put)
@@ -300,7 +312,7 @@ fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
     format!(
         "ratios by host state (rounds whose state held through both sides): {}; {} rounds left out, the state moved within them",
         out.join("; "),
-        rounds.len() - held
+        rounds.len() - kept
     )
 }
 
