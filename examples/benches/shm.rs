@@ -270,8 +270,13 @@ fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
     if rounds.is_empty() {
         return String::new();
     }
-    let state_floor = |f: &[f64; 3]| median(&mut f.to_vec());
-    let mut floors: Vec<f64> = rounds.iter().map(|r| state_floor(&r.0)).collect();
+    let span = |v: &mut dyn Iterator<Item = f64>| {
+        v.fold((f64::INFINITY, 0.0f64), |(lo, hi), x| {
+            (lo.min(x), hi.max(x))
+        })
+    };
+    let floor_of: Vec<f64> = rounds.iter().map(|r| median(&mut r.0.to_vec())).collect();
+    let mut floors = floor_of.clone();
     floors.sort_by(f64::total_cmp);
     // Between two states, where neighbouring floors jump by half again.
     let cuts: Vec<f64> = floors
@@ -280,28 +285,24 @@ fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
         .map(|w| (w[0] * w[1]).sqrt())
         .collect();
     let state_of = |f: f64| cuts.iter().filter(|&&c| f >= c).count();
-    let held = |f: &[f64; 3]| {
-        let (lo, hi) = (
-            f.iter().copied().fold(f64::INFINITY, f64::min),
-            f.iter().copied().fold(0.0, f64::max),
-        );
-        let s = state_of(f[0]);
-        (hi <= 2.0 * lo && f.iter().all(|&x| state_of(x) == s)).then_some(s)
-    };
+    // Each round's state, when it held through the round.
+    let held: Vec<Option<usize>> = rounds
+        .iter()
+        .map(|r| {
+            let (lo, hi) = span(&mut r.0.iter().copied());
+            let s = state_of(r.0[0]);
+            (hi <= 2.0 * lo && r.0.iter().all(|&x| state_of(x) == s)).then_some(s)
+        })
+        .collect();
     let mut out = vec![];
-    let mut kept = 0;
     for s in 0..=cuts.len() {
-        let in_state: Vec<&([f64; 3], f64, f64)> =
-            rounds.iter().filter(|r| held(&r.0) == Some(s)).collect();
+        let in_state: Vec<usize> = (0..rounds.len()).filter(|&i| held[i] == Some(s)).collect();
         if in_state.is_empty() {
             continue;
         }
-        kept += in_state.len();
-        let range = in_state.iter().map(|r| state_floor(&r.0));
-        let lo = range.clone().fold(f64::INFINITY, f64::min);
-        let hi = range.fold(0.0, f64::max);
+        let (lo, hi) = span(&mut in_state.iter().map(|&i| floor_of[i]));
         let (mut per_put, mut reused): (Vec<f64>, Vec<f64>) =
-            in_state.iter().map(|r| (r.1, r.2)).unzip();
+            in_state.iter().map(|&i| (rounds[i].1, rounds[i].2)).unzip();
         out.push(format!(
             "ring alone {lo:.3}-{hi:.3} us, {} rounds: one MD reused {:.2}, an MD per PUT {:.2}",
             per_put.len(),
@@ -312,7 +313,7 @@ fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
     format!(
         "ratios by host state (rounds whose state held through both sides): {}; {} rounds left out, the state moved within them",
         out.join("; "),
-        rounds.len() - kept
+        held.iter().filter(|h| h.is_none()).count()
     )
 }
 

@@ -205,8 +205,15 @@ impl PartialOrd for Nid {
 }
 
 impl Nid {
-    /// The NID as three words (type, number and length; the two halves
-    /// of the address): what hashing uses.
+    /// Type, length and network number as one word (laid out side by
+    /// side: one load).
+    #[inline(always)]
+    fn tag(&self) -> u32 {
+        u32::from(self.ty.0) | u32::from(self.len) << 8 | u32::from(self.num) << 16
+    }
+
+    /// The NID as three words (its [`Nid::tag`]; the two halves of the
+    /// address): what hashing uses.
     #[inline]
     fn words(&self) -> (u32, u64, u64) {
         let [
@@ -228,7 +235,7 @@ impl Nid {
             b7,
         ] = self.addr;
         (
-            u32::from(self.ty.0) | u32::from(self.num) << 8 | u32::from(self.len) << 24,
+            self.tag(),
             u64::from_ne_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
             u64::from_ne_bytes([b0, b1, b2, b3, b4, b5, b6, b7]),
         )
@@ -255,14 +262,6 @@ impl PartialEq for Nid {
     #[inline]
     fn eq(&self, other: &Nid) -> bool {
         self.addr == other.addr && self.tag() == other.tag()
-    }
-}
-
-impl Nid {
-    /// Type, length and network number as one word.
-    #[inline(always)]
-    fn tag(&self) -> u32 {
-        u32::from(self.ty.0) | u32::from(self.len) << 8 | u32::from(self.num) << 16
     }
 }
 
