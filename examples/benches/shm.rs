@@ -13,7 +13,10 @@
 //!   round, with the floor of our ring alone (two threads passing 96-byte
 //!   slots, no LNet work) taken before, between and after the two sides
 //!   of each round and printed beside, and the ratios also given per host
-//!   state over the rounds whose state held throughout; and
+//!   state over the rounds whose state held throughout; for context (no
+//!   goal), the reused-MD figure beside UCX's tag matching too
+//!   (`tag_lat`: a matched send, as every LNet PUT is matched on its
+//!   portal's ME list, where `ucp_am_lat` matches nothing); and
 //!   in the default mode beside a blocking TCP ping-pong on loopback.
 //!
 //! `cargo bench -p lnet-examples --bench shm` (set `SHM_BENCH_SECS` for
@@ -256,6 +259,17 @@ fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize, reuse: bool) -> f64 {
     r
 }
 
+/// One busy-poll latency round: our ring alone before, between and after
+/// the two sides, and our ratios to UCX's `ucp_am_lat` (an MD bound per
+/// PUT, one MD reused), with one MD reused beside UCX's tag matching
+/// (`tag_lat`) when that ran.
+struct Round {
+    floors: [f64; 3],
+    per_put: f64,
+    reused: f64,
+    tag: Option<f64>,
+}
+
 /// The latency rounds' ratios by host state. This host moves between
 /// cross-core states (our ring alone: about 0.035, 0.06-0.08 or 0.2-0.25
 /// us), for seconds or minutes at a time, and the two sides of a round
@@ -266,7 +280,7 @@ fn put_lat(l: &Arc<Lnet>, to: ProcessId, n: usize, reuse: bool) -> f64 {
 /// than half as much again between neighbours. A round counts for its
 /// state only when the state held through it: its three floors all in
 /// the state and within twice each other.
-fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
+fn by_state(rounds: &[Round]) -> String {
     if rounds.is_empty() {
         return String::new();
     }
@@ -275,7 +289,10 @@ fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
             (lo.min(x), hi.max(x))
         })
     };
-    let floor_of: Vec<f64> = rounds.iter().map(|r| median(&mut r.0.to_vec())).collect();
+    let floor_of: Vec<f64> = rounds
+        .iter()
+        .map(|r| median(&mut r.floors.to_vec()))
+        .collect();
     let mut floors = floor_of.clone();
     floors.sort_by(f64::total_cmp);
     // Between two states, where neighbouring floors jump by half again.
@@ -289,9 +306,9 @@ fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
     let held: Vec<Option<usize>> = rounds
         .iter()
         .map(|r| {
-            let (lo, hi) = span(&mut r.0.iter().copied());
-            let s = state_of(r.0[0]);
-            (hi <= 2.0 * lo && r.0.iter().all(|&x| state_of(x) == s)).then_some(s)
+            let (lo, hi) = span(&mut r.floors.iter().copied());
+            let s = state_of(r.floors[0]);
+            (hi <= 2.0 * lo && r.floors.iter().all(|&x| state_of(x) == s)).then_some(s)
         })
         .collect();
     let mut out = vec![];
@@ -301,13 +318,21 @@ fn by_state(rounds: &[([f64; 3], f64, f64)]) -> String {
             continue;
         }
         let (lo, hi) = span(&mut in_state.iter().map(|&i| floor_of[i]));
-        let (mut per_put, mut reused): (Vec<f64>, Vec<f64>) =
-            in_state.iter().map(|&i| (rounds[i].1, rounds[i].2)).unzip();
+        let (mut per_put, mut reused): (Vec<f64>, Vec<f64>) = in_state
+            .iter()
+            .map(|&i| (rounds[i].per_put, rounds[i].reused))
+            .unzip();
+        let mut tag: Vec<f64> = in_state.iter().filter_map(|&i| rounds[i].tag).collect();
         out.push(format!(
-            "ring alone {lo:.3}-{hi:.3} us, {} rounds: one MD reused {:.2}, an MD per PUT {:.2}",
+            "ring alone {lo:.3}-{hi:.3} us, {} rounds: one MD reused {:.2}, an MD per PUT {:.2}{}",
             per_put.len(),
             median(&mut reused),
-            median(&mut per_put)
+            median(&mut per_put),
+            if tag.is_empty() {
+                String::new()
+            } else {
+                format!(" (one MD reused / UCX tag_lat {:.2})", median(&mut tag))
+            }
         ));
     }
     format!(
@@ -481,7 +506,8 @@ fn main() {
         // Per round: our ring alone before ours, between ours and UCX's,
         // and after UCX's (the host's state as each side saw it), with
         // the round's two ratios.
-        let mut states: Vec<([f64; 3], f64, f64)> = vec![];
+        let mut states: Vec<Round> = vec![];
+        let mut tags = vec![];
         let mut ucx_err = None;
         let mut log = vec![];
         // The ring's floor: the host's cache-line transfer time moves (0.03
@@ -514,12 +540,29 @@ fn main() {
                 Some((0, 1)),
             ) {
                 Ok(u) => {
+                    // UCX's tag matching (context, no goal): a matched
+                    // send, as every LNet PUT is matched on an ME list.
+                    let t = compare::ucx_perftest_lat_us(
+                        "tag_lat",
+                        &[],
+                        &[("UCX_TLS", "posix")],
+                        LAT_ITERS as u64,
+                        Some((0, 1)),
+                    )
+                    .ok();
                     let f2 = ring_alone();
-                    log.push(format!("{o:.3}/{r:.3}/{u:.3}/{f0:.3}-{f1:.3}-{f2:.3}"));
+                    let ts = t.map_or("-".into(), |t| format!("{t:.3}"));
+                    log.push(format!("{o:.3}/{r:.3}/{u:.3}/{ts}/{f0:.3}-{f1:.3}-{f2:.3}"));
                     ucx.push(u);
+                    tags.extend(t);
                     ratios.push(o / u);
                     reused_ratios.push(r / u);
-                    states.push(([f0, f1, f2], o / u, r / u));
+                    states.push(Round {
+                        floors: [f0, f1, f2],
+                        per_put: o / u,
+                        reused: r / u,
+                        tag: t.map(|t| r / t),
+                    });
                 }
                 Err(e) => {
                     ucx_err = Some(e);
@@ -549,8 +592,16 @@ fn main() {
                     median(&mut reused_ratios.clone()),
                     list(&reused_ratios)
                 );
+                if !tags.is_empty() {
+                    let mut tr: Vec<f64> = states.iter().filter_map(|s| s.tag).collect();
+                    println!(
+                        "8 B one-way latency, busy poll, one MD reused:       {reused_m:6.3} us   ucx_perftest tag_lat UCX_TLS=posix    {:6.3} us   ratio {:.2} (context, no goal: UCX's matched send)",
+                        median(&mut tags),
+                        median(&mut tr)
+                    );
+                }
                 println!(
-                    "   rounds, us (MD per PUT / one MD / UCX / our ring alone before-between-after): {}",
+                    "   rounds, us (MD per PUT / one MD / UCX am_lat / UCX tag_lat / our ring alone before-between-after): {}",
                     log.join("  ")
                 );
                 println!("   {}", by_state(&states));
