@@ -505,7 +505,7 @@ fn main() {
         let (mut ratios, mut reused_ratios) = (vec![], vec![]);
         // Per round: our ring alone before ours, between ours and UCX's,
         // and after UCX's (the host's state as each side saw it), with
-        // the round's two ratios.
+        // the round's ratios.
         let mut states: Vec<Round> = vec![];
         let mut tags = vec![];
         let mut ucx_err = None;
