@@ -701,20 +701,16 @@ fn peer(n: u8) -> ProcessId {
 fn each_put_takes_the_ni_of_its_network_and_ours_go_through_lo() {
     let (l, h) = held_node(8, 8);
     let q = EventQueue::new();
-    let _me = l
-        .attach(
-            9,
-            ProcessId::ANY,
-            5,
-            0,
-            Unlink::Retain,
-            InsPos::Tail,
-            Md::new(vec![0u8; 64])
-                .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
-                .threshold(Threshold::Infinite)
-                .handler(q.handler()),
-        )
-        .unwrap();
+    // An MD that is never used up: its ME stays for every PUT below.
+    target(
+        &l,
+        9,
+        5,
+        Md::new(vec![0u8; 64])
+            .options(MdOptions::OP_PUT | MdOptions::TRUNCATE)
+            .threshold(Threshold::Infinite)
+            .handler(q.handler()),
+    );
     let sq = EventQueue::new();
     let put_to = |nid: Nid| {
         let md = l

@@ -2473,15 +2473,16 @@ impl Lnet {
             // Copied from the MD found above (no second lookup).
             let n = plen as usize;
             let unlink = unlink_now.then_some(mdh.0);
-            if n <= SEND_NOW_SMALL {
-                let mut buf = [0u8; SEND_NOW_SMALL];
-                m.mem.with(|b| b.copy_out(0, &mut buf[..n]));
-                inner.send_immediate(c, unlink, ni, &hdr, &buf[..n], token);
+            let (mut small, mut big);
+            let buf: &mut [u8] = if n <= SEND_NOW_SMALL {
+                small = [0u8; SEND_NOW_SMALL];
+                &mut small[..n]
             } else {
-                let mut buf = [0u8; SEND_NOW_CAP];
-                m.mem.with(|b| b.copy_out(0, &mut buf[..n]));
-                inner.send_immediate(c, unlink, ni, &hdr, &buf[..n], token);
-            }
+                big = [0u8; SEND_NOW_CAP];
+                &mut big[..n]
+            };
+            m.mem.with(|b| b.copy_out(0, buf));
+            inner.send_immediate(c, unlink, ni, &hdr, buf, token);
             return Ok(());
         }
         let mem = (op == Op::Put).then(|| m.mem.shared());
